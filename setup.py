@@ -1,0 +1,45 @@
+"""Installable package for ftrl_jax.
+
+Versions are pinned to a set known to install and work together on a CPU machine
+(no CUDA wheels are pulled). On an accelerator, install the matching jax extra
+(for example `pip install "jax[cuda12]==0.10.2"` or `"jax[tpu]==0.10.2"`) after this package.
+"""
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "transformers==5.23.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "datasets==5.2.0",
+    "pyarrow>=15",
+    "ml_collections==1.1.0",
+    "absl-py>=2.1",
+    "numpy>=1.26",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+]
+
+TEST = [
+    "pytest>=8",
+    # CPU build: the reference implementation for parity tests and baselines.
+    "torch==2.13.0",
+    "openai>=1.40",
+    "nbclient>=0.10",
+    "nbformat>=5.10",
+    "ipykernel>=6.29",
+]
+
+setup(
+    name="ftrl_jax",
+    version="0.1.0",
+    description="FTRL in JAX: automated tool-use environments, verifiable rewards and RL for tool-using LLMs.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ftrl_jax", "ftrl_jax.*", "experiments", "configs", "analysis"]),
+    install_requires=RUNTIME,
+    extras_require={"test": TEST},
+)
