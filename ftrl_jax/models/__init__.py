@@ -1,0 +1,13 @@
+"""Decoder-only transformers (Qwen2/Qwen2.5, Qwen3, Llama 3.x) as pure functions over parameter trees."""
+
+from ftrl_jax.models.checkpoint_io import load_pretrained, save_pretrained
+from ftrl_jax.models.config import (PRESETS, SUPPORTED_MODEL_TYPES, ModelConfig, config_from_hf, config_to_hf,
+                                    load_hf_config, preset)
+from ftrl_jax.models.transformer import (KVCache, forward, forward_with_cache, hidden_states, init_cache,
+                                         init_params, logits_from_hidden, output_head)
+
+__all__ = [
+    "PRESETS", "SUPPORTED_MODEL_TYPES", "ModelConfig", "config_from_hf", "config_to_hf", "load_hf_config", "preset",
+    "load_pretrained", "save_pretrained", "KVCache", "forward", "forward_with_cache", "hidden_states", "init_cache",
+    "init_params", "logits_from_hidden", "output_head",
+]

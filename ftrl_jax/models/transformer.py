@@ -1,0 +1,271 @@
+"""Decoder-only transformer (Qwen2/Qwen2.5, Qwen3, Llama 3.x) in Flax Linen, used through pure functions.
+
+Layers are stacked with `nn.scan`, so every per-layer parameter has a leading `[num_layers]` axis
+(`layers/mlp/gate_proj/kernel` is `[L, D, F]`). This keeps compile time flat in depth and makes the
+layer axis explicit for sharding and per-layer analysis.
+
+Parameter tree (names follow the Hugging Face modules they map to):
+  embed_tokens/embedding [V, D]
+  layers/input_layernorm/scale [L, D]          layers/post_attention_layernorm/scale [L, D]
+  layers/self_attn/{q,k,v,o}_proj/kernel       [L, D, H*hd] / [L, D, K*hd] / [L, D, K*hd] / [L, H*hd, D]
+  layers/self_attn/{q,k,v}_proj/bias           (Qwen2)     layers/self_attn/{q,k}_norm/scale [L, hd] (Qwen3)
+  layers/mlp/{gate,up}_proj/kernel [L, D, F]    layers/mlp/down_proj/kernel [L, F, D]
+  norm/scale [D]                                lm_head/kernel [D, V] (untied only)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ftrl_jax.models.config import ModelConfig, dtype_from_name
+
+Params = Any  # a nested dict of arrays
+
+
+class KVCache(NamedTuple):
+    """Static-shape key/value cache, one slab per layer: `k`, `v` are [L, B, S, K, hd]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    dtype = dtype or dtype_from_name(config.dtype)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+# ---------------------------------------------------------------------------- RoPE
+
+def _llama3_inv_freq(inv_freq: jax.Array, scaling: dict[str, Any]) -> jax.Array:
+    """Llama 3.1 frequency scaling: low frequencies divided by `factor`, a smooth ramp in between."""
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def rope_inv_freq(config: ModelConfig) -> jax.Array:
+    exponents = jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
+    scaling = config.rope_scaling_dict
+    if scaling.get("rope_type") == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    return inv_freq
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, T, hd] for integer positions [B, T] (half-rotation layout, as in HF)."""
+    angles = positions[..., None].astype(jnp.float32) * rope_inv_freq(config)  # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, T, heads, hd]; rotates pairs (i, i + hd/2)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x.astype(jnp.float32) * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------- modules
+
+class RMSNorm(nn.Module):
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale.astype(jnp.float32) * x32).astype(x.dtype)
+
+
+def _dense(config: ModelConfig, features: int, use_bias: bool, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype_from_name(config.dtype),
+        param_dtype=dtype_from_name(config.param_dtype),
+        kernel_init=nn.initializers.normal(0.02),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache, cache_index):
+        """x [B, T, D]; mask [B, T, S] (True = may attend); cache (k, v) [B, S, K, hd] or None."""
+        c = self.config
+        b, t, _ = x.shape
+        q = _dense(c, c.num_heads * c.head_dim, c.attention_bias, "q_proj")(x).reshape(b, t, c.num_heads, c.head_dim)
+        k = _dense(c, c.num_kv_heads * c.head_dim, c.attention_bias, "k_proj")(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = _dense(c, c.num_kv_heads * c.head_dim, c.attention_bias, "v_proj")(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            pdt = dtype_from_name(c.param_dtype)
+            q = RMSNorm(c.rms_norm_eps, pdt, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, pdt, name="k_norm")(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is not None:
+            # Write this step's keys/values at `cache_index` and attend over the whole static cache.
+            k_cache, v_cache = cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+            new_cache = (k, v)
+        else:
+            new_cache = None
+
+        groups = c.num_heads // c.num_kv_heads
+        q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(c.head_dim)
+        # A finite fill keeps fully masked rows (padding queries) free of NaN.
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(probs.dtype))
+        out = out.reshape(b, t, c.num_heads * c.head_dim)
+        return _dense(c, c.hidden_size, False, "o_proj")(out), new_cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        gate = _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj")(x)
+        up = _dense(c, c.intermediate_size, c.mlp_bias, "up_proj")(x)
+        return _dense(c, c.hidden_size, c.mlp_bias, "down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cache, cos, sin, mask, cache_index):
+        c = self.config
+        pdt = dtype_from_name(c.param_dtype)
+        h, new_cache = Attention(c, name="self_attn")(
+            RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(x), cos, sin, mask, cache, cache_index
+        )
+        x = x + h
+        x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(x))
+        return x, new_cache
+
+
+class Decoder(nn.Module):
+    """Returns final hidden states (after the last norm) and the updated cache."""
+
+    config: ModelConfig
+    # Recompute each layer's activations in the backward pass (training memory vs. compute).
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, input_ids, positions, mask, cache: KVCache | None, cache_index):
+        c = self.config
+        pdt = dtype_from_name(c.param_dtype)
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype_from_name(c.dtype), param_dtype=pdt,
+                         embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
+        x = embed(input_ids)
+        cos, sin = rope_tables(c, positions)
+        layer_cache = None if cache is None else (cache.k, cache.v)
+        # Cache slabs ride the scan as per-layer inputs/outputs; everything else is broadcast.
+        stack = nn.scan(
+            nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+        )
+        x, new_layer_cache = stack(c, name="layers")(x, layer_cache, cos, sin, mask, cache_index)
+        x = RMSNorm(c.rms_norm_eps, pdt, name="norm")(x)
+        new_cache = None if cache is None else KVCache(*new_layer_cache)
+        return x, new_cache
+
+
+# ---------------------------------------------------------------------------- pure functions
+
+def _decoder(config: ModelConfig, remat: bool = False) -> Decoder:
+    return Decoder(config, remat=remat)
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+    """Random parameters (normal(0.02) weights, unit norms, zero biases)."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    mask = jnp.ones((1, 1, 1), bool)
+    variables = jax.jit(_decoder(config).init)(rng, ids, ids, mask, None, 0)
+    params = dict(variables["params"])
+    if not config.tie_word_embeddings:
+        head = nn.initializers.normal(0.02)(jax.random.fold_in(rng, 7), (config.hidden_size, config.vocab_size),
+                                            dtype_from_name(config.param_dtype))
+        params["lm_head"] = {"kernel": head}
+    return params
+
+
+def output_head(config: ModelConfig, params: Params) -> jax.Array:
+    """The [D, V] output projection (the transposed embedding when tied)."""
+    if config.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids counting only real tokens (left or right padding alike)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_mask(attention_mask: jax.Array) -> jax.Array:
+    """[B, T] validity -> [B, T, T] causal attention mask over valid keys."""
+    t = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    return causal[None] & attention_mask.astype(bool)[:, None, :]
+
+
+def hidden_states(config: ModelConfig, params: Params, input_ids: jax.Array,
+                  attention_mask: jax.Array | None = None, *, remat: bool = False) -> jax.Array:
+    """Final hidden states [B, T, D] (after the last norm), without the output head."""
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    decoder_params = {k: v for k, v in params.items() if k != "lm_head"}
+    h, _ = _decoder(config, remat).apply(
+        {"params": decoder_params}, input_ids, positions_from_mask(attention_mask), causal_mask(attention_mask),
+        None, 0,
+    )
+    return h
+
+
+def logits_from_hidden(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    head = output_head(config, params).astype(hidden.dtype)
+    return jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32)
+
+
+def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
+            attention_mask: jax.Array | None = None) -> jax.Array:
+    """Logits [B, T, V] in float32. Pure and jittable (`config` static)."""
+    return logits_from_hidden(config, params, hidden_states(config, params, input_ids, attention_mask))
+
+
+def forward_with_cache(config: ModelConfig, params: Params, input_ids: jax.Array, positions: jax.Array,
+                       mask: jax.Array, cache: KVCache, cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
+    """One prefill or decode step against a static cache.
+
+    input_ids/positions [B, T]; mask [B, T, S] over cache slots; the T new keys/values are written at
+    `cache_index`. Returns final hidden states [B, T, D] and the updated cache.
+    """
+    decoder_params = {k: v for k, v in params.items() if k != "lm_head"}
+    return _decoder(config).apply({"params": decoder_params}, input_ids, positions, mask, cache, cache_index)
