@@ -1,0 +1,194 @@
+"""Batched autoregressive generation with a static-shape KV cache.
+
+Prefill and decode are compiled separately. Prompts are left-padded to a power-of-two bucket and the
+batch is padded to a power of two, so a run compiles only a handful of shapes. The decode loop is a
+`jax.lax.while_loop` that stops as soon as every sequence has emitted a stop token; its state (the
+cache above all) is donated so XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftrl_jax.models.config import ModelConfig
+from ftrl_jax.models.transformer import KVCache, Params, forward_with_cache, init_cache, output_head
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """New tokens per prompt (ending with the stop token if one was produced) and their log-probs."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    # True where generation ended on a stop token rather than on `max_new_tokens`.
+    stopped: list[bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Static sampling settings (each distinct value compiles once)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+
+class DecodeState(NamedTuple):
+    cache: KVCache
+    key_valid: jax.Array      # [B, S] which cache slots hold real tokens
+    next_pos: jax.Array       # [B] RoPE position of the next token
+    last_token: jax.Array     # [B] token to feed at the next step
+    done: jax.Array           # [B]
+    step: jax.Array           # [] tokens emitted so far
+    tokens: jax.Array         # [B, N]
+    logprobs: jax.Array       # [B, N]
+    rng: jax.Array
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _attention_mask(key_valid: jax.Array, query_slots: jax.Array) -> jax.Array:
+    """[B, T, S]: a query at slot q sees valid keys at slots <= q."""
+    slots = jnp.arange(key_valid.shape[-1])
+    return key_valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
+
+
+def _select(logits: jax.Array, rng: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """Picks next tokens from float32 logits [B, V]; returns (token, its log-prob under the sampled distribution)."""
+    if sp.temperature <= 0.0:
+        token = jnp.argmax(logits, axis=-1)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    scaled = logits / sp.temperature
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    candidates = scaled
+    if sp.top_k > 0:
+        # Everything below the k-th largest logit is excluded.
+        kth = jax.lax.top_k(scaled, sp.top_k)[0][:, -1:]
+        candidates = jnp.where(scaled < kth, -jnp.inf, candidates)
+    if sp.top_p < 1.0:
+        sorted_desc = jnp.sort(candidates, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = mass_before < sp.top_p
+        threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        candidates = jnp.where(candidates < threshold, -jnp.inf, candidates)
+    token = jax.random.categorical(rng, candidates, axis=-1)
+    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+def _logits_at(config: ModelConfig, params: Params, hidden_bd: jax.Array) -> jax.Array:
+    head = output_head(config, params).astype(hidden_bd.dtype)
+    return jnp.einsum("bd,dv->bv", hidden_bd, head, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sp", "max_new_bucket"))
+def _prefill(config: ModelConfig, params: Params, tokens: jax.Array, prompt_mask: jax.Array, row_active: jax.Array,
+             rng: jax.Array, *, sp: SamplingParams, max_new_bucket: int) -> DecodeState:
+    """Runs the left-padded prompts [B, P] through the model and samples the first new token."""
+    b, p = tokens.shape
+    cache = init_cache(config, b, p + max_new_bucket)
+    key_valid = jnp.zeros((b, p + max_new_bucket), bool).at[:, :p].set(prompt_mask.astype(bool))
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
+    mask = _attention_mask(key_valid, jnp.arange(p))
+    hidden, cache = forward_with_cache(config, params, tokens, positions, mask, cache, jnp.int32(0))
+    rng, sub = jax.random.split(rng)
+    token, logp = _select(_logits_at(config, params, hidden[:, -1]), sub, sp)
+    stop = jnp.asarray(sp.stop_token_ids or (-1,), jnp.int32)
+    done = jnp.isin(token, stop) | ~row_active
+    out_tokens = jnp.zeros((b, max_new_bucket), jnp.int32).at[:, 0].set(token)
+    out_logprobs = jnp.zeros((b, max_new_bucket), jnp.float32).at[:, 0].set(logp)
+    return DecodeState(cache, key_valid, positions[:, -1] + 1, token.astype(jnp.int32), done, jnp.int32(1),
+                       out_tokens, out_logprobs, rng)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sp"), donate_argnames=("state",))
+def _decode(config: ModelConfig, params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
+            sp: SamplingParams) -> DecodeState:
+    """Feeds the last token and samples the next one until all rows are done or the budget is spent."""
+    prompt_len = state.key_valid.shape[1] - state.tokens.shape[1]
+    stop = jnp.asarray(sp.stop_token_ids or (-1,), jnp.int32)
+
+    def cond(s: DecodeState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: DecodeState) -> DecodeState:
+        slot = prompt_len + s.step - 1  # cache slot of the token being fed
+        key_valid = s.key_valid.at[:, slot].set(True)
+        mask = _attention_mask(key_valid, slot[None])
+        hidden, cache = forward_with_cache(config, params, s.last_token[:, None], s.next_pos[:, None], mask,
+                                           s.cache, slot)
+        rng, sub = jax.random.split(s.rng)
+        token, logp = _select(_logits_at(config, params, hidden[:, 0]), sub, sp)
+        token = jnp.where(s.done, 0, token).astype(jnp.int32)
+        logp = jnp.where(s.done, 0.0, logp)
+        return DecodeState(
+            cache, key_valid, s.next_pos + 1, token, s.done | jnp.isin(token, stop), s.step + 1,
+            s.tokens.at[:, s.step].set(token), s.logprobs.at[:, s.step].set(logp), rng,
+        )
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, *, min_len: int = 16
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Left-pads to power-of-two length and batch; returns tokens [B, P], mask [B, P], active rows [B]."""
+    if not prompts:
+        raise ValueError("generate() needs at least one prompt")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+    b = bucket(len(prompts), minimum=1)
+    p = bucket(max(len(x) for x in prompts), minimum=min_len)
+    tokens = np.full((b, p), pad_id, np.int32)
+    mask = np.zeros((b, p), np.int32)
+    for i, prompt in enumerate(prompts):
+        tokens[i, p - len(prompt):] = prompt
+        mask[i, p - len(prompt):] = 1
+    mask[len(prompts):, -1] = 1  # filler rows: one dummy token, marked inactive below
+    active = np.arange(b) < len(prompts)
+    return tokens, mask, active
+
+
+def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] = (),
+             rng: jax.Array | None = None, pad_id: int = 0, data_sharding: Any = None) -> GenerationResult:
+    """Generates up to `max_new_tokens` for each prompt (token-id lists of any lengths).
+
+    `temperature=0` is greedy. `logprobs` are log-probabilities of the chosen tokens under the model's
+    logits divided by the temperature (before top-k/top-p truncation), the quantity RL needs.
+    `data_sharding`, if given, places the batch (e.g. `NamedSharding(mesh, P(('data', 'fsdp')))`).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sp = SamplingParams(float(temperature), float(top_p), int(top_k), tuple(int(t) for t in stop_token_ids))
+    if sp.temperature > 0 and rng is None:
+        raise ValueError("sampling with temperature > 0 needs an `rng` key")
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    tokens, mask, active = pad_prompts(prompts, pad_id)
+    batch = (tokens, mask, active)
+    if data_sharding is not None:
+        batch = jax.device_put(batch, data_sharding)
+    state = _prefill(config, params, *batch, rng, sp=sp, max_new_bucket=bucket(max_new_tokens))
+    state = _decode(config, params, state, jnp.int32(max_new_tokens), sp=sp)
+    out_tokens, out_logprobs, done = jax.device_get((state.tokens, state.logprobs, state.done))
+    stop = set(sp.stop_token_ids)
+    result = GenerationResult([], [], [])
+    for i in range(len(prompts)):
+        row = out_tokens[i, :max_new_tokens].tolist()
+        n = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
+        result.tokens.append(row[:n])
+        result.logprobs.append(out_logprobs[i, :n].tolist())
+        result.stopped.append(row[n - 1] in stop)
+    return result
