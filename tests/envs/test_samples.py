@@ -1,0 +1,217 @@
+"""The FTRL sample format: decoding, encoding, reading and writing .jsonl / .parquet."""
+
+import json
+import logging
+import os
+
+import pytest
+
+from ftrl_jax.envs.samples import (
+    FTRL_COLUMNS,
+    FTRL_INSTRUCTION,
+    Sample,
+    SampleError,
+    decode_sample,
+    encode_sample,
+    example_arguments,
+    read_samples,
+    user_prompt,
+    write_samples,
+)
+
+FTRL_TEST = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "benchdata", "ftrl_test.parquet")
+
+TOOLS = [
+    {"type": "function", "function": {"name": "lake_finder", "description": "Finds lakes.",
+     "parameters": {"type": "object", "properties": {"shape": {"type": "string"}}, "required": ["shape"]}}},
+    {"type": "function", "function": {"name": "mountain_height", "description": "Heights.",
+     "parameters": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}},
+]
+CODES = {
+    "lake_finder": "def lake_finder(shape):\n    return 'Lake Crescent'\n",
+    "mountain_height": "def mountain_height(name):\n    return {'height_m': '2,432'}\n",
+}
+
+
+def make_row(**overrides):
+    row = {
+        "messages": [{"content": user_prompt("How high is the mountain by the crescent lake?"), "role": "user"}],
+        "tools": json.dumps(TOOLS),
+        "codes": json.dumps(CODES),
+        "unsolved_set": json.dumps({"lake_finder": ["Lake Crescent"], "mountain_height": ["2,432"]}),
+        "solve_rate": 0.0,
+        "data_source": "self/multi_hop",
+        "split": "test",
+        "answer": "2,432",
+    }
+    row.update(overrides)
+    return row
+
+
+def test_decode_accepts_json_strings_and_decoded_fields_alike():
+    from_strings = decode_sample(make_row())
+    from_objects = decode_sample(make_row(tools=TOOLS, codes=CODES,
+                                          unsolved_set={"lake_finder": ["Lake Crescent"], "mountain_height": ["2,432"]}))
+    assert from_strings == from_objects
+    assert from_strings.tool_names == ["lake_finder", "mountain_height"]
+    assert from_strings.codes == CODES
+    assert from_strings.num_expected == 2
+    assert from_strings.tool_schema("mountain_height")["description"] == "Heights."
+    assert from_strings.tool_schema("missing") is None
+    assert decode_sample(from_strings) is from_strings
+
+
+def test_encode_gives_back_the_ftrl_row():
+    row = make_row()
+    encoded = encode_sample(decode_sample(row))
+    assert list(encoded) == list(FTRL_COLUMNS)
+    assert encoded == row  # same JSON strings, byte for byte, since FTRL uses json's defaults
+    oracle = [[{"name": "lake_finder", "arguments": {"shape": "crescent"}}]]
+    with_oracle = encode_sample(decode_sample(make_row(oracle_calls=oracle)))
+    assert json.loads(with_oracle["oracle_calls"]) == oracle
+
+
+def test_optional_fields_have_defaults_and_unknown_columns_are_kept():
+    row = make_row(extra_note="kept")
+    for field in ("solve_rate", "data_source", "split"):
+        del row[field]
+    sample = decode_sample(row)
+    assert (sample.solve_rate, sample.data_source, sample.split, sample.oracle_calls) == (0.0, "", "", None)
+    assert sample.extra == {"extra_note": "kept"}
+    assert encode_sample(sample)["extra_note"] == "kept"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"codes": "{not json"}, "'codes' is not valid JSON"),
+        ({"tools": json.dumps([{"type": "function", "function": {}}])}, "no string 'name'"),
+        ({"tools": json.dumps(TOOLS + TOOLS[:1])}, "appears twice"),
+        ({"unsolved_set": json.dumps({"lake_finder": "Lake Crescent"})}, "list of answer strings"),
+        ({"unsolved_set": json.dumps({"ghost_tool": ["x"]})}, "ghost_tool"),
+        ({"codes": json.dumps({"lake_finder": CODES["lake_finder"]})}, "no source in 'codes'"),
+        ({"answer": 2432}, "'answer' must be a string"),
+        ({"solve_rate": "high"}, "'solve_rate' must be a number"),
+        ({"messages": [{"content": "hi"}]}, "no string 'role'"),
+        ({"oracle_calls": [[{"name": "lake_finder"}]]}, "oracle_calls[0][0]"),
+    ],
+)
+def test_decode_names_the_field_at_fault(overrides, message):
+    with pytest.raises(SampleError) as info:
+        decode_sample(make_row(**overrides))
+    assert message in str(info.value)
+
+
+def test_missing_required_fields_are_listed():
+    row = make_row()
+    del row["codes"], row["answer"]
+    with pytest.raises(SampleError, match=r"missing required fields \['codes', 'answer'\]"):
+        decode_sample(row)
+
+
+def test_user_prompt_is_ftrls_instruction_then_the_question():
+    assert user_prompt("Why?") == FTRL_INSTRUCTION + "Question: Why?"
+
+
+def test_jsonl_round_trip_is_deterministic(tmp_path):
+    samples = [decode_sample(make_row()), decode_sample(make_row(answer="Lake Crescent", data_source="self/single_hop"))]
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert write_samples(first, samples) == 2
+    write_samples(second, [encode_sample(s) for s in samples])  # rows are accepted too
+    assert first.read_bytes() == second.read_bytes()
+    read, errors = read_samples(first)
+    assert errors == [] and read == samples
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_parquet_round_trip_keeps_ftrl_layout(tmp_path):
+    pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
+    samples = [decode_sample(make_row()), decode_sample(make_row(oracle_calls=[[{"name": "lake_finder", "arguments": {}}]]))]
+    path = tmp_path / "s.parquet"
+    write_samples(path, samples)
+    schema = pyarrow_parquet.read_schema(path)
+    assert schema.names[: len(FTRL_COLUMNS)] == list(FTRL_COLUMNS)
+    assert str(schema.field("messages").type) == "list<element: struct<content: string, role: string>>"
+    read, errors = read_samples(path)
+    assert errors == [] and read == samples
+
+
+def test_parquet_keeps_tool_call_messages_as_json(tmp_path):
+    pytest.importorskip("pyarrow")
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "lake_finder", "arguments": {"shape": "crescent"}}},
+        ]},
+        {"role": "tool", "content": "Lake Crescent"},
+    ]
+    sample = decode_sample(make_row(messages=messages))
+    path = tmp_path / "chat.parquet"
+    write_samples(path, [sample])
+    read, errors = read_samples(path)
+    assert errors == [] and read[0].messages == messages
+
+
+def test_malformed_rows_are_reported_by_index_logged_and_skipped(tmp_path, caplog):
+    path = tmp_path / "mixed.jsonl"
+    lines = [json.dumps(make_row()), "{broken json", json.dumps(make_row(answer=None)), "", json.dumps(make_row())]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="ftrl_jax.envs.samples"):
+        samples, errors = read_samples(path)
+    assert len(samples) == 2
+    assert [e.index for e in errors] == [1, 2]
+    assert "not valid JSON" in errors[0].reason and "'answer' must be a string" in errors[1].reason
+    assert str(path) in str(errors[0]) and "row 1" in str(errors[0])
+    assert sum("skipping malformed sample" in r.message for r in caplog.records) == 2
+
+
+def test_writing_refuses_bad_samples_and_unknown_file_types(tmp_path):
+    with pytest.raises(SampleError, match="sample 1"):
+        write_samples(tmp_path / "x.jsonl", [make_row(), make_row(codes="{")])
+    assert not (tmp_path / "x.jsonl").exists()
+    with pytest.raises(ValueError, match="unsupported file type '.csv'"):
+        write_samples(tmp_path / "x.csv", [make_row()])
+    with pytest.raises(ValueError, match="unsupported file type"):
+        read_samples(tmp_path / "x.txt")
+
+
+def test_example_arguments_fill_required_parameters_plausibly():
+    parameters = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "day": {"type": "string", "format": "date"},
+            "unit": {"type": "string", "enum": ["metric", "imperial"]},
+            "days": {"type": "integer", "minimum": 3},
+            "ratio": {"type": "number"},
+            "detailed": {"type": "boolean", "default": False},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "where": {"type": "object", "properties": {"lat": {"type": "number"}}, "required": ["lat"]},
+            "note": {"type": ["string", "null"]},
+        },
+        "required": ["city", "day", "unit", "days", "ratio", "detailed", "tags", "where"],
+    }
+    assert example_arguments(parameters) == {
+        "city": "example", "day": "2024-01-01", "unit": "metric", "days": 3, "ratio": 1.0,
+        "detailed": False, "tags": ["example", "example"], "where": {"lat": 1.0},
+    }
+    assert example_arguments(parameters, include_optional=True)["note"] == "example"
+    assert example_arguments({}) == {}
+
+
+@pytest.mark.skipif(not os.path.exists(FTRL_TEST), reason="benchdata ftrl_test.parquet is absent")
+def test_reads_all_of_the_ftrl_test_set_and_writes_it_back(tmp_path):
+    samples, errors = read_samples(FTRL_TEST)
+    assert errors == [] and len(samples) == 200
+    assert all(isinstance(s, Sample) and s.split == "test" for s in samples)
+    assert {s.data_source for s in samples} == {
+        "self/single_hop", "self/multi_hop", "self/parallel_single_hop", "self/parallel_multi_hop"
+    }
+    assert all(s.messages[0]["content"].startswith(FTRL_INSTRUCTION) for s in samples)
+    assert all(1 <= len(s.tools) <= 15 and 1 <= s.num_expected <= 11 for s in samples)
+    rows = pytest.importorskip("pyarrow.parquet").read_table(FTRL_TEST).to_pylist()
+    assert [encode_sample(s) for s in samples] == rows  # the JSON strings come back byte for byte
+    path = tmp_path / "copy.jsonl"
+    write_samples(path, samples)
+    again, errors = read_samples(path)
+    assert errors == [] and again == samples
