@@ -109,7 +109,11 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache, cache_index):
-        """x [B, T, D]; mask [B, T, S] (True = may attend); cache (k, v) [B, S, K, hd] or None."""
+        """x [B, T, D]; mask [B, T, S] (True = may attend).
+
+        `cache` is None or (k, v, layer) with the whole stack's k/v [L, B, S, K, hd]: the new entries are
+        written in place at (layer, cache_index) so no per-step copy of a cache slab is made.
+        """
         c = self.config
         b, t, _ = x.shape
         q = _dense(c, c.num_heads * c.head_dim, c.attention_bias, "q_proj")(x).reshape(b, t, c.num_heads, c.head_dim)
@@ -122,11 +126,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache is not None:
-            # Write this step's keys/values at `cache_index` and attend over the whole static cache.
-            k_cache, v_cache = cache
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
-            new_cache = (k, v)
+            # Write this step's keys/values and attend over this layer's whole static cache.
+            k_all, v_all, layer = cache
+            zero = jnp.zeros((), jnp.int32)
+            start = (layer, zero, cache_index, zero, zero)
+            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
+            k, v = k_all[layer], v_all[layer]
+            new_cache = (k_all, v_all, layer)
         else:
             new_cache = None
 
@@ -157,15 +164,19 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cache, cos, sin, mask, cache_index):
+    def __call__(self, carry, cos, sin, mask, cache_index):
+        """carry = (x [B, T, D], cache (k, v, layer) or None); the cache rides the carry to stay in place."""
+        x, cache = carry
         c = self.config
         pdt = dtype_from_name(c.param_dtype)
-        h, new_cache = Attention(c, name="self_attn")(
+        h, cache = Attention(c, name="self_attn")(
             RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(x), cos, sin, mask, cache, cache_index
         )
         x = x + h
         x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(x))
-        return x, new_cache
+        if cache is not None:
+            cache = (cache[0], cache[1], cache[2] + 1)
+        return (x, cache), None
 
 
 class Decoder(nn.Module):
@@ -183,18 +194,17 @@ class Decoder(nn.Module):
                          embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
         x = embed(input_ids)
         cos, sin = rope_tables(c, positions)
-        layer_cache = None if cache is None else (cache.k, cache.v)
-        # Cache slabs ride the scan as per-layer inputs/outputs; everything else is broadcast.
+        layer_cache = None if cache is None else (cache.k, cache.v, jnp.zeros((), jnp.int32))
         stack = nn.scan(
             nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
         )
-        x, new_layer_cache = stack(c, name="layers")(x, layer_cache, cos, sin, mask, cache_index)
+        (x, layer_cache), _ = stack(c, name="layers")((x, layer_cache), cos, sin, mask, cache_index)
         x = RMSNorm(c.rms_norm_eps, pdt, name="norm")(x)
-        new_cache = None if cache is None else KVCache(*new_layer_cache)
+        new_cache = None if cache is None else KVCache(layer_cache[0], layer_cache[1])
         return x, new_cache
 
 
