@@ -1,0 +1,145 @@
+"""Training configs: `--config=configs/qwen.py[:PRESET]`.
+
+No preset means `tiny`, the embedded default that runs end to end on a CPU in minutes (procedural
+environments, the project's own tokenizer, a randomly initialised few-million-parameter model warm-started
+on oracle trajectories). The other presets carry the FTRL paper's settings and need
+`--config.model.path=DIR` (a local Hugging Face checkpoint directory). Every field can be overridden on the
+command line, e.g. `--config.rl.num_steps=4 --config.mesh.data=2`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Paper presets: (model preset whose shape the checkpoint must have, chat template, thinking mode).
+PAPER_PRESETS = {
+    "qwen2.5-7b": ("qwen2.5-7b", "qwen2.5", False),
+    "qwen2.5-14b": ("qwen2.5-14b", "qwen2.5", False),
+    "qwen3-8b": ("qwen3-8b", "qwen3", False),
+    "qwen3-8b-thinking": ("qwen3-8b", "qwen3", True),
+    "qwen3-14b": ("qwen3-14b", "qwen3", False),
+}
+PRESETS = ("tiny",) + tuple(PAPER_PRESETS)
+
+
+def _base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.preset = "tiny"
+    c.workdir = "runs/tiny"
+    c.seed = 0
+    c.resume = False
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"        # architecture when no checkpoint path is given
+    c.model.path = ""              # local Hugging Face checkpoint directory (real presets)
+    c.model.param_dtype = "float32"
+    c.model.dtype = "float32"      # compute dtype; bfloat16 on accelerators
+    c.model.template = "qwen2.5"   # chat template: qwen2.5 | qwen3
+    c.model.enable_thinking = False
+    c.model.remat = True
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.vocab_size = 4096  # embedded tokenizer only; a checkpoint brings its own
+
+    c.envs = ml_collections.ConfigDict()
+    c.envs.author = "procedural"
+    c.envs.num_train = 512
+    c.envs.num_eval = 96
+    c.envs.scenarios = "single_hop,parallel_single_hop,multi_hop,parallel_multi_hop"
+    c.envs.complexity = "low"
+    c.envs.train_file = ""         # optional sample-format file instead of building
+    c.envs.eval_file = ""
+
+    c.warmup = ml_collections.ConfigDict()
+    c.warmup.num_steps = 300
+    c.warmup.batch_size = 16
+    c.warmup.learning_rate = 2e-3
+    c.warmup.max_len = 512
+    c.warmup.fraction_of_envs = 0.5  # oracle trajectories of this share of train envs (leaves room for RL)
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.max_turns = 20
+    c.rollout.max_new_tokens = 96
+    c.rollout.max_prompt_tokens = 1024
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+
+    c.rl = ml_collections.ConfigDict()
+    c.rl.algorithm = "grpo"        # advantage estimator: grpo | reinforce_pp | any registered name
+    c.rl.mode = "step"             # step: FTRL's per-turn prompts; trajectory: whole multi-turn episodes
+    c.rl.num_steps = 40
+    c.rl.prompts_per_step = 16
+    c.rl.num_rollouts = 8          # group size n
+    c.rl.refresh_every = 4         # collect fresh RL prompts from the current policy every k steps
+    c.rl.reward_kind = "f1"        # f1 | precision | rate | pr
+    c.rl.learning_rate = 2e-4
+    c.rl.weight_decay = 0.0
+    c.rl.max_grad_norm = 1.0
+    c.rl.clip_low = 0.2
+    c.rl.clip_high = 0.2
+    c.rl.dual_clip = 3.0
+    c.rl.kl_coef = 0.001
+    c.rl.kl_estimator = "low_var_kl"
+    c.rl.entropy_coef = 0.001
+    c.rl.aggregation = "seq-mean-token-mean"
+    c.rl.num_minibatches = 1
+    c.rl.num_microbatches = 1
+    c.rl.chunk_size = 128
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.max_turns = 20
+    c.eval.max_new_tokens = 96
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.distributed = False     # call jax.distributed.initialize() first (multi-host)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 10
+    c.checkpoint.max_to_keep = 3
+    return c
+
+
+def _paper(name: str) -> ml_collections.ConfigDict:
+    """The FTRL paper's RL settings (Sec. 4 / appendix): 512 prompts x 16 rollouts, lr 1e-6."""
+    arch, template, thinking = PAPER_PRESETS[name]
+    c = _base()
+    c.preset = name
+    c.workdir = f"runs/{name}"
+    c.model.preset = arch
+    c.model.path = ""  # required: --config.model.path=/path/to/hf/checkpoint
+    c.model.param_dtype = "bfloat16"
+    c.model.dtype = "bfloat16"
+    c.model.template = template
+    c.model.enable_thinking = thinking
+    c.envs.num_train = 2048
+    c.envs.num_eval = 200
+    c.envs.complexity = "high"
+    c.warmup.num_steps = 0  # real instruction-tuned checkpoints already call tools
+    c.rollout.max_new_tokens = 8192 if thinking else 1024
+    c.rollout.max_prompt_tokens = 8192
+    c.rl.num_steps = 200
+    c.rl.prompts_per_step = 512
+    c.rl.num_rollouts = 16
+    c.rl.refresh_every = 1
+    c.rl.learning_rate = 1e-6
+    c.rl.kl_coef = 0.001
+    c.rl.entropy_coef = 0.001
+    c.rl.num_minibatches = 4
+    c.rl.num_microbatches = 16
+    c.eval.max_new_tokens = c.rollout.max_new_tokens
+    c.checkpoint.every = 20
+    return c
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+    """`tiny` (default) or one of the paper presets; an unknown name is an error listing them."""
+    name = (preset or "tiny").strip()
+    if name == "tiny":
+        return _base()
+    if name not in PAPER_PRESETS:
+        raise ValueError(f"unknown config preset {name!r}; available: {', '.join(PRESETS)}")
+    return _paper(name)
