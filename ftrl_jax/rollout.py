@@ -4,7 +4,9 @@ FTRL's trajectory collection: render the conversation with its tools, sample an 
 tool calls, run them in the sandbox, append the assistant message and the tool responses, and go on until
 a turn makes no tool call or `max_turns` is reached. Many environments are played as one batch: each
 round, every still-active episode goes through ONE call of the turn generator (one `generate` for the
-local policy) and all their tool calls through ONE `Sandbox.call_many`.
+local policy) and all their tool calls through ONE `Sandbox.call_many`. Overlapping one half's tool calls
+with the other half's decoding (a worker thread for `call_many`) was measured and gave nothing: tool calls
+take 1-2% of a round (128 procedural environments, tiny model, CPU), so the loop stays sequential.
 
 The assistant message keeps the generated text verbatim as its content (tool calls stay `<tool_call>`
 markup; no structured `tool_calls`). The Qwen2.5 template writes such a message back byte for byte, so
@@ -78,38 +80,30 @@ class TurnGenerator(Protocol):
     def __call__(self, conversations: Sequence[Conversation]) -> list[GeneratedTurn]: ...
 
 
-class _GeneratedIds:
-    """Bounded memory of the exact ids behind each generated assistant text, keyed by what preceded it.
-
-    Re-tokenizing a generated text need not give the ids the model sampled (a model may spell a word in
-    other pieces than the tokenizer's merges would). Keying by (the prompt ids before the turn, its
-    rendered text) finds the ids again when the conversation is rendered for the next turn, and misses
-    when history was rewritten (then the prompt no longer extends the earlier one, which
-    `episode_token_arrays` reports).
-    """
+class _IdsMemory:
+    """A bounded least-recently-used map to token ids (stored as int32 arrays, a tenth of a list's memory)."""
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._ids: collections.OrderedDict[tuple[int, int, str], np.ndarray] = collections.OrderedDict()
+        self._ids: collections.OrderedDict[Any, np.ndarray] = collections.OrderedDict()
 
-    @staticmethod
-    def key(prefix: Sequence[int], text: str) -> tuple[int, int, str]:
-        return len(prefix), hash(tuple(prefix)), text
-
-    def put(self, prefix: Sequence[int], text: str, ids: Sequence[int]) -> None:
-        key = self.key(prefix, text)
-        self._ids[key] = np.asarray(ids, np.int32)  # int32 arrays: a tenth of a list's memory
+    def put(self, key: Any, ids: Sequence[int]) -> None:
+        self._ids[key] = np.asarray(ids, np.int32)
         self._ids.move_to_end(key)
         while len(self._ids) > self._capacity:
             self._ids.popitem(last=False)
 
-    def get(self, prefix: Sequence[int], text: str) -> list[int] | None:
-        key = self.key(prefix, text)
+    def get(self, key: Any) -> list[int] | None:
         ids = self._ids.get(key)
         if ids is None:
             return None
         self._ids.move_to_end(key)
         return ids.tolist()
+
+
+def _after(prefix: Sequence[int], text: str) -> tuple[int, int, str]:
+    """The memory key of a generated text: the text and the ids it was generated after."""
+    return len(prefix), hash(tuple(prefix)), text
 
 
 class LocalPolicy:
@@ -126,7 +120,7 @@ class LocalPolicy:
     def __init__(self, config: ModelConfig, params: Any, tokenizer: Any, *, template: str = "qwen2.5",
                  enable_thinking: bool = False, max_new_tokens: int = 512, max_prompt_tokens: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, data_sharding: Any = None,
-                 seed: int = 0, remembered_turns: int = 1 << 15) -> None:
+                 seed: int = 0, remembered_turns: int = 1 << 15, remembered_pieces: int = 1024) -> None:
         get_template(template)  # unknown names fail here, not in the middle of a rollout
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -152,10 +146,20 @@ class LocalPolicy:
         self.stop_ids = tuple(stop_token_ids(tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._rng = jax.random.PRNGKey(seed)
-        self._generated = _GeneratedIds(remembered_turns)
+        # Re-tokenizing a generated text need not give the ids the model sampled (a model may spell a word
+        # in other pieces than the tokenizer's merges would), so they are remembered by (the prompt ids they
+        # followed, their rendered text); the lookup misses when history was rewritten, and then the prompt
+        # no longer extends the earlier one (which episode_token_arrays reports).
+        self._generated = _IdsMemory(remembered_turns)
+        # Template pieces repeat every turn (system prompt, tools, question) and across a group of samples.
+        self._pieces = _IdsMemory(remembered_pieces)
 
     def _encode_piece(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        ids = self._pieces.get(text)
+        if ids is None:
+            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+            self._pieces.put(text, ids)
+        return ids
 
     def encode(self, messages: Sequence[Mapping[str, Any]], tools: Any) -> list[int]:
         """The prompt ids for `messages` (rendered with the generation prompt), reusing generated ids."""
@@ -169,11 +173,12 @@ class LocalPolicy:
             segments.append((prompt, False))
         ids: list[int] = []
         for text, generated in segments:
-            reused = self._generated.get(ids, text) if generated else None
+            reused = self._generated.get(_after(ids, text)) if generated else None
             ids.extend(reused if reused is not None else self._encode_piece(text))
         return ids
 
     def __call__(self, conversations: Sequence[Conversation]) -> list[GeneratedTurn]:
+        """The next assistant turn of every conversation, from one `generate` call over those that fit."""
         prompts = [self.encode(messages, tools) for messages, tools in conversations]
         turns: list[GeneratedTurn] = [
             GeneratedTurn("", prompt, [], [], truncated=False, prompt_too_long=True) for prompt in prompts
@@ -193,7 +198,7 @@ class LocalPolicy:
             text = self.tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             if stopped:
                 # Both Qwen templates close an assistant turn's generated text with <|im_end|>.
-                self._generated.put(prompts[i], text + IM_END, tokens)
+                self._generated.put(_after(prompts[i], text + IM_END), tokens)
             turns[i] = GeneratedTurn(text, prompts[i], list(tokens), list(logprobs), truncated=not stopped)
         return turns
 

@@ -336,6 +336,7 @@ def test_local_policy_end_to_end_records_consistent_ids_and_logprobs(sandbox):
     follow_up = episodes[0].messages + [{"role": "tool", "name": "greet", "content": "Hello, Ada"}]
     seen = stopped.prompt_ids + stopped.token_ids
     assert policy.encode(follow_up, samples[0].tools)[: len(seen)] == seen
+    assert policy.encode(samples[0].messages, samples[0].tools) == stopped.prompt_ids  # remembered pieces
     if odd_spelling:  # without that memory, re-tokenizing would have rewritten the model's own turn
         forgetful = LocalPolicy(config, params, tokenizer, max_new_tokens=16, max_prompt_tokens=1024,
                                 remembered_turns=0)
