@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ftrl_jax.envs import samples
 from ftrl_jax.envs.build import BuiltEnvironment, build_environments, distinct_tool_names
-from ftrl_jax.envs.llm_author import ChatClient, LLMAuthor
+from ftrl_jax.envs.llm_author import ChatClient, ChatError, LLMAuthor
 from ftrl_jax.envs.procedural import ProceduralAuthor
 from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.envs.stages import COMPLEXITY_PRESETS, SCENARIO_KINDS, Complexity
@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="LLM author: bearer token (default: $OPENAI_API_KEY)")
     parser.add_argument("--model", default="", help="LLM author: model name sent to the endpoint")
     parser.add_argument("--max_retries", type=int, default=3, help="LLM author: repair attempts per stage")
+    parser.add_argument("--request_retries", type=int, default=3,
+                        help="LLM author: retries of a request after a connection error, HTTP 429 or 5xx")
     parser.add_argument("--author_threads", type=int, default=None,
                         help="environments constructed concurrently (default: 1 procedural, 8 llm)")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
@@ -54,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 def _author(args: argparse.Namespace, sandbox: Sandbox):
     authors = {
         "procedural": lambda: ProceduralAuthor(world_seed=args.seed),
-        "llm": lambda: LLMAuthor(ChatClient(args.base_url, args.api_key, args.model),
+        "llm": lambda: LLMAuthor(ChatClient(args.base_url, args.api_key, args.model,
+                                            transient_retries=args.request_retries),
                                  max_retries=args.max_retries, sandbox=sandbox),
     }
     return authors[args.author]()
@@ -89,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             environments, report = build_environments(
                 args.num, args.seed, author=_author(args, sandbox), kinds=kinds, complexity=complexity,
                 sandbox=sandbox, batch_size=args.batch_size, author_threads=threads, on_kept=advance)
+        except ChatError as exc:
+            print(f"the LLM endpoint failed, nothing written: {exc}", file=sys.stderr)
+            return 1
         finally:
             progress.close()
     samples.write_samples(args.out, [env.to_sample(args.split) for env in environments])

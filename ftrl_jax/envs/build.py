@@ -168,12 +168,13 @@ def iter_environments(
     builders = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, author_threads))
     runner = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # the sandbox takes one caller
 
+    def construct_index(index: int) -> Environment | str:
+        return _construct_one(author, seed, index, kinds, levels[index % len(levels)])
+
     def make_batch(first: int) -> list[tuple[int, Environment | str]]:
         last = first + batch_size if stop is None else min(first + batch_size, stop)
         indices = range(first, last)
-        build: Callable[[int], Environment | str] = lambda i: _construct_one(
-            author, seed, i, kinds, levels[i % len(levels)])
-        made = builders.map(build, indices) if author_threads > 1 else map(build, indices)
+        made = builders.map(construct_index, indices) if author_threads > 1 else map(construct_index, indices)
         return list(zip(indices, made))
 
     def execute(batch: list[tuple[int, Environment | str]]) -> list[list[list[str]]]:

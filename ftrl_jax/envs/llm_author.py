@@ -4,7 +4,8 @@ Any OpenAI-compatible `/v1/chat/completions` endpoint works (vLLM, SGLang, llama
 hosted APIs); the client uses only `urllib.request`. Every answer must be JSON of the stage's
 shape and pass the same checks `construct` applies; a failing answer is sent back with the
 problem appended to the conversation, a bounded number of times, then the stage fails with
-StageError naming the last problem.
+StageError naming the last problem (the environment is dropped). Endpoint failures raise
+ChatError instead, which stops a build: they say nothing about the environment.
 """
 
 from __future__ import annotations
@@ -276,10 +277,8 @@ class LLMAuthor:
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
         problem = ""
         for _ in range(self.max_retries + 1):
-            try:
-                reply = self.client.complete(messages, seed=rng.randrange(2 ** 31))
-            except ChatError as exc:
-                raise StageError(stage, str(exc)) from None
+            # ChatError propagates: an endpoint that is down fails the build, not one environment.
+            reply = self.client.complete(messages, seed=rng.randrange(2 ** 31))
             try:
                 return parse(extract_json(reply))
             except (ValueError, StageError) as exc:

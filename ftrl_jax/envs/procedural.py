@@ -17,9 +17,11 @@ from ftrl_jax.envs.stages import (Case, Complexity, Scenario, SubQuestion, ToolD
 # --- stage 1: scenario decomposition --------------------------------------------------
 
 _SINGLE_WRAPPERS = ("What is {np}?", "Can you tell me {np}?", "I would like to know {np}.",
-                    "Please find out {np}.", "Do you know {np}?", "Look up {np}, please.")
+                    "Please find out {np}.", "Do you know {np}?", "Look up {np}, please.",
+                    "Could you check {np}?", "I am trying to find {np}.", "Tell me {np}.")
 _PARALLEL_WRAPPERS = ("What are {list}?", "Can you tell me {list}?", "I need {count} facts: {list}.",
-                      "Please find {list}.", "Look up {list} for me.")
+                      "Please find {list}.", "Look up {list} for me.", "Could you check {list}?",
+                      "For a report I need {list}.")
 _COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
 
 
@@ -114,7 +116,7 @@ class ProceduralAuthor:
                 name=_relation_tool_name(relation, rng),
                 description=f"Finds {relation.summary}.",
                 parameters=_object_schema({entity.param: _key_schema(entity, 0)}, [entity.param]),
-                cases=(Case({entity.param: sq.subject}, sq.answer, relation.key, sq.id),)))
+                cases=(Case({entity.param: sq.subject}, sq.answer, relation.field, sq.id),)))
         return documents
 
     # stage 3 -----------------------------------------------------------------------
@@ -162,7 +164,7 @@ class ProceduralAuthor:
         return ToolDocument(
             name=_relation_tool_name(relation, rng), description=f"Finds {relation.summary}.",
             parameters=_object_schema({entity.param: _key_schema(entity, 0)}, [entity.param]),
-            cases=tuple(Case({entity.param: s}, self.world.fact(relation.key, s), relation.key)
+            cases=tuple(Case({entity.param: s}, self.world.fact(relation.key, s), relation.field)
                         for s in subjects))
 
     def _scale_tool(self, tool: ToolDocument, complexity: Complexity, rng: random.Random) -> ToolDocument:
@@ -193,7 +195,7 @@ class ProceduralAuthor:
         subjects = list(dict.fromkeys(c.arguments[anatomy.key_param] for c in tool.cases))
         subjects += [self.world.entity(anatomy.subject_type, rng) for _ in range(rng.randint(*extra_subjects))]
         fields = list(dict.fromkeys(c.field for c in tool.cases))
-        spare = [r.key for r in world_lib.RELATIONS_BY_SUBJECT[anatomy.subject_type] if r.key not in fields]
+        spare = [r.field for r in world_lib.RELATIONS_BY_SUBJECT[anatomy.subject_type] if r.field not in fields]
         rng.shuffle(spare)
         fields += spare[:rng.randint(*extra_fields)]
         if len(fields) > 1 and not anatomy.selector:
@@ -210,7 +212,8 @@ class ProceduralAuthor:
                 arguments = {anatomy.key_param: subject}
                 if anatomy.selector:
                     arguments[anatomy.selector] = field
-                cases.append(Case(arguments, self.world.fact(field, subject), field))
+                relation = world_lib.RELATION_BY_FIELD[(anatomy.subject_type, field)]
+                cases.append(Case(arguments, self.world.fact(relation.key, subject), field))
         return dataclasses.replace(tool, cases=tuple(cases))
 
     # stage 5 -----------------------------------------------------------------------
@@ -323,7 +326,7 @@ def _unique_names(tools: Sequence[ToolDocument]) -> list[ToolDocument]:
 def _describe(entity: world_lib.EntityType, fields: Sequence[str], optional: Sequence[str],
               verbosity: int, rng: random.Random) -> str:
     """Short at verbosity 0 ('Finds the capital city of a country.'), FTRL-like at 2+."""
-    summaries = [world_lib.RELATIONS[f].summary for f in fields]
+    summaries = [world_lib.RELATION_BY_FIELD[(entity.key, f)].summary for f in fields]
     if len(summaries) == 1:
         what = summaries[0]
     else:

@@ -28,7 +28,6 @@ SCENARIO_KINDS: dict[str, str] = {
     "multi_hop": "self/multi_hop",
     "parallel_multi_hop": "self/parallel_multi_hop",
 }
-PARALLEL_KINDS = frozenset({"parallel_single_hop", "parallel_multi_hop"})
 
 ANSWER_SEPARATOR = ", "  # parallel answers are joined with it; the FTRL match rule splits on it
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")

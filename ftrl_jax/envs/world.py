@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 _ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "pr",
            "r", "s", "st", "t", "tr", "th", "v", "z", "sh", "ch", "j", "w", "qu")
 _VOWELS = ("a", "e", "i", "o", "u", "ae", "ei", "ou", "ia", "y", "io")
-_CODAS = ("", "", "", "n", "r", "l", "s", "th", "m", "nd", "rk", "x", "v", "sk")
+_CODAS = ("", "", "", "", "", "", "n", "r", "l", "s", "th", "m", "nd", "rk", "x", "v")
 _ADJECTIVES = ("Silent", "Crimson", "Hollow", "Golden", "Restless", "Distant", "Shattered", "Amber",
                "Quiet", "Burning", "Frozen", "Hidden", "Wandering", "Velvet", "Iron", "Silver",
                "Broken", "Endless", "Pale", "Northern", "Bitter", "Gentle", "Midnight", "Scarlet")
@@ -189,6 +189,8 @@ class Relation:
 
     phrases: noun phrases naming the object, with {x} for the subject's mention.
     stems: words tool names are built from. summary: what a tool for it finds.
+    field: the label tools use for it (output key, selector value); unique per subject type,
+    while `key` is unique in the world.
     """
 
     key: str
@@ -197,6 +199,7 @@ class Relation:
     phrases: tuple[str, ...]
     stems: tuple[str, ...]
     summary: str
+    field: str
 
     @property
     def chains(self) -> bool:
@@ -205,8 +208,8 @@ class Relation:
 
 
 def _rel(key: str, subject: str, target: str, phrases: Iterable[str], stems: Iterable[str],
-         summary: str) -> Relation:
-    return Relation(key, subject, target, tuple(phrases), tuple(stems), summary)
+         summary: str, field: str | None = None) -> Relation:
+    return Relation(key, subject, target, tuple(phrases), tuple(stems), summary, field or key)
 
 
 _RELATIONS = (
@@ -230,21 +233,21 @@ _RELATIONS = (
     # city
     _rel("city_country", "city", "country",
          ["the country where {x} is located", "the country {x} belongs to"],
-         ["city_country", "country_of_city", "city_nation"], "the country a city is in"),
+         ["city_country", "country_of_city", "city_nation"], "the country a city is in", field="country"),
     _rel("city_river", "city", "river", ["the river that flows through {x}", "the main river of {x}"],
-         ["city_river", "urban_waterway", "river_crossing"], "the river flowing through a city"),
+         ["city_river", "urban_waterway", "river_crossing"], "the river flowing through a city", field="river"),
     _rel("home_team", "city", "team", ["the sports team based in {x}", "the home team of {x}"],
          ["home_team", "local_team", "city_sports"], "the sports team based in a city"),
     _rel("main_museum", "city", "museum", ["the largest museum in {x}", "the main museum of {x}"],
          ["main_museum", "city_museum"], "the largest museum of a city"),
     _rel("city_population", "city", "population",
          ["the population of {x}", "the number of people living in {x}"],
-         ["city_population", "census", "urban_population"], "the population of a city"),
+         ["city_population", "census", "urban_population"], "the population of a city", field="population"),
     _rel("city_founded", "city", "year", ["the year {x} was founded", "the founding year of {x}"],
-         ["city_founding", "city_history"], "the year a city was founded"),
+         ["city_founding", "city_history"], "the year a city was founded", field="founding_year"),
     _rel("city_elevation", "city", "meters",
          ["the elevation of {x}", "the altitude of {x} above sea level"],
-         ["city_elevation", "altitude"], "the elevation of a city"),
+         ["city_elevation", "altitude"], "the elevation of a city", field="elevation"),
     _rel("mayor", "city", "person", ["the mayor of {x}", "the person who governs {x} as mayor"],
          ["mayor", "city_leader", "municipal_office"], "the mayor of a city"),
     # country
@@ -267,10 +270,10 @@ _RELATIONS = (
          ["national_dish", "cuisine"], "the national dish of a country"),
     _rel("country_population", "country", "population",
          ["the population of {x}", "the number of inhabitants of {x}"],
-         ["country_population", "national_census"], "the population of a country"),
+         ["country_population", "national_census"], "the population of a country", field="population"),
     # company
     _rel("company_founder", "company", "person", ["the founder of {x}", "the person who founded {x}"],
-         ["company_founder", "founder", "business_origin"], "the founder of a company"),
+         ["company_founder", "founder", "business_origin"], "the founder of a company", field="founder"),
     _rel("headquarters", "company", "city",
          ["the city where {x} is headquartered", "the headquarters city of {x}"],
          ["headquarters", "corporate_hq", "head_office"], "the headquarters city of a company"),
@@ -278,20 +281,20 @@ _RELATIONS = (
          ["the flagship product of {x}", "the best-known product made by {x}"],
          ["flagship_product", "product_line", "product_catalog"], "the flagship product of a company"),
     _rel("company_founded", "company", "year", ["the year {x} was founded", "the founding year of {x}"],
-         ["company_founding", "incorporation"], "the year a company was founded"),
+         ["company_founding", "incorporation"], "the year a company was founded", field="founding_year"),
     _rel("employees", "company", "count",
          ["the number of employees at {x}", "the workforce size of {x}"],
-         ["employee_count", "workforce", "staffing"], "the number of employees of a company"),
+         ["employee_count", "workforce", "staffing"], "the number of employees of a company", field="employee_count"),
     _rel("revenue", "company", "money", ["the annual revenue of {x}", "the yearly revenue of {x}"],
-         ["revenue", "financials", "earnings"], "the annual revenue of a company"),
+         ["revenue", "financials", "earnings"], "the annual revenue of a company", field="annual_revenue"),
     _rel("ticker", "company", "ticker", ["the stock ticker of {x}", "the ticker symbol of {x}"],
-         ["stock_ticker", "ticker_symbol", "market_listing"], "the stock ticker of a company"),
+         ["stock_ticker", "ticker_symbol", "market_listing"], "the stock ticker of a company", field="ticker_symbol"),
     # product
     _rel("designer", "product", "person", ["the designer of {x}", "the person who designed {x}"],
          ["product_designer", "design_credit"], "the designer of a product"),
     _rel("product_release", "product", "modern_year",
          ["the release year of {x}", "the year {x} came out"],
-         ["product_release", "launch_date"], "the year a product was released"),
+         ["product_release", "launch_date"], "the year a product was released", field="release_year"),
     _rel("launch_price", "product", "money", ["the launch price of {x}", "the price of {x} at launch"],
          ["launch_price", "pricing"], "the launch price of a product"),
     # book
@@ -300,34 +303,34 @@ _RELATIONS = (
     _rel("publisher", "book", "company", ["the publisher of {x}", "the company that published {x}"],
          ["publisher", "publishing_house"], "the publisher of a book"),
     _rel("book_setting", "book", "city", ["the city in which {x} is set", "the setting of {x}"],
-         ["book_setting", "story_setting", "literary_location"], "the city a book is set in"),
+         ["book_setting", "story_setting", "literary_location"], "the city a book is set in", field="setting"),
     _rel("publication_year", "book", "year",
          ["the year {x} was published", "the publication year of {x}"],
          ["publication_year", "publication_record"], "the year a book was published"),
     _rel("page_count", "book", "pages", ["the number of pages in {x}", "the length of {x} in pages"],
          ["page_count", "book_length"], "the page count of a book"),
     _rel("book_genre", "book", "book_genre", ["the genre of {x}", "the literary genre of {x}"],
-         ["book_genre", "literary_genre"], "the genre of a book"),
+         ["book_genre", "literary_genre"], "the genre of a book", field="genre"),
     # film
     _rel("director", "film", "person", ["the director of {x}", "the person who directed {x}"],
          ["director", "film_director", "filmmaker"], "the director of a film"),
     _rel("based_on", "film", "book", ["the novel {x} is based on", "the book that {x} adapts"],
-         ["source_novel", "adaptation", "film_source"], "the book a film is based on"),
+         ["source_novel", "adaptation", "film_source"], "the book a film is based on", field="source_novel"),
     _rel("filming_city", "film", "city", ["the city where {x} was filmed", "the filming location of {x}"],
-         ["filming_location", "shooting_location"], "the city where a film was shot"),
+         ["filming_location", "shooting_location"], "the city where a film was shot", field="filming_location"),
     _rel("film_release", "film", "year", ["the year {x} was released", "the release year of {x}"],
-         ["film_release", "premiere"], "the year a film was released"),
+         ["film_release", "premiere"], "the year a film was released", field="release_year"),
     _rel("runtime", "film", "minutes", ["the running time of {x}", "the runtime of {x}"],
          ["runtime", "film_duration"], "the running time of a film"),
     _rel("box_office", "film", "money", ["the box-office gross of {x}", "the ticket sales of {x}"],
          ["box_office", "gross_earnings"], "the box-office gross of a film"),
     # album
     _rel("performer", "album", "band", ["the band that recorded {x}", "the band behind {x}"],
-         ["album_artist", "recording_artist", "discography"], "the band that recorded an album"),
+         ["album_artist", "recording_artist", "discography"], "the band that recorded an album", field="band"),
     _rel("producer", "album", "person", ["the producer of {x}", "the person who produced {x}"],
          ["record_producer", "album_producer"], "the producer of an album"),
     _rel("album_release", "album", "date", ["the release date of {x}", "the date {x} came out"],
-         ["album_release", "release_date"], "the release date of an album"),
+         ["album_release", "release_date"], "the release date of an album", field="release_date"),
     _rel("track_count", "album", "small_count",
          ["the number of tracks on {x}", "the number of songs on {x}"],
          ["track_count", "tracklist"], "the number of tracks on an album"),
@@ -335,81 +338,81 @@ _RELATIONS = (
     _rel("lead_singer", "band", "person", ["the lead singer of {x}", "the vocalist of {x}"],
          ["lead_singer", "vocalist", "band_members"], "the lead singer of a band"),
     _rel("band_origin", "band", "city", ["the city {x} comes from", "the hometown of {x}"],
-         ["band_origin", "band_hometown"], "the city a band comes from"),
+         ["band_origin", "band_hometown"], "the city a band comes from", field="origin_city"),
     _rel("debut_album", "band", "album",
          ["the debut album of {x}", "the first album released by {x}"],
          ["debut_album", "first_release"], "the debut album of a band"),
     _rel("band_formed", "band", "modern_year", ["the year {x} was formed", "the formation year of {x}"],
-         ["band_formation", "band_history"], "the year a band was formed"),
+         ["band_formation", "band_history"], "the year a band was formed", field="formation_year"),
     _rel("music_genre", "band", "music_genre", ["the musical genre of {x}", "the style of music {x} plays"],
-         ["music_genre", "music_style"], "the musical genre of a band"),
+         ["music_genre", "music_style"], "the musical genre of a band", field="genre"),
     # university
     _rel("campus_city", "university", "city",
          ["the city where {x} is located", "the campus city of {x}"],
-         ["campus_location", "university_city"], "the city a university is in"),
+         ["campus_location", "university_city"], "the city a university is in", field="city"),
     _rel("university_founder", "university", "person",
          ["the founder of {x}", "the person who established {x}"],
-         ["university_founder", "academic_founder"], "the founder of a university"),
+         ["university_founder", "academic_founder"], "the founder of a university", field="founder"),
     _rel("university_founded", "university", "year",
          ["the year {x} was established", "the founding year of {x}"],
-         ["university_founding", "academic_history"], "the year a university was founded"),
+         ["university_founding", "academic_history"], "the year a university was founded", field="founding_year"),
     _rel("students", "university", "count",
          ["the number of students enrolled at {x}", "the student enrollment of {x}"],
-         ["enrollment", "student_count"], "the number of students of a university"),
+         ["enrollment", "student_count"], "the number of students of a university", field="student_count"),
     _rel("mascot", "university", "animal", ["the mascot of {x}", "the animal mascot of {x}"],
          ["mascot", "university_mascot"], "the mascot of a university"),
     # team
     _rel("home_stadium", "team", "stadium", ["the home stadium of {x}", "the stadium where {x} plays"],
-         ["home_stadium", "team_venue"], "the home stadium of a team"),
+         ["home_stadium", "team_venue"], "the home stadium of a team", field="stadium"),
     _rel("head_coach", "team", "person", ["the head coach of {x}", "the person who coaches {x}"],
          ["head_coach", "coaching_staff"], "the head coach of a team"),
     _rel("championships", "team", "small_count",
          ["the number of championships won by {x}", "the number of titles {x} has won"],
          ["championship", "title_count", "trophy"], "the number of championships of a team"),
     _rel("team_colors", "team", "color", ["the main color of {x}", "the team color of {x}"],
-         ["team_colors", "team_identity"], "the main color of a team"),
+         ["team_colors", "team_identity"], "the main color of a team", field="main_color"),
     # stadium
     _rel("stadium_city", "stadium", "city", ["the city where {x} stands", "the city that is home to {x}"],
-         ["stadium_location", "venue_city"], "the city a stadium is in"),
+         ["stadium_location", "venue_city"], "the city a stadium is in", field="city"),
     _rel("capacity", "stadium", "count", ["the seating capacity of {x}", "the number of seats in {x}"],
-         ["stadium_capacity", "seating"], "the seating capacity of a stadium"),
+         ["stadium_capacity", "seating"], "the seating capacity of a stadium", field="seating_capacity"),
     _rel("stadium_opened", "stadium", "year", ["the year {x} opened", "the opening year of {x}"],
-         ["stadium_opening", "venue_history"], "the year a stadium opened"),
+         ["stadium_opening", "venue_history"], "the year a stadium opened", field="opening_year"),
     # museum
     _rel("famous_painting", "museum", "painting",
          ["the most famous painting in {x}", "the best-known painting displayed at {x}"],
          ["famous_painting", "museum_collection", "artwork_highlight"],
          "the most famous painting of a museum"),
     _rel("museum_city", "museum", "city", ["the city that hosts {x}", "the city where {x} is found"],
-         ["museum_location", "museum_city"], "the city a museum is in"),
+         ["museum_location", "museum_city"], "the city a museum is in", field="city"),
     _rel("museum_opened", "museum", "year", ["the year {x} opened to the public", "the opening year of {x}"],
-         ["museum_opening", "museum_history"], "the year a museum opened"),
+         ["museum_opening", "museum_history"], "the year a museum opened", field="opening_year"),
     _rel("visitors", "museum", "count",
          ["the annual number of visitors to {x}", "the yearly attendance of {x}"],
-         ["visitor_statistics", "attendance"], "the yearly visitors of a museum"),
+         ["visitor_statistics", "attendance"], "the yearly visitors of a museum", field="annual_visitors"),
     # painting
     _rel("painter", "painting", "person", ["the painter of {x}", "the artist who painted {x}"],
          ["painter", "artwork_artist", "attribution"], "the painter of a painting"),
     _rel("painting_year", "painting", "year", ["the year {x} was completed", "the year {x} was painted"],
-         ["artwork_date", "painting_year"], "the year a painting was completed"),
+         ["artwork_date", "painting_year"], "the year a painting was completed", field="completion_year"),
     _rel("painting_medium", "painting", "medium", ["the medium of {x}", "the technique used for {x}"],
-         ["artwork_medium", "painting_technique"], "the medium of a painting"),
+         ["artwork_medium", "painting_technique"], "the medium of a painting", field="medium"),
     _rel("painting_value", "painting", "money", ["the estimated value of {x}", "the appraised value of {x}"],
-         ["artwork_valuation", "appraisal"], "the estimated value of a painting"),
+         ["artwork_valuation", "appraisal"], "the estimated value of a painting", field="estimated_value"),
     # river
     _rel("river_source", "river", "mountain",
          ["the mountain where {x} has its source", "the mountain {x} springs from"],
-         ["river_source", "headwaters"], "the mountain where a river rises"),
+         ["river_source", "headwaters"], "the mountain where a river rises", field="source_mountain"),
     _rel("river_mouth", "river", "lake", ["the lake into which {x} flows", "the lake fed by {x}"],
-         ["river_mouth", "drainage_basin"], "the lake a river flows into"),
+         ["river_mouth", "drainage_basin"], "the lake a river flows into", field="mouth_lake"),
     _rel("river_length", "river", "km", ["the length of {x}", "the total length of {x}"],
-         ["river_length", "river_measurement"], "the length of a river"),
+         ["river_length", "river_measurement"], "the length of a river", field="length"),
     # mountain
     _rel("mountain_country", "mountain", "country",
          ["the country where {x} stands", "the country that contains {x}"],
-         ["mountain_country", "peak_location"], "the country a mountain is in"),
+         ["mountain_country", "peak_location"], "the country a mountain is in", field="country"),
     _rel("mountain_height", "mountain", "meters", ["the height of {x}", "the summit elevation of {x}"],
-         ["mountain_height", "peak_elevation"], "the height of a mountain"),
+         ["mountain_height", "peak_elevation"], "the height of a mountain", field="height"),
     _rel("first_climber", "mountain", "person",
          ["the first person to climb {x}", "the mountaineer who first reached the top of {x}"],
          ["first_ascent", "mountaineering_record"], "the first person to climb a mountain"),
@@ -418,14 +421,14 @@ _RELATIONS = (
          ["ascent_year", "climbing_history"], "the year a mountain was first climbed"),
     # lake
     _rel("lake_country", "lake", "country", ["the country where {x} lies", "the country that holds {x}"],
-         ["lake_country", "lake_location"], "the country a lake is in"),
+         ["lake_country", "lake_location"], "the country a lake is in", field="country"),
     _rel("endemic_species", "lake", "species",
          ["the rare plant that grows only around {x}", "the plant species endemic to {x}"],
          ["endemic_species", "lake_flora", "shoreline_botany"], "the plant species endemic to a lake"),
     _rel("lake_area", "lake", "area", ["the surface area of {x}", "the area covered by {x}"],
-         ["lake_area", "surface_area"], "the surface area of a lake"),
+         ["lake_area", "surface_area"], "the surface area of a lake", field="surface_area"),
     _rel("lake_depth", "lake", "depth", ["the maximum depth of {x}", "the greatest depth of {x}"],
-         ["lake_depth", "bathymetry"], "the maximum depth of a lake"),
+         ["lake_depth", "bathymetry"], "the maximum depth of a lake", field="max_depth"),
     # species
     _rel("discoverer", "species", "person",
          ["the botanist who discovered {x}", "the person who first described {x}"],
@@ -436,7 +439,7 @@ _RELATIONS = (
          ["bloom_color", "flower_traits"], "the flower color of a plant"),
     _rel("conservation", "species", "status",
          ["the conservation status of {x}", "the threat level of {x}"],
-         ["conservation_status", "red_list"], "the conservation status of a plant"),
+         ["conservation_status", "red_list"], "the conservation status of a plant", field="conservation_status"),
     # ship
     _rel("captain", "ship", "person", ["the captain of {x}", "the person in command of {x}"],
          ["ship_captain", "crew_roster"], "the captain of a ship"),
@@ -445,30 +448,30 @@ _RELATIONS = (
     _rel("launch_year", "ship", "year", ["the year {x} was launched", "the launch year of {x}"],
          ["ship_launch", "shipyard_record"], "the year a ship was launched"),
     _rel("tonnage", "ship", "tonnes", ["the gross tonnage of {x}", "the weight of {x}"],
-         ["tonnage", "vessel_specs"], "the gross tonnage of a ship"),
+         ["tonnage", "vessel_specs"], "the gross tonnage of a ship", field="gross_tonnage"),
     # festival
     _rel("host_city", "festival", "city", ["the city that hosts {x}", "the city where {x} is held"],
          ["festival_host", "event_location"], "the city hosting a festival"),
     _rel("festival_founder", "festival", "person", ["the founder of {x}", "the person who started {x}"],
-         ["festival_founder", "event_organizer"], "the founder of a festival"),
+         ["festival_founder", "event_organizer"], "the founder of a festival", field="founder"),
     _rel("festival_first", "festival", "year", ["the year {x} was first held", "the first year of {x}"],
-         ["festival_history", "inaugural_event"], "the year a festival was first held"),
+         ["festival_history", "inaugural_event"], "the year a festival was first held", field="first_year"),
     _rel("festival_month", "festival", "month", ["the month in which {x} takes place", "the month of {x}"],
-         ["festival_calendar", "event_schedule"], "the month a festival takes place"),
+         ["festival_calendar", "event_schedule"], "the month a festival takes place", field="month"),
     # dish
     _rel("dish_origin", "dish", "city", ["the city where {x} originated", "the hometown of {x}"],
-         ["dish_origin", "culinary_origin"], "the city a dish comes from"),
+         ["dish_origin", "culinary_origin"], "the city a dish comes from", field="origin_city"),
     _rel("main_ingredient", "dish", "ingredient",
          ["the main ingredient of {x}", "the key ingredient in {x}"],
          ["main_ingredient", "recipe", "ingredient_analyzer"], "the main ingredient of a dish"),
     _rel("dish_inventor", "dish", "person", ["the chef who invented {x}", "the cook who created {x}"],
-         ["dish_inventor", "culinary_history"], "the chef who invented a dish"),
+         ["dish_inventor", "culinary_history"], "the chef who invented a dish", field="inventor"),
     # language
     _rel("script", "language", "script", ["the writing system of {x}", "the script used to write {x}"],
-         ["writing_system", "script"], "the writing system of a language"),
+         ["writing_system", "script"], "the writing system of a language", field="writing_system"),
     _rel("speakers", "language", "population",
          ["the number of native speakers of {x}", "the number of people who speak {x} natively"],
-         ["speaker_count", "language_demographics"], "the number of native speakers of a language"),
+         ["speaker_count", "language_demographics"], "the number of native speakers of a language", field="native_speakers"),
     _rel("language_family", "language", "language_family",
          ["the language family of {x}", "the family {x} belongs to"],
          ["language_family", "linguistic_classification"], "the language family of a language"),
@@ -476,6 +479,8 @@ _RELATIONS = (
 RELATIONS: dict[str, Relation] = {r.key: r for r in _RELATIONS}
 RELATIONS_BY_SUBJECT: dict[str, tuple[Relation, ...]] = {
     t: tuple(r for r in _RELATIONS if r.subject == t) for t in ENTITY_TYPES}
+# (subject type, field label) -> relation: how a tool's selector value maps back to a fact.
+RELATION_BY_FIELD: dict[tuple[str, str], Relation] = {(r.subject, r.field): r for r in _RELATIONS}
 
 # Word lists for tool names: a stem plus one suffix, sometimes with the subject noun in front.
 TOOL_SUFFIXES = ("finder", "lookup", "retriever", "locator", "identifier", "tracker", "resolver",
@@ -493,6 +498,8 @@ def _check_schema() -> None:
                              "nor a value kind in world.VALUE_KINDS")
         if not all("{x}" in p for p in rel.phrases):
             raise ValueError(f"relation {rel.key!r}: every phrase needs a {{x}} placeholder")
+    if len(RELATION_BY_FIELD) != len(_RELATIONS):
+        raise ValueError("two relations of one subject type share a field label; make them unique")
 
 
 _check_schema()

@@ -179,12 +179,16 @@ def test_client_retries_transient_http_errors_and_reports_permanent_ones():
         assert len(server.requests) == 1
 
 
-def test_unreachable_endpoint_is_a_stage_error_naming_the_url():
+def test_unreachable_endpoint_stops_the_build_naming_the_url(tmp_path, capsys):
     with _ScriptedServer([]) as server:
         url = server.base_url
     author = LLMAuthor(ChatClient(url, transient_retries=0, timeout=2.0))
-    with pytest.raises(StageError, match="cannot reach http://127.0.0.1:.*check --base_url"):
+    with pytest.raises(ChatError, match="cannot reach http://127.0.0.1:.*check --base_url"):
         author.decompose("single_hop", Complexity(), random.Random(0))
+    code = build_envs.main(["--num=2", f"--out={tmp_path / 'x.jsonl'}", "--author=llm", f"--base_url={url}",
+                            "--workers=1", "--no_progress", "--author_threads=1", "--request_retries=0"])
+    assert code == 1 and "cannot reach" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 def test_extract_json_reads_fences_and_surrounding_text():

@@ -168,9 +168,16 @@ def test_each_strategy_level_grows_its_own_measure(field, levels):
 
 def test_functional_generalization_covers_more_queries_than_asked():
     envs = _environments("single_hop", Complexity(functional_generalization=3), 20)
+    world = ProceduralAuthor(world_seed=0).world
     for env in envs:
         answering = [t for t in env.tools if t.answered]
         assert all(len(t.cases) > len(t.answered) for t in answering)
+        for tool in answering:  # every extra query is a true fact of the world
+            (key_param, subject_type), = [(p, t.key) for t in world_lib.ENTITY_TYPES.values()
+                                          for p in tool.parameters["required"] if p == t.param]
+            for case in tool.cases:
+                relation = world_lib.RELATION_BY_FIELD[(subject_type, case.field)]
+                assert case.answer == world.fact(relation.key, case.arguments[key_param])
         namespace = _functions(env)
         for tool in answering:  # the extra queries are answered too
             for case in tool.cases:

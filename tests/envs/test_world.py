@@ -42,6 +42,10 @@ def test_schema_is_rich_enough():
         assert relations, f"entity type {type_key} has no relation"
     params = [t.param for t in world_lib.ENTITY_TYPES.values()]
     assert len(params) == len(set(params))
+    # Field labels repeat across types ("founding_year") but map back to one relation per type.
+    assert len(world_lib.RELATION_BY_FIELD) == len(world_lib.RELATIONS)
+    assert world_lib.RELATION_BY_FIELD[("city", "founding_year")].key == "city_founded"
+    assert world_lib.RELATION_BY_FIELD[("company", "founding_year")].key == "company_founded"
 
 
 def test_names_never_contain_the_parallel_answer_separator():
