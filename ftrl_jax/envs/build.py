@@ -80,7 +80,13 @@ def _string_values(value: Any) -> Iterator[str]:
 
 
 def validate(environment: Environment, outputs: Sequence[Sequence[str]]) -> str | None:
-    """The drop reason for an environment given its oracle outputs (aligned with oracle_plan), or None."""
+    """The drop reason for an environment given its oracle outputs (aligned with oracle_plan), or None.
+
+    Checks, in order: no call failed in the sandbox; the outputs of the chain ends contain
+    `answer` (FTRL match rule); every unsolved_set entry is matched by its tool's output (and
+    each call's output holds its sub-answer); every string argument could be known to the
+    caller from the question, an earlier turn's outputs, or the called tool's document.
+    """
     plan = environment.oracle_plan()
     flat = [(name, case, output) for turn, turn_outputs in zip(plan, outputs)
             for (name, case), output in zip(turn, turn_outputs)]
