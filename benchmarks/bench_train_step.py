@@ -1,0 +1,141 @@
+"""Training-step throughput and model-FLOP utilisation of the SFT and RL steps.
+
+For each preset (default: `tiny` and `smol-135m`) and each step (`sft`, `rl`), one jitted step
+on a batch of 8 x 256 tokens is compiled, run `--warmup` times, then timed over `--steps` runs.
+
+Model FLOPs per step = tokens x (6 x N + 12 x L x T x D): N = `ModelConfig.num_params` (embedding
+included: with tied embeddings the output head is the same matrix, and its matmul is real work),
+6 = forward + backward matmul FLOPs per parameter and token, 12 L T D = attention scores and
+values (forward + backward; the full T x T square, which is what the dense attention computes).
+Layer remat recomputes the forward pass, so the hardware does ~8 N per token; MFU counts model
+FLOPs only, as is usual. The peak is measured here: the best rate of a jitted float32
+`--peak-size`^3 matmul.
+
+    python -m benchmarks.bench_train_step [--presets tiny smol-135m] [--steps 3] [--batch 8] [--seq 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftrl_jax import models, parallel
+from ftrl_jax.optim import make_optimizer
+from ftrl_jax.rl.losses import LossConfig
+from ftrl_jax.rl.update import make_rl_step
+from ftrl_jax.sft import make_sft_step
+from ftrl_jax.train_state import create_train_state, shard_state
+
+
+def measure_matmul_peak(size: int, repeats: int = 5) -> float:
+    """Best FLOP/s of a jitted float32 [size, size] @ [size, size]."""
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(size, size)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(size, size)), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def model_flops_per_step(config: models.ModelConfig, batch: int, seq: int) -> float:
+    per_token = 6 * config.num_params + 12 * config.num_layers * seq * config.hidden_size
+    return float(batch * seq * per_token)
+
+
+def make_batch(config: models.ModelConfig, batch: int, seq: int, kind: str) -> dict[str, jax.Array]:
+    """Full-length rows; the first quarter is prompt (not trained on)."""
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, size=(batch, seq)), jnp.int32)
+    attention = jnp.ones((batch, seq), jnp.int32)
+    loss = attention.at[:, : seq // 4].set(0)
+    data = {"tokens": tokens, "attention_mask": attention, "loss_mask": loss}
+    if kind == "rl":
+        noise = lambda scale: jnp.asarray(rng.normal(scale=scale, size=(batch, seq)), jnp.float32)  # noqa: E731
+        data.update(old_logprobs=noise(0.1) - 5.0, ref_logprobs=noise(0.1) - 5.0, advantages=noise(1.0))
+    return data
+
+
+STEP_FACTORIES = {
+    "sft": lambda config, optimizer, mesh, args: make_sft_step(
+        config, optimizer, mesh, num_microbatches=args.microbatches, chunk_size=args.chunk_size, remat=args.remat),
+    "rl": lambda config, optimizer, mesh, args: make_rl_step(
+        config, optimizer, mesh, LossConfig(), num_microbatches=args.microbatches, chunk_size=args.chunk_size,
+        remat=args.remat),
+}
+
+
+def bench_one(preset: str, kind: str, args, peak: float) -> dict:
+    config = models.preset(preset)
+    devices = jax.devices()
+    mesh = parallel.make_mesh(data=len(devices))
+    optimizer = make_optimizer(1e-5, weight_decay=0.01)
+    params = jax.jit(models.init_params, static_argnums=0)(config, jax.random.PRNGKey(0))
+    state = shard_state(create_train_state(params, optimizer), mesh)
+    del params
+    batch = jax.device_put(make_batch(config, args.batch, args.seq, kind), parallel.batch_sharding(mesh))
+    step = STEP_FACTORIES[kind](config, optimizer, mesh, args)
+
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_and_first = time.perf_counter() - start
+    for _ in range(args.warmup):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    step_time = float(np.median(times))
+    flops = model_flops_per_step(config, args.batch, args.seq)
+    return {
+        "preset": preset, "step": kind, "params_m": config.num_params / 1e6, "compile_s": compile_and_first,
+        "step_s": step_time, "tokens_per_s": args.batch * args.seq / step_time, "model_gflop": flops / 1e9,
+        "gflops": flops / step_time / 1e9, "mfu": flops / step_time / peak, "loss": float(metrics["loss"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "smol-135m"])
+    parser.add_argument("--kinds", nargs="+", default=list(STEP_FACTORIES), choices=list(STEP_FACTORIES))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the compiling one")
+    parser.add_argument("--microbatches", type=int, default=1)
+    parser.add_argument("--chunk-size", type=int, default=128)
+    parser.add_argument("--no-remat", dest="remat", action="store_false")
+    parser.add_argument("--peak-size", type=int, default=2048)
+    args = parser.parse_args()
+
+    devices = jax.devices()
+    peak = measure_matmul_peak(args.peak_size)
+    print(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); "
+          f"measured f32 matmul peak ({args.peak_size}^3): {peak / 1e9:.1f} GFLOP/s")
+    print(f"batch {args.batch} x {args.seq} tokens, micro-batches {args.microbatches}, chunk {args.chunk_size}, "
+          f"remat {args.remat}; median of {args.steps} timed steps after {args.warmup} warm-up\n")
+    print("| preset | step | params (M) | compile + 1st step (s) | step (s) | tokens/s | model GFLOP/step "
+          "| achieved GFLOP/s | MFU |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for preset in args.presets:
+        for kind in args.kinds:
+            r = bench_one(preset, kind, args, peak)
+            print(f"| {r['preset']} | {r['step']} | {r['params_m']:.1f} | {r['compile_s']:.1f} | {r['step_s']:.3f} "
+                  f"| {r['tokens_per_s']:.0f} | {r['model_gflop']:.0f} | {r['gflops']:.1f} | {r['mfu']:.1%} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
