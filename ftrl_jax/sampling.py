@@ -57,12 +57,6 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
-def _attention_mask(key_valid: jax.Array, query_slots: jax.Array) -> jax.Array:
-    """[B, T, S]: a query at slot q sees valid keys at slots <= q."""
-    slots = jnp.arange(key_valid.shape[-1])
-    return key_valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
-
-
 def _select(logits: jax.Array, rng: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
     """Picks next tokens from float32 logits [B, V]; returns (token, its log-prob under the sampled distribution)."""
     if sp.temperature <= 0.0:
@@ -101,8 +95,10 @@ def _prefill(config: ModelConfig, params: Params, tokens: jax.Array, prompt_mask
     cache = init_cache(config, b, p + max_new_bucket)
     key_valid = jnp.zeros((b, p + max_new_bucket), bool).at[:, :p].set(prompt_mask.astype(bool))
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
-    mask = _attention_mask(key_valid, jnp.arange(p))
-    hidden, cache = forward_with_cache(config, params, tokens, positions, mask, cache, jnp.int32(0))
+    prompt_valid = prompt_mask.astype(bool)
+    mask = jnp.tril(jnp.ones((p, p), bool))[None] & prompt_valid[:, None, :]
+    # Nothing is cached yet: the prompt attends only to itself, and its keys/values fill the first slots.
+    hidden, cache = forward_with_cache(config, params, tokens, positions, mask, cache, jnp.int32(0), None)
     rng, sub = jax.random.split(rng)
     token, logp = _select(_logits_at(config, params, hidden[:, -1]), sub, sp)
     stop = jnp.asarray(sp.stop_token_ids or (-1,), jnp.int32)
@@ -125,10 +121,11 @@ def _decode(config: ModelConfig, params: Params, state: DecodeState, max_new_tok
 
     def body(s: DecodeState) -> DecodeState:
         slot = prompt_len + s.step - 1  # cache slot of the token being fed
+        b = s.last_token.shape[0]
+        # The fed token sees the earlier valid slots and itself.
+        hidden, cache = forward_with_cache(config, params, s.last_token[:, None], s.next_pos[:, None],
+                                           jnp.ones((b, 1, 1), bool), s.cache, slot, s.key_valid[:, None, :])
         key_valid = s.key_valid.at[:, slot].set(True)
-        mask = _attention_mask(key_valid, slot[None])
-        hidden, cache = forward_with_cache(config, params, s.last_token[:, None], s.next_pos[:, None], mask,
-                                           s.cache, slot)
         rng, sub = jax.random.split(s.rng)
         token, logp = _select(_logits_at(config, params, hidden[:, 0]), sub, sp)
         token = jnp.where(s.done, 0, token).astype(jnp.int32)

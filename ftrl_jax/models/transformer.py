@@ -28,14 +28,17 @@ Params = Any  # a nested dict of arrays
 
 
 class KVCache(NamedTuple):
-    """Static-shape key/value cache, one slab per layer: `k`, `v` are [L, B, S, K, hd]."""
+    """Static-shape key/value cache, one slab per layer: `k`, `v` are [L, B, K, S, hd].
+
+    Heads before slots, so attention over the cache is a batched matmul with no transpose of the cache.
+    """
 
     k: jax.Array
     v: jax.Array
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
-    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
     dtype = dtype or dtype_from_name(config.dtype)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
@@ -104,15 +107,26 @@ def _dense(config: ModelConfig, features: int, use_bias: bool, name: str) -> nn.
     )
 
 
+def _scores(q: jax.Array, k: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """q [B, K, G*T, hd], k [B, K, S, hd], mask [B, T, S] -> float32 scores [B, K, G, T, S]."""
+    b, kv, gt, _ = q.shape
+    t = mask.shape[1]
+    scores = jnp.einsum("bkqh,bksh->bkqs", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    scores = scores.reshape(b, kv, gt // t, t, -1)
+    # A finite fill keeps fully masked rows (padding queries) free of NaN.
+    return jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+
+
 class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache, cache_index):
-        """x [B, T, D]; mask [B, T, S] (True = may attend).
+    def __call__(self, x, cos, sin, mask, cache, cache_mask):
+        """x [B, T, D]; mask [B, T, T] among the new tokens (True = may attend).
 
-        `cache` is None or (k, v, layer) with the whole stack's k/v [L, B, S, K, hd]: the new entries are
-        written in place at (layer, cache_index) so no per-step copy of a cache slab is made.
+        With a cache, the new tokens also attend to this layer's cached keys/values `cache` = (k, v),
+        each [B, K, S, hd], where `cache_mask` [B, T, S] allows it (None: the cache is empty, skip it). The cache is only read here: the new
+        keys/values are returned and the caller writes all layers' at once, in place.
         """
         c = self.config
         b, t, _ = x.shape
@@ -125,28 +139,28 @@ class Attention(nn.Module):
             k = RMSNorm(c.rms_norm_eps, pdt, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if cache is not None:
-            # Write this step's keys/values and attend over this layer's whole static cache.
-            k_all, v_all, layer = cache
-            zero = jnp.zeros((), jnp.int32)
-            start = (layer, zero, cache_index, zero, zero)
-            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
-            k, v = k_all[layer], v_all[layer]
-            new_cache = (k_all, v_all, layer)
-        else:
-            new_cache = None
-
         groups = c.num_heads // c.num_kv_heads
-        q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(c.head_dim)
-        # A finite fill keeps fully masked rows (padding queries) free of NaN.
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        # [B, K, G*T, hd]: query heads of one kv group side by side, so each attention is one matmul.
+        q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim).transpose(0, 2, 3, 1, 4)
+        q = q.reshape(b, c.num_kv_heads, groups * t, c.head_dim)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, hd]
+        scale = 1.0 / math.sqrt(c.head_dim)
+        scores = _scores(q, k, mask, scale)
+        use_cache = cache is not None and cache_mask is not None
+        if use_cache:
+            k_cache, v_cache = cache
+            scores = jnp.concatenate([_scores(q, k_cache, cache_mask, scale), scores], axis=-1)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(probs.dtype))
+        probs = probs.reshape(b, c.num_kv_heads, groups * t, -1)
+        if use_cache:
+            s = k_cache.shape[2]
+            out = (jnp.einsum("bkqs,bksh->bkqh", probs[..., :s], v_cache.astype(probs.dtype))
+                   + jnp.einsum("bkqs,bksh->bkqh", probs[..., s:], v))
+        else:
+            out = jnp.einsum("bkqs,bksh->bkqh", probs, v)
+        out = out.reshape(b, c.num_kv_heads, groups, t, c.head_dim).transpose(0, 3, 1, 2, 4)
         out = out.reshape(b, t, c.num_heads * c.head_dim)
-        return _dense(c, c.hidden_size, False, "o_proj")(out), new_cache
+        return _dense(c, c.hidden_size, False, "o_proj")(out), (k, v)
 
 
 class MLP(nn.Module):
@@ -164,19 +178,16 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, cos, sin, mask, cache_index):
-        """carry = (x [B, T, D], cache (k, v, layer) or None); the cache rides the carry to stay in place."""
-        x, cache = carry
+    def __call__(self, x, cache, cos, sin, mask, cache_mask):
+        """One block; `cache` is this layer's (k, v) slab or None. Returns (x, this step's new (k, v))."""
         c = self.config
         pdt = dtype_from_name(c.param_dtype)
-        h, cache = Attention(c, name="self_attn")(
-            RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(x), cos, sin, mask, cache, cache_index
+        h, new_kv = Attention(c, name="self_attn")(
+            RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(x), cos, sin, mask, cache, cache_mask
         )
         x = x + h
         x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(x))
-        if cache is not None:
-            cache = (cache[0], cache[1], cache[2] + 1)
-        return (x, cache), None
+        return x, new_kv
 
 
 class Decoder(nn.Module):
@@ -187,25 +198,31 @@ class Decoder(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, positions, mask, cache: KVCache | None, cache_index):
+    def __call__(self, input_ids, positions, mask, cache: KVCache | None = None, cache_index=0, cache_mask=None):
         c = self.config
         pdt = dtype_from_name(c.param_dtype)
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype_from_name(c.dtype), param_dtype=pdt,
                          embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
         x = embed(input_ids)
         cos, sin = rope_tables(c, positions)
-        layer_cache = None if cache is None else (cache.k, cache.v, jnp.zeros((), jnp.int32))
+        # Each layer reads its cache slab as a scan input and emits its new k/v as a scan output; the
+        # writes happen once, after the scan, so the cache is never copied layer by layer.
         stack = nn.scan(
             nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
         )
-        (x, layer_cache), _ = stack(c, name="layers")((x, layer_cache), cos, sin, mask, cache_index)
+        slabs = None if cache is None else (cache.k, cache.v)
+        x, (new_k, new_v) = stack(c, name="layers")(x, slabs, cos, sin, mask, cache_mask)
         x = RMSNorm(c.rms_norm_eps, pdt, name="norm")(x)
-        new_cache = None if cache is None else KVCache(layer_cache[0], layer_cache[1])
-        return x, new_cache
+        if cache is None:
+            return x, None
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero, zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
+        return x, KVCache(jax.lax.dynamic_update_slice(cache.k, new_k.astype(cache.k.dtype), start),
+                          jax.lax.dynamic_update_slice(cache.v, new_v.astype(cache.v.dtype), start))
 
 
 # ---------------------------------------------------------------------------- pure functions
@@ -218,7 +235,7 @@ def init_params(config: ModelConfig, rng: jax.Array) -> Params:
     """Random parameters (normal(0.02) weights, unit norms, zero biases)."""
     ids = jnp.zeros((1, 1), jnp.int32)
     mask = jnp.ones((1, 1, 1), bool)
-    variables = jax.jit(_decoder(config).init)(rng, ids, ids, mask, None, 0)
+    variables = jax.jit(_decoder(config).init)(rng, ids, ids, mask)
     params = dict(variables["params"])
     if not config.tie_word_embeddings:
         head = nn.initializers.normal(0.02)(jax.random.fold_in(rng, 7), (config.hidden_size, config.vocab_size),
@@ -254,7 +271,6 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: jax.Array,
     decoder_params = {k: v for k, v in params.items() if k != "lm_head"}
     h, _ = _decoder(config, remat).apply(
         {"params": decoder_params}, input_ids, positions_from_mask(attention_mask), causal_mask(attention_mask),
-        None, 0,
     )
     return h
 
@@ -271,11 +287,14 @@ def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
 
 
 def forward_with_cache(config: ModelConfig, params: Params, input_ids: jax.Array, positions: jax.Array,
-                       mask: jax.Array, cache: KVCache, cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
+                       mask: jax.Array, cache: KVCache, cache_index: jax.Array, cache_mask: jax.Array | None
+                       ) -> tuple[jax.Array, KVCache]:
     """One prefill or decode step against a static cache.
 
-    input_ids/positions [B, T]; mask [B, T, S] over cache slots; the T new keys/values are written at
-    `cache_index`. Returns final hidden states [B, T, D] and the updated cache.
+    input_ids/positions [B, T]; `mask` [B, T, T] among the new tokens; `cache_mask` [B, T, S] over the
+    cached slots they may see (None when the cache holds nothing yet, as in prefill). The T new keys/values are written at slots `cache_index...`. Returns final
+    hidden states [B, T, D] and the updated cache.
     """
     decoder_params = {k: v for k, v in params.items() if k != "lm_head"}
-    return _decoder(config).apply({"params": decoder_params}, input_ids, positions, mask, cache, cache_index)
+    return _decoder(config).apply({"params": decoder_params}, input_ids, positions, mask, cache, cache_index,
+                                  cache_mask)
