@@ -37,7 +37,7 @@ def _mesh():
 
 # Plain SGD: the update is the gradient itself, so equal updates mean equal gradients (Adam's first
 # step is ~lr * sign(g), which would magnify rounding noise). AdamW runs in the 8-device check.
-OPTIMIZER = optax.sgd(0.2)
+OPTIMIZER = optax.sgd(0.1)
 
 
 @functools.lru_cache(maxsize=None)
