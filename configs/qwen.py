@@ -31,30 +31,31 @@ def _base() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"        # architecture when no checkpoint path is given
+    c.model.overrides = ""         # ModelConfig fields replaced on the preset, e.g. "num_layers=2,hidden_size=128"
     c.model.path = ""              # local Hugging Face checkpoint directory (real presets)
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"      # compute dtype; bfloat16 on accelerators
     c.model.template = "qwen2.5"   # chat template: qwen2.5 | qwen3
     c.model.enable_thinking = False
-    c.model.remat = True
+    c.model.remat = False          # recompute activations in backward (on for large models)
 
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.vocab_size = 4096  # embedded tokenizer only; a checkpoint brings its own
+    c.tokenizer.vocab_size = 2048  # embedded tokenizer only; a checkpoint brings its own
 
     c.envs = ml_collections.ConfigDict()
     c.envs.author = "procedural"
     c.envs.num_train = 512
-    c.envs.num_eval = 96
+    c.envs.num_eval = 64
     c.envs.scenarios = "single_hop,parallel_single_hop,multi_hop,parallel_multi_hop"
     c.envs.complexity = "low"
     c.envs.train_file = ""         # optional sample-format file instead of building
     c.envs.eval_file = ""
 
     c.warmup = ml_collections.ConfigDict()
-    c.warmup.num_steps = 300
-    c.warmup.batch_size = 16
+    c.warmup.num_steps = 150
+    c.warmup.batch_size = 8
     c.warmup.learning_rate = 2e-3
-    c.warmup.max_len = 512
+    c.warmup.max_len = 768
     c.warmup.fraction_of_envs = 0.5  # oracle trajectories of this share of train envs (leaves room for RL)
 
     c.rollout = ml_collections.ConfigDict()
@@ -68,9 +69,9 @@ def _base() -> ml_collections.ConfigDict:
     c.rl = ml_collections.ConfigDict()
     c.rl.algorithm = "grpo"        # advantage estimator: grpo | reinforce_pp | any registered name
     c.rl.mode = "step"             # step: FTRL's per-turn prompts; trajectory: whole multi-turn episodes
-    c.rl.num_steps = 40
-    c.rl.prompts_per_step = 16
-    c.rl.num_rollouts = 8          # group size n
+    c.rl.num_steps = 30
+    c.rl.prompts_per_step = 8
+    c.rl.num_rollouts = 4          # group size n
     c.rl.refresh_every = 4         # collect fresh RL prompts from the current policy every k steps
     c.rl.reward_kind = "f1"        # f1 | precision | rate | pr
     c.rl.learning_rate = 2e-4
@@ -115,6 +116,7 @@ def _paper(name: str) -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     c.model.template = template
     c.model.enable_thinking = thinking
+    c.model.remat = True
     c.envs.num_train = 2048
     c.envs.num_eval = 200
     c.envs.complexity = "high"

@@ -206,8 +206,9 @@ def _qwen3(hidden, inter, layers, heads, kv, tied) -> dict[str, Any]:
 
 # Real shapes of the released checkpoints, plus `tiny` (the embedded default for CPU runs).
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(model_type="qwen2", vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=4,
-                 num_heads=4, num_kv_heads=2, head_dim=64, rope_theta=10000.0, rms_norm_eps=1e-6,
+    # Sized for CPU: RL on it (sampling + updates) must fit a 15-minute run on 2 cores.
+    "tiny": dict(model_type="qwen2", vocab_size=2048, hidden_size=256, intermediate_size=640, num_layers=4,
+                 num_heads=4, num_kv_heads=1, head_dim=64, rope_theta=10000.0, rms_norm_eps=1e-6,
                  tie_word_embeddings=True, attention_bias=True, max_position_embeddings=4096),
     # SmolLM2-135M shape: the mid-size benchmark model.
     "smol-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
