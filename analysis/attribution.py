@@ -1,0 +1,526 @@
+"""Restore-based attribution: which parameter groups carry the RL gain, tested by running the model.
+
+`analysis.layer_deltas` measures where RL moved the parameters; this tests whether those moves matter.
+It evaluates (greedy, multi-turn, as `ftrl_jax.evaluation.evaluate` with `LocalPolicy`):
+
+    python -m analysis.attribution --base=DIR --tuned=DIR --data=PATH --out=OUT \\
+        [--limit=N] [--max_turns=T] [--max_new_tokens=K] [--groups=mlp_lower,...] [--tokenizer=DIR]
+
+- `base` and `tuned` themselves;
+- `restore:<group>`: the tuned policy with one parameter group put back to its base values;
+- `graft:<group>`: the base policy with only that group taken from the tuned one;
+
+for the groups of `GROUPS`: the MLP (`layers/mlp/*`) and the attention (`layers/self_attn/*`, its biases
+and q/k norms included) of the lower, middle and upper third of the decoder layers (the thirds of
+`analysis.layer_deltas.depth_of`), and all MLP / all attention. Embeddings, norms outside attention and
+the output head always stay with the policy being evaluated. Each variant reports Solve-P / Solve-R /
+Solve-F1 (the average over scenario types, as the paper's table; the mean over episodes when the data
+has no scenario types) and the share of the RL gain it keeps,
+
+    gain_kept = (F1_variant - F1_base) / (F1_tuned - F1_base),
+
+which is undefined (left empty, and said so) when |F1_tuned - F1_base| < --min_gain. If the lower-layer
+MLP carries the gain, as the FTRL paper argues, `restore:mlp_lower` keeps little of it and
+`graft:mlp_lower` much.
+
+Memory: both checkpoints are held on the host in their stored dtype (a bf16 7B pair is about 30 GB, never
+a float32 copy), and each variant is made by exchanging the group's layer slices between the two trees in
+place. One exchange turns the tuned tree into `restore:<group>` and the base tree into `graft:<group>`;
+the same exchange again puts both back. The accelerator holds one variant at a time.
+
+Writes OUT/attribution.csv, OUT/attribution.json, OUT/attribution.md and OUT/attribution.png. Inputs are
+any checkpoints `analysis.checkpoints` reads (Hugging Face directories, main-job orbax checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from analysis.checkpoints import TensorSource, open_checkpoint
+from analysis.layer_deltas import DEPTHS, CheckpointWarning, check_same_architecture, depth_ranges
+from ftrl_jax import parallel
+from ftrl_jax.envs.samples import Sample, read_samples
+from ftrl_jax.envs.sandbox import Sandbox
+from ftrl_jax.evaluation import METRICS, evaluate
+from ftrl_jax.models import ModelConfig
+from ftrl_jax.models.checkpoint_io import flatten_params, unflatten_params
+from ftrl_jax.rollout import LocalPolicy
+from ftrl_jax.tokenizer import load_tokenizer
+
+CSV_COLUMNS = ("variant", "direction", "group", "layers", "num_params", *METRICS, "gain_kept", "note")
+DEFAULT_MIN_GAIN = 1e-3  # a tenth of a Solve-F1 point: below it the gain is noise and its share meaningless
+
+# Module kind -> the prefix of its parameters in the stacked tree (layer axis first).
+MODULE_PREFIXES: dict[str, str] = {"mlp": "layers/mlp/", "attention": "layers/self_attn/"}
+
+# Chat template by model family when --template is not given.
+TEMPLATE_BY_MODEL_TYPE: dict[str, str] = {"qwen2": "qwen2.5", "qwen3": "qwen3", "llama": "qwen2.5"}
+
+# Direction -> what its variants are.
+DIRECTIONS: dict[str, str] = {
+    "restore": "tuned with the group put back to base",
+    "graft": "base with only the group taken from tuned",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroup:
+    """One module kind (a key of MODULE_PREFIXES) in one depth third, or in every layer (depth None)."""
+
+    module: str
+    depth: str | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}_{self.depth or 'all'}"
+
+    def layer_range(self, num_layers: int) -> tuple[int, int] | None:
+        """[first, last + 1) of the group's layers, or None when its third has no layers (under 3 layers)."""
+        if self.depth is None:
+            return (0, num_layers) if num_layers > 0 else None
+        span = depth_ranges(num_layers)[self.depth]
+        return None if span is None else (span[0], span[1] + 1)
+
+    def slices(self, flat: Mapping[str, Any], num_layers: int) -> dict[str, slice]:
+        """{parameter path: slice of its layer axis} that the group covers in the flat tree `flat`."""
+        span = self.layer_range(num_layers)
+        if span is None:
+            return {}
+        prefix = MODULE_PREFIXES[self.module]
+        return {path: slice(*span) for path in flat if path.startswith(prefix)}
+
+
+GROUPS: dict[str, ParamGroup] = {
+    g.name: g for g in [ParamGroup(m, d) for m in MODULE_PREFIXES for d in DEPTHS]
+    + [ParamGroup(m, None) for m in MODULE_PREFIXES]
+}
+
+
+# ---------------------------------------------------------------------------- variants as pure functions
+
+def num_layers_of(flat: Mapping[str, Any]) -> int:
+    """The length of the layer axis shared by every `layers/...` parameter."""
+    lengths = {path: np.shape(value)[0] for path, value in flat.items() if path.startswith("layers/")}
+    if not lengths:
+        raise ValueError("the parameter tree has no 'layers/...' entries; expected the stacked decoder tree")
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"'layers/...' parameters disagree on the number of layers: {lengths}")
+    return next(iter(lengths.values()))
+
+
+def _check_pair(params: Mapping[str, Any], donor: Mapping[str, Any]) -> None:
+    if params.keys() != donor.keys():
+        raise ValueError(f"the two parameter trees differ in paths: only in one {sorted(params.keys() ^ donor.keys())}")
+    for path in params:
+        if np.shape(params[path]) != np.shape(donor[path]):
+            raise ValueError(f"parameter {path!r} has shape {np.shape(params[path])} in one tree and "
+                             f"{np.shape(donor[path])} in the other; the checkpoints are not the same architecture")
+
+
+def _covered(flat: Mapping[str, Any], groups: Sequence[ParamGroup]) -> dict[str, list[slice]]:
+    num_layers = num_layers_of(flat)
+    covered: dict[str, list[slice]] = {}
+    for group in groups:
+        for path, layers in group.slices(flat, num_layers).items():
+            covered.setdefault(path, []).append(layers)
+    return covered
+
+
+def _with_slices(target: Any, donor: Any, layer_slices: Sequence[slice]) -> Any:
+    """`target` with the given layer slices taken from `donor` (a new array; numpy or JAX alike)."""
+    if isinstance(target, np.ndarray):
+        out = target.copy()
+        for layers in layer_slices:
+            out[layers] = donor[layers]
+        return out
+    for layers in layer_slices:
+        target = target.at[layers].set(donor[layers].astype(target.dtype))
+    return target
+
+
+def swap_groups(params: Mapping[str, Any], donor: Mapping[str, Any], groups: Sequence[ParamGroup]) -> Any:
+    """`params` with the parameters of `groups` taken from `donor` (pure: neither input changes).
+
+    Both are parameter trees of one architecture, nested as the model uses them or flat ({'a/b': x});
+    the result has the same form as `params`. Leaves outside the groups are the very objects of `params`;
+    a leaf a group covers is copied once. `swap_groups(tuned, base, [g])` is tuned with g restored to base;
+    `swap_groups(base, tuned, [g])` is base with only g from tuned.
+    """
+    nested = any(isinstance(v, Mapping) for v in params.values())
+    flat, flat_donor = (flatten_params(params), flatten_params(donor)) if nested else (dict(params), dict(donor))
+    _check_pair(flat, flat_donor)
+    for path, layer_slices in _covered(flat, groups).items():
+        flat[path] = _with_slices(flat[path], flat_donor[path], layer_slices)
+    return unflatten_params(flat) if nested else flat
+
+
+def exchange_groups(a: dict[str, np.ndarray], b: dict[str, np.ndarray], groups: Sequence[ParamGroup]) -> int:
+    """Exchanges the groups' layer slices between two flat numpy trees in place; returns the values moved.
+
+    Afterwards `a` is `swap_groups(a, b, groups)` and `b` is `swap_groups(b, a, groups)` of the trees
+    before; calling it again with the same groups restores both. Extra memory: one layer slice at a time.
+    """
+    _check_pair(a, b)
+    moved = 0
+    for path, layer_slices in _covered(a, groups).items():
+        if a[path].dtype != b[path].dtype:
+            raise ValueError(f"parameter {path!r} is {a[path].dtype} in one tree and {b[path].dtype} in the other; "
+                             "an in-place exchange needs one dtype (convert the narrower first)")
+        # Overlapping groups must not exchange a layer twice (which would undo it).
+        layers = sorted({i for s in layer_slices for i in range(*s.indices(a[path].shape[0]))})
+        for i in layers:
+            held = a[path][i].copy()
+            a[path][i] = b[path][i]
+            b[path][i] = held
+            moved += held.size
+    return moved
+
+
+def gain_kept(f1_variant: float, f1_base: float, f1_tuned: float, min_gain: float = DEFAULT_MIN_GAIN) -> float | None:
+    """(F1_variant - F1_base) / (F1_tuned - F1_base), or None when |F1_tuned - F1_base| < min_gain."""
+    gain = f1_tuned - f1_base
+    if not abs(gain) >= min_gain:
+        return None
+    return (f1_variant - f1_base) / gain
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+@dataclasses.dataclass
+class VariantResult:
+    """One evaluated (or skipped) variant."""
+
+    variant: str
+    direction: str           # reference | restore | graft
+    group: str               # a GROUPS name, or "" for the references
+    layers: str              # e.g. "0-9", "all", "" (references), "none" (empty third)
+    num_params: int          # values exchanged with the other checkpoint
+    metrics: dict[str, float] | None
+    per_source: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    gain_kept: float | None = None
+    note: str = ""
+    seconds: float = 0.0
+
+
+def headline_metrics(report) -> tuple[dict[str, float], str]:
+    """(Solve-P/R/F1, what they average): the scenario-type average, else the mean over episodes."""
+    if report.scenario_average:
+        return {m: float(report.scenario_average[m]) for m in METRICS}, "average over scenario types"
+    episodes = report.episodes
+    return ({m: float(np.mean([e[m] for e in episodes])) if episodes else 0.0 for m in METRICS},
+            "mean over episodes (the data has no scenario-type data_source)")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """How every variant is evaluated (identical for all, so they compare)."""
+
+    max_turns: int = 20
+    max_new_tokens: int = 256
+    max_prompt_tokens: int | None = None
+    template: str | None = None       # None: from the model type (TEMPLATE_BY_MODEL_TYPE)
+    enable_thinking: bool = False
+    dtype: str | None = None          # compute dtype; None: the checkpoint's
+
+
+class Evaluator:
+    """Evaluates flat host parameter trees on fixed samples with a greedy LocalPolicy on a mesh of all devices."""
+
+    def __init__(self, config: ModelConfig, tokenizer: Any, samples: Sequence[Sample], settings: EvalSettings,
+                 sandbox: Sandbox):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.samples = list(samples)
+        self.settings = settings
+        self.sandbox = sandbox
+        self.template = settings.template or TEMPLATE_BY_MODEL_TYPE.get(config.model_type, "qwen2.5")
+        # Parameters split over every device (tensor axis), prompts not split: variants are few and small batches.
+        self.mesh = parallel.make_mesh(1, 1, jax.device_count())
+        self.basis = ""
+
+    def __call__(self, flat: Mapping[str, np.ndarray]):
+        params = parallel.shard_params(unflatten_params(dict(flat)), self.mesh)
+        s = self.settings
+        policy = LocalPolicy(self.config, params, self.tokenizer, template=self.template,
+                             enable_thinking=s.enable_thinking, max_new_tokens=s.max_new_tokens,
+                             max_prompt_tokens=s.max_prompt_tokens, temperature=0.0,
+                             data_sharding=parallel.batch_sharding(self.mesh) if self.mesh.size > 1 else None)
+        report = evaluate(policy, self.samples, max_turns=s.max_turns, sandbox=self.sandbox)
+        del policy, params  # the device copy goes before the host trees are exchanged again
+        metrics, self.basis = headline_metrics(report)
+        return metrics, report.per_source
+
+
+def _layers_label(group: ParamGroup, num_layers: int) -> str:
+    span = group.layer_range(num_layers)
+    if span is None:
+        return "none"
+    first, last = span[0], span[1] - 1
+    return "all" if span == (0, num_layers) else str(first) if first == last else f"{first}-{last}"
+
+
+def attribute(base: dict[str, np.ndarray], tuned: dict[str, np.ndarray], evaluate_params, groups: Sequence[ParamGroup],
+              *, min_gain: float = DEFAULT_MIN_GAIN, log=print) -> list[VariantResult]:
+    """Evaluates base, tuned and every group's restore and graft variant; `base`/`tuned` are exchanged in place
+    while a variant is evaluated and are as given again on return. `evaluate_params(flat) -> (metrics, per_source)`."""
+    num_layers = num_layers_of(tuned)
+
+    def timed(flat):
+        started = time.perf_counter()
+        metrics, per_source = evaluate_params(flat)
+        return metrics, per_source, time.perf_counter() - started
+
+    results = []
+    for name, flat in (("base", base), ("tuned", tuned)):
+        metrics, per_source, seconds = timed(flat)
+        results.append(VariantResult(name, "reference", "", "", 0, metrics, per_source, seconds=seconds))
+        log(f"{name:<22} Solve-F1 {metrics['solve_f1']:.4f}  ({seconds:.1f} s)")
+    for group in groups:
+        label = _layers_label(group, num_layers)
+        if group.layer_range(num_layers) is None:
+            note = f"skipped: a {num_layers}-layer model has no {group.depth} third"
+            results += [VariantResult(f"{d}:{group.name}", d, group.name, label, 0, None, note=note) for d in DIRECTIONS]
+            log(f"{group.name:<22} {note}")
+            continue
+        moved = exchange_groups(tuned, base, [group])  # tuned -> restore variant, base -> graft variant
+        try:
+            for direction, flat in (("restore", tuned), ("graft", base)):
+                metrics, per_source, seconds = timed(flat)
+                results.append(VariantResult(f"{direction}:{group.name}", direction, group.name, label, moved,
+                                             metrics, per_source, seconds=seconds))
+                log(f"{direction + ':' + group.name:<22} Solve-F1 {metrics['solve_f1']:.4f}  ({seconds:.1f} s)")
+        finally:
+            exchange_groups(tuned, base, [group])
+    add_gain_shares(results, min_gain)
+    return results
+
+
+def add_gain_shares(results: list[VariantResult], min_gain: float = DEFAULT_MIN_GAIN) -> None:
+    """Fills `gain_kept` (and a note when it is undefined) from the base and tuned references."""
+    by_name = {r.variant: r for r in results}
+    f1_base, f1_tuned = by_name["base"].metrics["solve_f1"], by_name["tuned"].metrics["solve_f1"]
+    undefined = (f"undefined: the RL gain F1_tuned - F1_base = {f1_tuned - f1_base:+.4g} is below "
+                 f"--min_gain={min_gain:g} in size")
+    for r in results:
+        if r.metrics is None:
+            continue
+        r.gain_kept = gain_kept(r.metrics["solve_f1"], f1_base, f1_tuned, min_gain)
+        if r.gain_kept is None:
+            r.note = "; ".join(n for n in (r.note, undefined) if n)
+
+
+# ---------------------------------------------------------------------------- files
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def write_csv(results: Sequence[VariantResult], path: str) -> None:
+    """variant,direction,group,layers,num_params,solve_precision,solve_rate,solve_f1,gain_kept,note."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for r in results:
+            metrics = [repr(r.metrics[m]) if r.metrics else "" for m in METRICS]
+            writer.writerow([r.variant, r.direction, r.group, r.layers, r.num_params, *metrics,
+                             "" if r.gain_kept is None else repr(r.gain_kept), r.note])
+
+
+def summary_markdown(results: Sequence[VariantResult], record: Mapping[str, Any]) -> str:
+    """A table of every variant in percent, with the share of the RL gain kept."""
+    lines = ["# Restore-based attribution", "",
+             f"base: `{record['base']}`  ", f"tuned: `{record['tuned']}`  ",
+             f"data: `{record['data']}` ({record['num_samples']} samples; metrics: {record['metric_basis']})", "",
+             "| variant | layers | Solve-P | Solve-R | Solve-F1 | gain kept |", "|---|---|---|---|---|---|"]
+    for r in results:
+        cells = [_fmt(100 * r.metrics[m], ".2f") if r.metrics else "-" for m in METRICS]
+        kept = "n/a" if r.gain_kept is None else f"{100 * r.gain_kept:.0f}%"
+        lines.append(f"| {r.variant} | {r.layers or '-'} | " + " | ".join(cells) + f" | {kept} |")
+    notes = sorted({r.note for r in results if r.note})
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def bar_figure(results: Sequence[VariantResult]):
+    """Solve-F1 of every variant (restore and graft panels) against the base and tuned lines, bars labelled
+    with the share of the RL gain they keep."""
+    from matplotlib.figure import Figure
+
+    by_name = {r.variant: r for r in results}
+    f1_base, f1_tuned = by_name["base"].metrics["solve_f1"], by_name["tuned"].metrics["solve_f1"]
+    panels = [(d, [r for r in results if r.direction == d]) for d in DIRECTIONS]
+    panels = [(d, rs) for d, rs in panels if rs]
+    fig = Figure(figsize=(5.5 * max(1, len(panels)), 4.2), layout="constrained")
+    axes = fig.subplots(1, max(1, len(panels)), sharey=True, squeeze=False)[0]
+    top = max([f1_base, f1_tuned] + [r.metrics["solve_f1"] for r in results if r.metrics]) or 1.0
+    for ax, (direction, rows) in zip(axes, panels):
+        names = [r.group for r in rows]
+        values = [r.metrics["solve_f1"] if r.metrics else 0.0 for r in rows]
+        colors = ["tab:blue" if r.group.startswith("mlp") else "tab:orange" for r in rows]
+        bars = ax.bar(range(len(rows)), values, color=colors)
+        for bar, r in zip(bars, rows):
+            label = "skipped" if r.metrics is None else "n/a" if r.gain_kept is None else f"{100 * r.gain_kept:.0f}%"
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=8, xytext=(0, 2), textcoords="offset points")
+        ax.axhline(f1_base, color="grey", linestyle="--", linewidth=1.2, label=f"base {f1_base:.3f}")
+        ax.axhline(f1_tuned, color="black", linestyle="-", linewidth=1.2, label=f"tuned {f1_tuned:.3f}")
+        ax.set_xticks(range(len(rows)), names, rotation=35, ha="right")
+        ax.set_ylim(0, top * 1.18)
+        ax.set_title(f"{direction}: {DIRECTIONS[direction]}", fontsize=10)
+        ax.legend(fontsize=8, loc="best")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("Solve-F1 (labels: share of the RL gain kept)")
+    if by_name["tuned"].gain_kept is None:
+        fig.suptitle(f"RL gain {f1_tuned - f1_base:+.4f} is ~0: the shares are undefined", fontsize=10)
+    return fig
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------- command line
+
+def find_tokenizer_dir(tuned_path: str, source: TensorSource) -> str:
+    """The tuned directory if it holds a tokenizer, else its run's `tokenizer/` or `export/` (orbax inputs)."""
+    workdir = getattr(source, "workdir", None)
+    candidates = [tuned_path] + ([os.path.join(workdir, d) for d in ("tokenizer", "export")] if workdir else [])
+    for directory in candidates:
+        if any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+            return directory
+    raise FileNotFoundError(f"no tokenizer (tokenizer.json or tokenizer_config.json) in {', '.join(candidates)}; "
+                            "pass --tokenizer=DIR")
+
+
+def load_samples(path: str, limit: int | None, log=print) -> list[Sample]:
+    """The evaluation samples of `path` (.jsonl or .parquet), bad rows reported and skipped; first `limit`."""
+    samples, errors = read_samples(path)
+    for err in errors:
+        log(f"warning: skipping {err}")
+    if limit is not None:
+        samples = samples[:limit]
+    if not samples:
+        raise ValueError(f"no usable samples in {path!r}" + (f" ({len(errors)} rows skipped)" if errors else ""))
+    return samples
+
+
+def _matching_dtypes(base: dict[str, np.ndarray], tuned: dict[str, np.ndarray]) -> list[str]:
+    """Converts the narrower of two differently typed parameters to the wider, in place; returns notes."""
+    notes = []
+    for path in tuned:
+        if base[path].dtype != tuned[path].dtype:
+            wide = np.promote_types(base[path].dtype, tuned[path].dtype)
+            notes.append(f"{path}: base {base[path].dtype}, tuned {tuned[path].dtype}; both evaluated as {wide}")
+            base[path], tuned[path] = base[path].astype(wide, copy=False), tuned[path].astype(wide, copy=False)
+    return notes
+
+
+def run(base_dir: str, tuned_dir: str, data_path: str, out_dir: str, *, limit: int | None = None,
+        settings: EvalSettings = EvalSettings(), groups: Sequence[str] = tuple(GROUPS),
+        tokenizer_dir: str | None = None, min_gain: float = DEFAULT_MIN_GAIN, log=print) -> dict[str, Any]:
+    """Evaluates every variant, writes the four output files into out_dir and returns the JSON record."""
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise ValueError(f"unknown parameter groups {unknown}; choose from {', '.join(GROUPS)}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CheckpointWarning)
+        base_source, tuned_source = open_checkpoint(base_dir), open_checkpoint(tuned_dir)
+        config_notes = check_same_architecture(base_source, tuned_source)
+    notes = config_notes + [str(w.message) for w in caught]
+    samples = load_samples(data_path, limit, log)
+    tokenizer_dir = tokenizer_dir or find_tokenizer_dir(tuned_dir, tuned_source)
+    tokenizer = load_tokenizer(tokenizer_dir)
+
+    base, tuned = base_source.load_params(), tuned_source.load_params()
+    notes += _matching_dtypes(base, tuned)
+    for note in notes:
+        log(f"warning: {note}")
+    stored = np.dtype(tuned["embed_tokens/embedding"].dtype).name
+    config = tuned_source.config.replace(param_dtype=stored, dtype=settings.dtype or stored)
+    log(f"{len(samples)} samples from {data_path}; {config.num_layers} layers, {stored} parameters; "
+        f"{2 + 2 * len(groups)} evaluations")
+    with Sandbox() as sandbox:
+        evaluator = Evaluator(config, tokenizer, samples, settings, sandbox)
+        results = attribute(base, tuned, evaluator, [GROUPS[g] for g in groups], min_gain=min_gain, log=log)
+
+    record = {
+        "base": base_source.path, "tuned": tuned_source.path, "data": os.path.abspath(data_path),
+        "tokenizer": os.path.abspath(tokenizer_dir), "num_samples": len(samples), "metric_basis": evaluator.basis,
+        "settings": {**dataclasses.asdict(settings), "template": evaluator.template, "dtype": config.dtype},
+        "min_gain": min_gain, "num_layers": config.num_layers, "depth_ranges": depth_ranges(config.num_layers),
+        "variants": [dataclasses.asdict(r) for r in results], "warnings": notes,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    write_csv(results, os.path.join(out_dir, "attribution.csv"))
+    with open(os.path.join(out_dir, "attribution.json"), "w") as f:
+        json.dump(_json_safe(record), f, indent=2)
+    with open(os.path.join(out_dir, "attribution.md"), "w") as f:
+        f.write(summary_markdown(results, record))
+    bar_figure(results).savefig(os.path.join(out_dir, "attribution.png"), dpi=120)
+    return record
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m analysis.attribution", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="base checkpoint (HF directory, orbax step dir or run workdir)")
+    parser.add_argument("--tuned", required=True, help="tuned checkpoint of the same architecture")
+    parser.add_argument("--data", required=True, help="evaluation samples (.jsonl or .parquet, FTRL sample format)")
+    parser.add_argument("--out", required=True, help="output directory (created)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    parser.add_argument("--max_turns", type=int, default=20)
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="per assistant turn")
+    parser.add_argument("--max_prompt_tokens", type=int, default=None, help="default: the context minus new tokens")
+    parser.add_argument("--template", default=None, help="chat template (default: from the model type)")
+    parser.add_argument("--enable_thinking", action="store_true", help="Qwen3 thinking mode")
+    parser.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's parameter dtype)")
+    parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, from {','.join(GROUPS)}")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the tuned checkpoint's)")
+    parser.add_argument("--min_gain", type=float, default=DEFAULT_MIN_GAIN,
+                        help="smallest |F1_tuned - F1_base| for which the share of the gain is reported")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = EvalSettings(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                            max_prompt_tokens=args.max_prompt_tokens, template=args.template,
+                            enable_thinking=args.enable_thinking, dtype=args.dtype)
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    try:
+        record = run(args.base, args.tuned, args.data, args.out, limit=args.limit, settings=settings, groups=groups,
+                     tokenizer_dir=args.tokenizer, min_gain=args.min_gain, log=log)
+    except (OSError, KeyError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    with open(os.path.join(args.out, "attribution.md")) as f:
+        print(f.read())
+    print(f"wrote attribution.csv, attribution.json, attribution.md, attribution.png to {args.out} "
+          f"({sum(v['seconds'] for v in record['variants']):.0f} s of evaluation)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
