@@ -348,7 +348,7 @@ def test_directories_that_are_not_checkpoints(base, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         compute_layer_deltas(base_dir, tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="orbax checkpoints are not read yet"):
+    with pytest.raises(ValueError, match="is not a checkpoint directory this analysis reads"):
         compute_layer_deltas(tmp_path / "empty", base_dir)
 
 
