@@ -91,18 +91,40 @@ def length_bucket(n: int, multiple: int = 128) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
+def epoch_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches of example indices, grouped by similar length so little is padding.
+
+    Shuffle, sort within windows of 8 batches by length, cut into batches, shuffle the batches: the
+    usual "sortish" order. Depends only on (seed, epoch), so a resumed run sees the same batches.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)).tolist()
+    if len(order) < batch_size:  # fewer examples than one batch: repeat them
+        order = (order * (batch_size // len(order) + 1))[:batch_size]
+    window = batch_size * 8
+    grouped: list[list[int]] = []
+    for start in range(0, len(order) - batch_size + 1, window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        grouped.extend(chunk[j:j + batch_size] for j in range(0, len(chunk) - batch_size + 1, batch_size))
+    return [grouped[i] for i in rng.permutation(len(grouped))]
+
+
 def batches(examples: SupervisedExamples, batch_size: int, *, seed: int, start_step: int, pad_id: int
             ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless shuffled batches; batch k depends only on (seed, k), so a resumed run sees the same data."""
-    n = len(examples)
-    if n == 0:
+    """Endless length-grouped batches; batch k depends only on (seed, k), so a resumed run sees the same data."""
+    if len(examples) == 0:
         raise ValueError("no supervised examples to warm-start on (all dropped as too long?); raise warmup.max_len")
-    step = start_step
+    lengths = [len(ids) for ids in examples.ids]
+    epoch, skipped, current = 0, 0, epoch_batches(lengths, batch_size, seed=seed, epoch=0)
+    while skipped + len(current) <= start_step:  # fast-forward to the resumed step
+        skipped += len(current)
+        epoch += 1
+        current = epoch_batches(lengths, batch_size, seed=seed, epoch=epoch)
+    position = start_step - skipped
     while True:
-        epoch, offset = divmod(step * batch_size, n)
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        picks = [order[(offset + j) % n] for j in range(batch_size)]
-        rows = [examples.ids[i] for i in picks]
-        length = length_bucket(max(len(r) for r in rows))
-        yield pad_batch(rows, [examples.loss_masks[i] for i in picks], length, pad_id)
-        step += 1
+        for picks in current[position:]:
+            rows = [examples.ids[i] for i in picks]
+            length = length_bucket(max(len(r) for r in rows))
+            yield pad_batch(rows, [examples.loss_masks[i] for i in picks], length, pad_id)
+        epoch, position = epoch + 1, 0
+        current = epoch_batches(lengths, batch_size, seed=seed, epoch=epoch)
