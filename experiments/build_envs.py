@@ -1,6 +1,8 @@
 """Builds validated tool-use environments and writes them in FTRL's sample format.
 
     python -m experiments.build_envs --num=2000 --seed=0 --out=runs/envs/train.jsonl
+    python -m experiments.build_envs --num=2000 --seed=0 --out=small.jsonl --complexity=low \\
+        --world=pool=32,relations=12,fixed_names=1
     python -m experiments.build_envs --num=50 --seed=0 --out=envs.parquet --author=llm \\
         --base_url=http://127.0.0.1:8000/v1 --model=Qwen2.5-72B-Instruct
 
@@ -24,6 +26,7 @@ from ftrl_jax.envs.llm_author import ChatClient, ChatError, LLMAuthor
 from ftrl_jax.envs.procedural import ProceduralAuthor
 from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.envs.stages import COMPLEXITY_PRESETS, SCENARIO_KINDS, Complexity
+from ftrl_jax.envs.world import WorldSpec
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--complexity", default="medium",
                         help=f"preset {sorted(COMPLEXITY_PRESETS)}, level 0-3, or 'fg=1,pe=2,pt=1,te=3,hops=3,"
                              "parallel=2' (presets and levels take overrides: 'low,te=2')")
+    parser.add_argument("--world", default="full",
+                        help="procedural author: world size, 'full' or e.g. 'pool=32,relations=12,fixed_names=1' "
+                             "(names per entity type, relation count or keys joined by '+', canonical tool names; "
+                             "seed=N picks another pool and subset)")
     parser.add_argument("--split", default="train", help="value of the `split` column")
     parser.add_argument("--workers", type=int, default=None, help="sandbox worker processes (default: CPUs)")
     parser.add_argument("--batch_size", type=int, default=64, help="environments per sandbox batch")
@@ -55,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _author(args: argparse.Namespace, sandbox: Sandbox):
     authors = {
-        "procedural": lambda: ProceduralAuthor(world_seed=args.seed),
+        "procedural": lambda: ProceduralAuthor(world_seed=args.seed, spec=args.world_spec),
         "llm": lambda: LLMAuthor(ChatClient(args.base_url, args.api_key, args.model,
                                             transient_retries=args.request_retries),
                                  max_retries=args.max_retries, sandbox=sandbox),
@@ -79,6 +86,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"--scenarios: unknown kinds {unknown or kinds}; use some of {','.join(SCENARIO_KINDS)}",
               file=sys.stderr)
         return 2
+    try:
+        args.world_spec = WorldSpec.parse(args.world)
+    except ValueError as exc:
+        print(f"--world: {exc}", file=sys.stderr)
+        return 2
+    if args.author == "llm" and args.world_spec != WorldSpec():
+        print("--world sizes the procedural author's world; drop it with --author=llm", file=sys.stderr)
+        return 2
+    if args.author == "procedural":
+        problems = ProceduralAuthor(world_seed=args.seed, spec=args.world_spec).check(kinds, complexity)
+        if problems:
+            print("--world: " + "\n  ".join(problems), file=sys.stderr)
+            return 2
     threads = args.author_threads or (8 if args.author == "llm" else 1)
 
     started = time.perf_counter()
@@ -99,8 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.close()
     samples.write_samples(args.out, [env.to_sample(args.split) for env in environments])
     print(report.summary())
+    world = f", world {args.world_spec}" if args.author == "procedural" else ""
     print(f"wrote {len(environments)} environments ({len(distinct_tool_names(environments))} distinct tool "
-          f"names) to {args.out}")
+          f"names{world}) to {args.out}")
     total_s = time.perf_counter() - started
     print(f"throughput: {report.envs_per_minute:,.0f} validated envs/min while building; "
           f"{60.0 * len(environments) / total_s:,.0f} envs/min end to end ({total_s:.1f} s with sandbox "

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from ftrl_jax import rewards
 from ftrl_jax.envs import sandbox as sandbox_lib
 from ftrl_jax.envs.procedural import ProceduralAuthor
+from ftrl_jax.envs.world import WorldSpec
 from ftrl_jax.envs.stages import (SCENARIO_KINDS, Author, Complexity, Environment, StageError,
                                   construct, environment_rng)
 
@@ -144,6 +145,16 @@ def _as_complexity(value: Complexity | str) -> Complexity:
     return value if isinstance(value, Complexity) else Complexity.parse(value)
 
 
+def _default_author(seed: int, world: WorldSpec | str | None, kinds: Sequence[str],
+                    levels: Sequence[Complexity]) -> ProceduralAuthor:
+    """The procedural author of `seed` over `world`, checked against the kinds and levels asked for."""
+    author = ProceduralAuthor(world_seed=seed, spec=world)
+    errors = list(dict.fromkeys(e for level in levels for e in author.check(kinds, level)))
+    if errors:
+        raise ValueError("; ".join(errors))
+    return author
+
+
 def iter_environments(
     seed: int,
     author: Author | None = None,
@@ -155,10 +166,13 @@ def iter_environments(
     report: BuildReport | None = None,
     start: int = 0,
     stop: int | None = None,
+    world: WorldSpec | str | None = None,
 ) -> Iterator[BuiltEnvironment]:
     """Validated environments of indices start, start+1, ... (below `stop`; endless if None), in order.
 
     complexity: one level for all, or a sequence cycled by environment index.
+    world: size of the default procedural author's world (WorldSpec or its text, e.g.
+    'pool=32,relations=12,fixed_names=1'); give it to the author instead when passing one.
     author_threads > 1 constructs a batch's environments concurrently (for network-bound
     authors such as the LLM author; the procedural author gains nothing from threads).
     report, if given, is updated as environments are tried.
@@ -166,9 +180,11 @@ def iter_environments(
     unknown = [k for k in kinds if k not in SCENARIO_KINDS]
     if unknown or not kinds:
         raise ValueError(f"unknown scenario kinds {unknown or list(kinds)}; use some of {list(SCENARIO_KINDS)}")
-    author = author if author is not None else ProceduralAuthor(world_seed=seed)
+    if author is not None and world is not None:
+        raise ValueError("pass the world spec to the author (ProceduralAuthor(spec=...)), not next to it")
     levels = ([_as_complexity(complexity)] if isinstance(complexity, (Complexity, str))
               else [_as_complexity(c) for c in complexity])
+    author = author if author is not None else _default_author(seed, world, kinds, levels)
     sandbox = sandbox if sandbox is not None else sandbox_lib.shared_sandbox()
     report = report if report is not None else BuildReport()
     builders = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, author_threads))
@@ -223,8 +239,11 @@ def build_environments(
     author_threads: int = 1,
     max_attempts: int | None = None,
     on_kept: Callable[[BuiltEnvironment], None] | None = None,
+    world: WorldSpec | str | None = None,
 ) -> tuple[list[Environment], BuildReport]:
     """The first `num` validated environments under `seed`, and a report of the build.
+
+    world: size of the default procedural author's world (see `iter_environments`).
 
     Stops early (fewer than `num` kept) after `max_attempts` tries (default 4 * num + 256), so
     an author that fails everything cannot loop forever; the report says why they were dropped.
@@ -237,7 +256,7 @@ def build_environments(
     started = time.perf_counter()
     stream = iter_environments(seed, author, kinds, complexity, sandbox,
                                batch_size=min(batch_size, max(1, num)),
-                               author_threads=author_threads, report=report, stop=limit)
+                               author_threads=author_threads, report=report, stop=limit, world=world)
     try:
         for built in stream if num > 0 else ():
             kept.append(built.environment)
@@ -253,13 +272,14 @@ def build_environments(
 
 def corpus_texts(num: int, seed: int,
                  complexity: Complexity | str | Sequence[Complexity | str] = ("low", "medium", "high"),
-                 sandbox: sandbox_lib.Sandbox | None = None) -> Iterator[str]:
+                 sandbox: sandbox_lib.Sandbox | None = None,
+                 world: WorldSpec | str | None = None) -> Iterator[str]:
     """Plain text from `num` validated procedural environments, for training a tokenizer.
 
     Per environment: the user prompt (instruction and question), each tool document as JSON,
     and each oracle output. Complexity levels are cycled so every document size is seen.
     """
-    stream = iter_environments(seed, complexity=complexity, sandbox=sandbox)
+    stream = iter_environments(seed, complexity=complexity, sandbox=sandbox, world=world)
     try:
         for built in itertools.islice(stream, num):
             env = built.environment

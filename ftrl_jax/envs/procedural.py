@@ -41,10 +41,30 @@ def _enumerate(phrases: Sequence[str]) -> str:
 
 
 class ProceduralAuthor:
-    """The five stages over a `World`; `world_seed` fixes every fact."""
+    """The five stages over a `World`; `world_seed` fixes every fact, `spec` sizes the world.
 
-    def __init__(self, world_seed: int = 0):
-        self.world = world_lib.World(world_seed)
+    With `spec.fixed_tool_names` every name and wording the stages would draw at random
+    (tool names, selector names, description openers) is the canonical one instead.
+    """
+
+    def __init__(self, world_seed: int = 0, spec: world_lib.WorldSpec | str | None = None):
+        self.world = world_lib.World(world_seed, spec)
+        self.fixed_names = self.world.spec.fixed_tool_names
+
+    def check(self, kinds: Sequence[str], complexity: Complexity) -> list[str]:
+        """Why this world cannot build some of `kinds` at `complexity` (empty when it can)."""
+        longest = self.world.longest_chain()
+        errors = []
+        for kind in kinds:
+            needed = _HOPS_NEEDED[kind](complexity)
+            if needed > longest:
+                errors.append(f"scenario kind {kind!r} needs chains of {needed} hops (complexity "
+                              f"hops={complexity.max_hops}), but world spec {self.world.spec} allows at most "
+                              f"{longest}; use more relations, fewer hops, or other kinds")
+        return errors
+
+    def _tool_name(self, relation: world_lib.Relation, rng: random.Random) -> str:
+        return _TOOL_NAMERS[self.fixed_names](relation, rng)
 
     # stage 1 -----------------------------------------------------------------------
     def _chain(self, chain: Sequence[world_lib.Relation], start: str, first_id: int,
@@ -72,7 +92,11 @@ class ProceduralAuthor:
         for _ in range(_MAX_DRAWS):
             scenario = self._compose(kind, complexity, rng)
             question = scenario.question.lower()
-            if not any(sq.answer.lower() in question for sq in scenario.sub_questions):
+            asked = [(sq.relation, sq.subject) for sq in scenario.sub_questions]
+            # A repeated sub-question (possible when names come from a small pool) would ask for
+            # the same call twice; it is redrawn like a leak.
+            if len(set(asked)) == len(asked) and not any(
+                    sq.answer.lower() in question for sq in scenario.sub_questions):
                 return scenario
         return scenario  # check_scenario reports the leak
 
@@ -82,7 +106,7 @@ class ProceduralAuthor:
         mentions: list[str] = []
         for hops in shape:
             chain = self._parallel_chain(hops, subs, rng) if len(shape) > 1 \
-                else world_lib.sample_chain(rng, hops)
+                else self.world.sample_chain(rng, hops)
             start = self.world.entity(chain[0].subject, rng)
             chain_subs, mention = self._chain(chain, start, len(subs) + 1, rng)
             subs.extend(chain_subs)
@@ -102,8 +126,8 @@ class ProceduralAuthor:
             previous = world_lib.RELATIONS[rng.choice(earlier).relation]
             if rng.random() < 0.5:
                 return [previous]
-            return [rng.choice(world_lib.RELATIONS_BY_SUBJECT[previous.subject])]
-        return world_lib.sample_chain(rng, hops)
+            return [rng.choice(self.world.relations_by_subject[previous.subject])]
+        return self.world.sample_chain(rng, hops)
 
     # stage 2 -----------------------------------------------------------------------
     def write_documents(self, scenario: Scenario, rng: random.Random) -> list[ToolDocument]:
@@ -113,7 +137,7 @@ class ProceduralAuthor:
             relation = world_lib.RELATIONS[sq.relation]
             entity = world_lib.ENTITY_TYPES[relation.subject]
             documents.append(ToolDocument(
-                name=_relation_tool_name(relation, rng),
+                name=self._tool_name(relation, rng),
                 description=f"Finds {relation.summary}.",
                 parameters=_object_schema({entity.param: _key_schema(entity, 0)}, [entity.param]),
                 cases=(Case({entity.param: sq.subject}, sq.answer, relation.field, sq.id),)))
@@ -139,7 +163,7 @@ class ProceduralAuthor:
                 merged.append(dataclasses.replace(docs[0], cases=tuple(c for d in docs for c in d.cases)))
             else:
                 merged.append(_with_selector(docs[0], [c for d in docs for c in d.cases],
-                                             _anatomy(docs[0]).subject_type, rng))
+                                             _anatomy(docs[0]).subject_type, rng, self.fixed_names))
         return _unique_names(merged)
 
     # stage 4 -----------------------------------------------------------------------
@@ -150,7 +174,10 @@ class ProceduralAuthor:
         used = {sq.relation for sq in scenario.sub_questions}
         low, high = _DISTRACTORS[complexity.toolset_extension]
         for _ in range(rng.randint(low, high)):
-            relation = rng.choice([r for r in world_lib.RELATIONS.values() if r.key not in used])
+            unused = [r for r in self.world.relations.values() if r.key not in used]
+            if not unused:  # a small world may run out of relations to distract with
+                break
+            relation = rng.choice(unused)
             used.add(relation.key)
             scaled.append(self._scale_tool(self._distractor(relation, rng), complexity, rng))
         scaled = _unique_names(scaled)
@@ -162,7 +189,7 @@ class ProceduralAuthor:
         entity = world_lib.ENTITY_TYPES[relation.subject]
         subjects = [self.world.entity(relation.subject, rng) for _ in range(rng.randint(1, 2))]
         return ToolDocument(
-            name=_relation_tool_name(relation, rng), description=f"Finds {relation.summary}.",
+            name=self._tool_name(relation, rng), description=f"Finds {relation.summary}.",
             parameters=_object_schema({entity.param: _key_schema(entity, 0)}, [entity.param]),
             cases=tuple(Case({entity.param: s}, self.world.fact(relation.key, s), relation.field)
                         for s in subjects))
@@ -182,7 +209,7 @@ class ProceduralAuthor:
         optional = _pick_optional(complexity, rng)
         for spec in optional:
             properties[spec.name] = spec.schema(verbosity)
-        description = _describe(entity, fields, [s.name for s in optional], verbosity, rng)
+        description = _describe(entity, fields, [s.name for s in optional], verbosity, rng, self.fixed_names)
         return dataclasses.replace(tool, description=description,
                                    parameters=_object_schema(properties, required))
 
@@ -195,13 +222,15 @@ class ProceduralAuthor:
         subjects = list(dict.fromkeys(c.arguments[anatomy.key_param] for c in tool.cases))
         subjects += [self.world.entity(anatomy.subject_type, rng) for _ in range(rng.randint(*extra_subjects))]
         fields = list(dict.fromkeys(c.field for c in tool.cases))
-        spare = [r.field for r in world_lib.RELATIONS_BY_SUBJECT[anatomy.subject_type] if r.field not in fields]
+        spare = [r.field for r in self.world.relations_by_subject[anatomy.subject_type] if r.field not in fields]
         rng.shuffle(spare)
         fields += spare[:rng.randint(*extra_fields)]
         if len(fields) > 1 and not anatomy.selector:
-            generalized = _with_selector(tool, list(tool.cases), anatomy.subject_type, rng)
-            # Half the time the tool keeps its narrower name, as real generalized tools often do.
-            tool = generalized if rng.random() < 0.5 else dataclasses.replace(generalized, name=tool.name)
+            generalized = _with_selector(tool, list(tool.cases), anatomy.subject_type, rng, self.fixed_names)
+            # Half the time the tool keeps its narrower name, as real generalized tools often do
+            # (never with fixed names: one name must mean one document).
+            keep_name = not self.fixed_names and rng.random() >= 0.5
+            tool = dataclasses.replace(generalized, name=tool.name) if keep_name else generalized
             anatomy = _anatomy(tool)
         cases = list(tool.cases)
         covered = {(c.arguments[anatomy.key_param], c.field) for c in cases}
@@ -224,6 +253,14 @@ class ProceduralAuthor:
 
 
 _MAX_DRAWS = 8
+
+# Scenario kind -> the longest chain it may ask for at a complexity.
+_HOPS_NEEDED = {
+    "single_hop": lambda c: 1,
+    "multi_hop": lambda c: c.max_hops,
+    "parallel_single_hop": lambda c: 1,
+    "parallel_multi_hop": lambda c: c.max_hops,
+}
 
 # --- scenario shapes: kind -> chain lengths -------------------------------------------
 
@@ -287,7 +324,7 @@ def _selector_schema(fields: Sequence[str], typed: bool, verbosity: int) -> dict
     return schema
 
 
-def _relation_tool_name(relation: world_lib.Relation, rng: random.Random) -> str:
+def _varied_tool_name(relation: world_lib.Relation, rng: random.Random) -> str:
     stem = rng.choice(relation.stems)
     noun = relation.subject
     if noun not in stem and rng.random() < 0.35:
@@ -295,13 +332,35 @@ def _relation_tool_name(relation: world_lib.Relation, rng: random.Random) -> str
     return f"{stem}_{rng.choice(world_lib.TOOL_SUFFIXES)}"
 
 
+def canonical_tool_name(relation: world_lib.Relation) -> str:
+    """The one name of a relation's tool with fixed names: 'country_capital_lookup'."""
+    stem = relation.key if relation.subject in relation.key else f"{relation.subject}_{relation.key}"
+    return f"{stem}_{_CANONICAL_SUFFIX}"
+
+
+def canonical_profile_name(subject_type: str) -> str:
+    """The one name of a multi-fact (selector) tool about `subject_type` with fixed names."""
+    return f"{subject_type}_{world_lib.PROFILE_WORDS[0]}_{_CANONICAL_SUFFIX}"
+
+
+_CANONICAL_SUFFIX = "lookup"
+# fixed_tool_names -> how a relation's tool is named.
+_TOOL_NAMERS = {
+    False: _varied_tool_name,
+    True: lambda relation, rng: canonical_tool_name(relation),
+}
+
+
 def _with_selector(base: ToolDocument, cases: Sequence[Case], subject_type: str,
-                   rng: random.Random) -> ToolDocument:
+                   rng: random.Random, fixed_names: bool = False) -> ToolDocument:
     """A multi-fact tool: the calls in `cases` gain a selector argument naming their fact."""
     entity = world_lib.ENTITY_TYPES[subject_type]
-    selector = rng.choice(_SELECTOR_NAMES)
     fields = list(dict.fromkeys(c.field for c in cases))
-    name = f"{subject_type}_{rng.choice(world_lib.PROFILE_WORDS)}_{rng.choice(world_lib.TOOL_SUFFIXES)}"
+    if fixed_names:
+        selector, name = _SELECTOR_NAMES[0], canonical_profile_name(subject_type)
+    else:
+        selector = rng.choice(_SELECTOR_NAMES)
+        name = f"{subject_type}_{rng.choice(world_lib.PROFILE_WORDS)}_{rng.choice(world_lib.TOOL_SUFFIXES)}"
     return ToolDocument(
         name=name, description=f"Looks up facts about a {entity.noun}.",
         parameters=_object_schema({entity.param: _key_schema(entity, 0),
@@ -324,7 +383,7 @@ def _unique_names(tools: Sequence[ToolDocument]) -> list[ToolDocument]:
 
 
 def _describe(entity: world_lib.EntityType, fields: Sequence[str], optional: Sequence[str],
-              verbosity: int, rng: random.Random) -> str:
+              verbosity: int, rng: random.Random, fixed_names: bool = False) -> str:
     """Short at verbosity 0 ('Finds the capital city of a country.'), FTRL-like at 2+."""
     summaries = [world_lib.RELATION_BY_FIELD[(entity.key, f)].summary for f in fields]
     if len(summaries) == 1:
@@ -335,8 +394,9 @@ def _describe(entity: world_lib.EntityType, fields: Sequence[str], optional: Seq
         return f"Finds {what}."
     if verbosity == 1:
         return f"Finds {what}, given the {entity.param_description}."
-    opener = rng.choice(("An advanced tool designed to retrieve", "A comprehensive service that returns",
-                         "A reference tool that looks up"))
+    openers = ("An advanced tool designed to retrieve", "A comprehensive service that returns",
+               "A reference tool that looks up")
+    opener = openers[0] if fixed_names else rng.choice(openers)
     text = (f"{opener} {what}. It takes the {entity.param_description} and answers from a curated "
             f"database of {entity.noun} records.")
     if optional:

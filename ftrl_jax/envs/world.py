@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 # --- name material -----------------------------------------------------------------
 
@@ -505,15 +505,236 @@ def _check_schema() -> None:
 _check_schema()
 
 
-class World:
-    """Facts as a pure function of (seed, relation, subject); entities invented on demand."""
+# --- world spec: how big a world questions are drawn from --------------------------------
 
-    def __init__(self, seed: int = 0):
+def _parse_bool(raw: str) -> bool:
+    words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if raw.strip().lower() not in words:
+        raise ValueError(f"expected 1/0 (or true/false), got {raw!r}")
+    return words[raw.strip().lower()]
+
+
+def _parse_relations(raw: str) -> int | tuple[str, ...]:
+    raw = raw.strip()
+    return int(raw) if raw.isdigit() else tuple(k.strip() for k in raw.split("+") if k.strip())
+
+
+# WorldSpec.parse key -> (field, reader of the value text).
+_SPEC_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "pool": ("entity_pool", int),
+    "relations": ("relations", _parse_relations),
+    "fixed_names": ("fixed_tool_names", _parse_bool),
+    "seed": ("seed", int),
+}
+_FULL_WORLD_WORDS = ("", "full", "default")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldSpec:
+    """Size knobs of a world; the defaults are the full world, exactly as without a spec.
+
+    entity_pool: names per entity type, fixed once from a seeded pool so that they recur across
+        environments (None: a freshly invented name every time).
+    relations: how many relations are used (a seeded subset in which multi-hop chains exist,
+        see `choose_relations`), or the relation keys themselves (None: all of them).
+    fixed_tool_names: one canonical tool name, selector and description wording per relation
+        instead of random stems, so one relation always gives the same tool document.
+    seed: seeds the pool and the subset, not the facts, so worlds with different fact seeds
+        (training and held-out builds) share their names and relations.
+    """
+
+    entity_pool: int | None = None
+    relations: int | tuple[str, ...] | None = None
+    fixed_tool_names: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        pool = self.entity_pool
+        if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 2):
+            raise ValueError(f"WorldSpec.entity_pool must be an integer >= 2 (names per entity type) or None, "
+                             f"got {pool!r}")
+        relations = self.relations
+        if isinstance(relations, (list, tuple)):
+            relations = tuple(relations)
+            unknown = [k for k in relations if k not in RELATIONS]
+            if unknown or not relations or len(set(relations)) != len(relations):
+                raise ValueError(f"WorldSpec.relations: unknown, repeated or no relation keys in {list(relations)} "
+                                 f"(unknown: {unknown}); use keys of world.RELATIONS such as 'capital'")
+            object.__setattr__(self, "relations", relations)
+        elif relations is not None and (isinstance(relations, bool) or not isinstance(relations, int)
+                                        or not 1 <= relations <= len(RELATIONS)):
+            raise ValueError(f"WorldSpec.relations must be a count in 1..{len(RELATIONS)}, a sequence of "
+                             f"relation keys, or None; got {relations!r}")
+        if not isinstance(self.fixed_tool_names, bool):
+            raise ValueError(f"WorldSpec.fixed_tool_names must be True or False, got {self.fixed_tool_names!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "WorldSpec":
+        """'' | 'full' | 'pool=40,relations=12,fixed_names=1,seed=0'.
+
+        relations= takes a count or relation keys joined by '+': 'relations=capital+birth_city'.
+        """
+        if text.strip().lower() in _FULL_WORLD_WORDS:
+            return cls()
+        values: dict[str, Any] = {}
+        for part in [p.strip() for p in text.split(",") if p.strip()]:
+            key, equals, raw = part.partition("=")
+            if not equals or key.strip() not in _SPEC_KEYS:
+                raise ValueError(f"cannot read world spec part {part!r} in {text!r}; use key=value with keys "
+                                 f"{sorted(_SPEC_KEYS)}, or 'full'")
+            field, read = _SPEC_KEYS[key.strip()]
+            try:
+                values[field] = read(raw)
+            except ValueError as exc:
+                raise ValueError(f"world spec {key.strip()}={raw!r} in {text!r}: {exc}") from None
+        return cls(**values)
+
+    @classmethod
+    def coerce(cls, value: "WorldSpec | str | None") -> "WorldSpec":
+        """A spec from a spec, its text form, or None (the full world)."""
+        if value is None:
+            return cls()
+        return value if isinstance(value, WorldSpec) else cls.parse(value)
+
+    def __str__(self) -> str:
+        """The text form read by `parse` ('full' for the defaults)."""
+        parts = []
+        if self.entity_pool is not None:
+            parts.append(f"pool={self.entity_pool}")
+        if isinstance(self.relations, tuple):
+            parts.append("relations=" + "+".join(self.relations))
+        elif self.relations is not None:
+            parts.append(f"relations={self.relations}")
+        if self.fixed_tool_names:
+            parts.append("fixed_names=1")
+        if self.seed and (self.entity_pool is not None or isinstance(self.relations, int)):
+            parts.append(f"seed={self.seed}")
+        return ",".join(parts) or "full"
+
+
+def choose_relations(count: int, seed: int = 0) -> tuple[str, ...]:
+    """A seeded subset of `count` relation keys (in schema order) in which multi-hop chains exist.
+
+    Chain-friendly relations come first: a spine of up to four chaining relations through
+    distinct types (chains of up to five hops), then a value relation for each spine type,
+    the spine's end first (so chains can end in an attribute), then relations about types
+    already in play, so the subset stays connected.
+    """
+    if not 1 <= count <= len(_RELATIONS):
+        raise ValueError(f"relation count must be in 1..{len(_RELATIONS)}, got {count}")
+    rng = random.Random(f"world-relations|{seed}|{count}")
+    spine = _spine(rng, min(count // 2, 4))
+    chosen: dict[str, Relation] = {r.key: r for r in spine}
+    if spine:
+        spine_types = [spine[0].subject] + [r.target for r in spine]
+    else:
+        spine_types = [rng.choice([t for t, rels in RELATIONS_BY_SUBJECT.items() if any(not r.chains for r in rels)])]
+    for type_key in reversed(spine_types):
+        values = [r for r in RELATIONS_BY_SUBJECT[type_key] if not r.chains]
+        if len(chosen) < count and values:
+            relation = rng.choice(values)
+            chosen[relation.key] = relation
+    while len(chosen) < count:
+        in_play = {r.subject for r in chosen.values()} | {r.target for r in chosen.values() if r.chains}
+        spare = [r for r in _RELATIONS if r.key not in chosen]
+        relation = rng.choice([r for r in spare if r.subject in in_play] or spare)
+        chosen[relation.key] = relation
+    return tuple(r.key for r in _RELATIONS if r.key in chosen)
+
+
+def _spine(rng: random.Random, length: int) -> list[Relation]:
+    """A path of `length` chaining relations through distinct entity types."""
+    if length == 0:
+        return []
+    chaining = [r for r in _RELATIONS if r.chains]
+    for _ in range(256):
+        path = [rng.choice(chaining)]
+        seen = {path[0].subject, path[0].target}
+        while len(path) < length:
+            options = [r for r in RELATIONS_BY_SUBJECT[path[-1].target] if r.chains and r.target not in seen]
+            if not options:
+                break
+            path.append(rng.choice(options))
+            seen.add(path[-1].target)
+        if len(path) == length:
+            return path
+    raise ValueError(f"the schema has no path of {length} chaining relations; ask for fewer")
+
+
+def entity_pools(size: int, seed: int = 0) -> dict[str, tuple[str, ...]]:
+    """`size` names per entity type, seeded; the pool of a smaller size is a prefix of a larger one.
+
+    No name equals, contains or is contained in a name of any type already drawn (letter case
+    ignored), so an answer never matches inside another name and no name hides in a question.
+    """
+    rng = random.Random(f"world-pool|{seed}")
+    taken: list[str] = []
+    pools: dict[str, tuple[str, ...]] = {}
+    for entity in _ENTITY_TYPES:
+        names: list[str] = []
+        for _ in range(200 * size):
+            if len(names) == size:
+                break
+            name = entity.make_name(rng)
+            lowered = name.lower()
+            if not any(lowered in other or other in lowered for other in taken):
+                taken.append(lowered)
+                names.append(name)
+        if len(names) < size:
+            raise ValueError(f"entity type {entity.key!r} cannot supply {size} distinct names; "
+                             "use a smaller entity pool")
+        pools[entity.key] = tuple(names)
+    return pools
+
+
+# --- the world -------------------------------------------------------------------------
+
+_REACH_CAP = 8  # longer chains are never asked for, so the search stops here
+
+
+def _reach(relations_by_subject: dict[str, tuple[Relation, ...]], start: str, seen: frozenset[str],
+           cap: int) -> int:
+    """Hops of the longest chain from `start` through types not in `seen` (at most `cap`)."""
+    best = 0
+    for relation in relations_by_subject[start]:
+        if not relation.chains:
+            best = max(best, 1)
+        elif relation.target not in seen:
+            onward = _reach(relations_by_subject, relation.target, seen | {relation.target}, cap - 1) \
+                if cap > 1 else 0
+            best = max(best, 1 + onward)
+        if best >= cap:
+            return cap
+    return best
+
+
+class World:
+    """Facts as a pure function of (seed, relation, subject); entities invented on demand.
+
+    `spec` sizes the world (see WorldSpec); the default is the full world.
+    """
+
+    def __init__(self, seed: int = 0, spec: WorldSpec | str | None = None):
         self.seed = seed
+        self.spec = WorldSpec.coerce(spec)
+        keys = self.spec.relations
+        if isinstance(keys, int):
+            keys = choose_relations(keys, self.spec.seed)
+        active = set(keys) if keys is not None else None
+        # The full world keeps the module tables themselves, so its draws are as they always were.
+        self.relations: dict[str, Relation] = RELATIONS if active is None else {
+            r.key: r for r in _RELATIONS if r.key in active}
+        self.relations_by_subject: dict[str, tuple[Relation, ...]] = RELATIONS_BY_SUBJECT if active is None else {
+            t: tuple(r for r in self.relations.values() if r.subject == t) for t in ENTITY_TYPES}
+        self.pools = entity_pools(self.spec.entity_pool, self.spec.seed) if self.spec.entity_pool else None
+        self._reach_by_type: dict[str, int] | None = None
 
     def entity(self, type_key: str, rng: random.Random) -> str:
-        """A fresh name of the given entity type, drawn from `rng`."""
-        return ENTITY_TYPES[type_key].make_name(rng)
+        """A name of the given entity type drawn from `rng`: invented, or from the type's pool."""
+        if self.pools is None:
+            return ENTITY_TYPES[type_key].make_name(rng)
+        pool = self.pools[type_key]
+        return pool[int(rng.random() * len(pool))]
 
     def fact(self, relation_key: str, subject: str) -> str:
         """The object of `relation_key` for `subject` (same inputs, same answer, always)."""
@@ -532,6 +753,28 @@ class World:
             answers.append(subject)
         return answers
 
+    def reach(self) -> dict[str, int]:
+        """Entity type -> hops of the longest chain that can start there (capped at 8)."""
+        if self._reach_by_type is None:
+            self._reach_by_type = {t: _reach(self.relations_by_subject, t, frozenset({t}), _REACH_CAP)
+                                   for t in ENTITY_TYPES}
+        return self._reach_by_type
+
+    def longest_chain(self) -> int:
+        """Hops of the longest chain this world's relations allow (capped at 8)."""
+        return max(self.reach().values())
+
+    def sample_chain(self, rng: random.Random, hops: int, avoid_types: Iterable[str] = ()) -> list[Relation]:
+        """A random chain of `hops` relations of this world (see the module's `sample_chain`)."""
+        if self.relations is RELATIONS:
+            return sample_chain(rng, hops, avoid_types)
+        if hops > self.longest_chain():
+            raise ValueError(f"world spec {self.spec} allows chains of at most {self.longest_chain()} hops, "
+                             f"not {hops}; use more relations or fewer hops (complexity hops=)")
+        # Only types that can start a long enough chain, so a small world does not run out of tries.
+        starts = [t for t, reach in self.reach().items() if reach >= hops]
+        return _walk_chain(rng, hops, avoid_types, self.relations_by_subject, starts)
+
 
 def sample_chain(rng: random.Random, hops: int, avoid_types: Iterable[str] = ()) -> list[Relation]:
     """A random path of `hops` relations through distinct entity types.
@@ -539,17 +782,22 @@ def sample_chain(rng: random.Random, hops: int, avoid_types: Iterable[str] = ())
     Only the last hop may end in a value; types never repeat, so a chain cannot loop back
     (capital of the country of a city). Raises ValueError if no such path exists.
     """
+    return _walk_chain(rng, hops, avoid_types, RELATIONS_BY_SUBJECT, list(ENTITY_TYPES))
+
+
+def _walk_chain(rng: random.Random, hops: int, avoid_types: Iterable[str],
+                relations_by_subject: dict[str, tuple[Relation, ...]], types: list[str]) -> list[Relation]:
     if hops < 1:
         raise ValueError(f"hops must be at least 1, got {hops}")
     avoid = set(avoid_types)
-    starts = [t for t in ENTITY_TYPES if t not in avoid]
+    starts = [t for t in types if t not in avoid]
     for _ in range(64):
         chain: list[Relation] = []
         current = rng.choice(starts)
         seen = {current} | avoid
         for hop in range(hops):
             last = hop == hops - 1
-            options = [r for r in RELATIONS_BY_SUBJECT[current]
+            options = [r for r in relations_by_subject[current]
                        if (not r.chains and last) or (r.chains and r.target not in seen)]
             if not last:
                 options = [r for r in options if r.chains]
