@@ -662,15 +662,15 @@ def _spine(rng: random.Random, length: int) -> list[Relation]:
 
 
 def entity_pools(size: int, seed: int = 0) -> dict[str, tuple[str, ...]]:
-    """`size` names per entity type, seeded; the pool of a smaller size is a prefix of a larger one.
+    """`size` names per entity type, seeded (each type from its own stream).
 
     No name equals, contains or is contained in a name of any type already drawn (letter case
     ignored), so an answer never matches inside another name and no name hides in a question.
     """
-    rng = random.Random(f"world-pool|{seed}")
     taken: list[str] = []
     pools: dict[str, tuple[str, ...]] = {}
     for entity in _ENTITY_TYPES:
+        rng = random.Random(f"world-pool|{seed}|{entity.key}")
         names: list[str] = []
         for _ in range(200 * size):
             if len(names) == size:

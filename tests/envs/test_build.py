@@ -8,7 +8,7 @@ import random
 import pytest
 
 from experiments import build_envs
-from ftrl_jax.envs import build, samples
+from ftrl_jax.envs import build, procedural, samples, world as world_lib
 from ftrl_jax.envs.procedural import ProceduralAuthor
 from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.envs.stages import (COMPLEXITY_PRESETS, SCENARIO_KINDS, Case, Complexity, Scenario, StageError,
@@ -242,4 +242,51 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert build_envs.main(["--num=2", out, "--author=llm"]) == 2
     err = capsys.readouterr().err
     assert "unknown kinds ['quiz']" in err and "--complexity" in err and "--base_url" in err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+# --- small worlds ---------------------------------------------------------------------------
+
+SMALL_WORLD = "pool=32,relations=12,fixed_names=1"
+
+
+def test_small_world_builds_and_validates_every_scenario_kind(sandbox):
+    envs, report = build.build_environments(80, seed=0, complexity="low", sandbox=sandbox, world=SMALL_WORLD)
+    assert len(envs) == 80 and not report.dropped
+    assert collections.Counter(e.scenario.kind for e in envs) == {k: 20 for k in SCENARIO_KINDS}
+    full, _ = build.build_environments(80, seed=0, complexity="low", sandbox=sandbox)
+    assert len(build.distinct_tool_names(envs)) <= 12 + 12 < len(build.distinct_tool_names(full))
+    # Training and held-out builds differ in fact seed but share the world's names and relations.
+    held_out, _ = build.build_environments(40, seed=1, complexity="low", sandbox=sandbox, world=SMALL_WORLD)
+    training_world = ProceduralAuthor(world_seed=0, spec=SMALL_WORLD).world
+    canonical = {procedural.canonical_tool_name(r) for r in training_world.relations.values()}
+    profiles = {procedural.canonical_profile_name(t) for t in world_lib.ENTITY_TYPES}
+    assert build.distinct_tool_names(held_out) <= canonical | profiles
+    assert {sq.relation for e in held_out for sq in e.scenario.sub_questions} <= set(training_world.relations)
+
+
+def test_build_rejects_a_world_that_cannot_supply_the_kinds(sandbox):
+    with pytest.raises(ValueError, match="'multi_hop' needs chains of 3 hops"):
+        build.build_environments(4, seed=0, complexity="low,hops=3", kinds=["multi_hop"], sandbox=sandbox,
+                                 world="relations=capital+city_population")
+    with pytest.raises(ValueError, match="pass the world spec to the author"):
+        build.build_environments(4, seed=0, author=ProceduralAuthor(), sandbox=sandbox, world=SMALL_WORLD)
+
+
+def test_cli_world_is_deterministic_and_validated(tmp_path, capsys):
+    paths = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    for path in paths:
+        argv = ["--num=24", "--seed=5", f"--out={path}", "--complexity=low", "--workers=2", "--no_progress",
+                f"--world={SMALL_WORLD}"]
+        assert build_envs.main(argv) == 0
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    assert f"world {SMALL_WORLD}" in capsys.readouterr().out
+    rows, errors = samples.read_samples(paths[0])
+    assert errors == [] and len(rows) == 24
+    out = f"--out={tmp_path / 'x.jsonl'}"
+    assert build_envs.main(["--num=2", out, "--world=pool=1"]) == 2
+    assert build_envs.main(["--num=2", out, "--world=relations=capital", "--scenarios=multi_hop"]) == 2
+    err = capsys.readouterr().err
+    assert "--world: " in err and "entity_pool must be an integer >= 2" in err
+    assert "'multi_hop' needs chains of 3 hops" in err and "allows at most 1" in err
     assert not (tmp_path / "x.jsonl").exists()

@@ -4,15 +4,17 @@ Rendered code is our own (generated from world facts), so these tests exec it in
 its behaviour quickly; test_build.py executes it through the sandbox.
 """
 
+import collections
 import dataclasses
 import json
 import random
+import re
 import statistics
 
 import pytest
 
 from ftrl_jax import rewards
-from ftrl_jax.envs import world as world_lib
+from ftrl_jax.envs import procedural, world as world_lib
 from ftrl_jax.envs.procedural import ProceduralAuthor, render_tool_code
 from ftrl_jax.envs.stages import (SCENARIO_KINDS, Complexity, Environment, Scenario, SubQuestion,
                                   check_codes, check_scenario, check_toolset, construct, environment_rng)
@@ -253,3 +255,111 @@ def test_tool_names_vary_across_environments():
     assert len(names) > 80
     assert all(name.isidentifier() for name in names)
     assert sum(any(s in name for s in world_lib.TOOL_SUFFIXES) for name in names) == len(names)
+
+
+# --- world spec: small, learnable worlds ------------------------------------------------------
+
+SMALL = world_lib.WorldSpec.parse("pool=32,relations=12,fixed_names=1")
+
+
+def _small_environments(kind, complexity, count=30, seed=0, spec=SMALL):
+    author = ProceduralAuthor(world_seed=seed, spec=spec)
+    return author, [construct(author, kind, complexity, environment_rng(seed, i)) for i in range(count)]
+
+
+@pytest.mark.parametrize("kind", list(SCENARIO_KINDS))
+def test_pooled_names_recur_and_stay_within_the_pool(kind):
+    author, envs = _small_environments(kind, LOW, spec=world_lib.WorldSpec(entity_pool=6, relations=6))
+    mentions = []
+    for env in envs:
+        for sq in env.scenario.sub_questions:
+            relation = world_lib.RELATIONS[sq.relation]
+            if not sq.depends_on:
+                assert sq.subject in author.world.pools[relation.subject]
+                mentions.append(sq.subject)
+            if relation.chains:
+                assert sq.answer in author.world.pools[relation.target]
+                mentions.append(sq.answer)
+        for tool in env.tools:
+            for case in tool.cases:
+                key = next(p for p in tool.parameters["required"] if p.endswith(("_name", "_title")))
+                assert any(case.arguments[key] in pool for pool in author.world.pools.values())
+        asked = [(sq.relation, sq.subject) for sq in env.scenario.sub_questions]
+        assert len(asked) == len(set(asked)), "a sub-question is asked twice"
+    relations = author.world.relations.values()
+    in_play = {r.subject for r in relations} | {r.target for r in relations if r.chains}
+    assert len(set(mentions)) <= 6 * len(in_play) < len(mentions)
+    assert max(collections.Counter(mentions).values()) >= 3  # names recur across environments
+
+
+@pytest.mark.parametrize("complexity", [LOW, HIGH])
+def test_only_the_subset_relations_reach_questions_and_tool_documents(complexity):
+    spec = world_lib.WorldSpec(relations=12, seed=2)
+    author = ProceduralAuthor(world_seed=0, spec=spec)
+    subset = author.world.relations
+    assert len(subset) == 12
+    summaries = {r.summary for r in world_lib.RELATIONS.values()}
+    for kind in SCENARIO_KINDS:
+        for i in range(15):
+            env = construct(author, kind, complexity, environment_rng(0, i))
+            assert {sq.relation for sq in env.scenario.sub_questions} <= set(subset)
+            for tool in env.tools:
+                subject_type = next(world_lib.ENTITY_TYPES[t].key for t in world_lib.ENTITY_TYPES
+                                    if world_lib.ENTITY_TYPES[t].param in tool.parameters["required"])
+                for case in tool.cases:
+                    assert world_lib.RELATION_BY_FIELD[(subject_type, case.field)].key in subset
+                named = {s for s in summaries if s in tool.description}
+                assert named <= {r.summary for r in subset.values()}, tool.description
+
+
+def test_fixed_names_give_one_document_per_relation_across_environments():
+    documents: dict[str, set[str]] = {}
+    author = None
+    for kind in SCENARIO_KINDS:
+        author, envs = _small_environments(kind, LOW, count=40)
+        for env in envs:
+            for tool in env.tools:
+                documents.setdefault(tool.name, set()).add(json.dumps(tool.schema(), sort_keys=True))
+    relation_names = {procedural.canonical_tool_name(r): r for r in author.world.relations.values()}
+    profile_names = {procedural.canonical_profile_name(t) for t in world_lib.ENTITY_TYPES}
+    assert set(documents) <= set(relation_names) | profile_names
+    assert len(set(documents) & set(relation_names)) >= 10
+    for name, relation in relation_names.items():
+        if name in documents:
+            assert len(documents[name]) == 1, (name, documents[name])
+            assert relation.summary in next(iter(documents[name]))
+    # Without fixed names the same world varies its tool names.
+    _, varied = _small_environments("single_hop", LOW, count=40, spec=dataclasses.replace(SMALL, fixed_tool_names=False))
+    assert len({t.name for e in varied for t in e.tools}) > len(relation_names)
+
+
+def test_fixed_names_hold_at_high_complexity_for_tool_and_selector_names():
+    author, envs = _small_environments("parallel_multi_hop", HIGH, count=20)
+    allowed = ({procedural.canonical_tool_name(r) for r in author.world.relations.values()}
+               | {procedural.canonical_profile_name(t) for t in world_lib.ENTITY_TYPES})
+    for env in envs:
+        for tool in env.tools:
+            # Two tools about one type (a question's and a distractor's) keep apart by a suffix.
+            assert re.sub(r"_[0-9]+$", "", tool.name) in allowed
+            assert set(tool.parameters["required"][1:]) <= {"field"}
+        assert check_toolset(env.scenario, env.tools) == []
+
+
+def test_check_names_kinds_a_small_world_cannot_build():
+    author = ProceduralAuthor(spec=world_lib.WorldSpec(relations=("capital", "city_population")))
+    assert author.check(list(SCENARIO_KINDS), LOW) == []
+    errors = author.check(list(SCENARIO_KINDS), HIGH)
+    assert len(errors) == 2 and "'multi_hop' needs chains of 4 hops" in errors[0]
+    assert "'parallel_multi_hop'" in errors[1] and "allows at most 2" in errors[1]
+    with pytest.raises(ValueError, match="allows chains of at most 2 hops"):
+        author.decompose("multi_hop", HIGH, random.Random(0))
+
+
+def test_a_small_world_runs_out_of_distractors_without_failing():
+    author = ProceduralAuthor(spec=world_lib.WorldSpec(relations=4, entity_pool=8))
+    hops = Complexity.parse(f"high,hops={author.world.longest_chain()}")
+    for kind in SCENARIO_KINDS:
+        for i in range(10):
+            env = construct(author, kind, hops, environment_rng(0, i))
+            fields = {c.field for t in env.tools for c in t.cases}
+            assert len(env.tools) <= 4 and fields <= {r.field for r in author.world.relations.values()}

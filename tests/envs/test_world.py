@@ -1,6 +1,7 @@
 """The synthetic world: consistent facts, valid chains, names fit for questions and answers."""
 
 import random
+import re
 
 import pytest
 
@@ -89,3 +90,89 @@ def test_relation_phrases_read_as_noun_phrases():
         for phrase in relation.phrases:
             assert phrase.startswith("the "), (relation.key, phrase)
             assert phrase.count("{x}") == 1
+
+
+# --- world spec: entity pools, relation subsets ------------------------------------------
+
+def test_world_spec_parses_its_text_form_and_names_bad_parts():
+    spec = world_lib.WorldSpec.parse("pool=40, relations=12, fixed_names=1")
+    assert spec == world_lib.WorldSpec(entity_pool=40, relations=12, fixed_tool_names=True)
+    assert world_lib.WorldSpec.parse(str(spec)) == spec
+    keyed = world_lib.WorldSpec.parse("relations=capital+birth_city,seed=3,pool=8")
+    assert keyed.relations == ("capital", "birth_city") and keyed.seed == 3
+    assert world_lib.WorldSpec.parse(str(keyed)) == keyed
+    for text in ("", "full", "default"):
+        assert world_lib.WorldSpec.parse(text) == world_lib.WorldSpec()
+    assert str(world_lib.WorldSpec()) == "full"
+    bad = {"size=3": "cannot read world spec part 'size=3'", "pool=x": "pool='x'",
+           "pool=1": "entity_pool must be an integer >= 2", "relations=0": "relations must be a count in 1..",
+           "relations=capital+moon": "unknown: ['moon']", "fixed_names=maybe": "fixed_names='maybe'"}
+    for text, message in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            world_lib.WorldSpec.parse(text)
+
+
+def test_entity_pools_are_seeded_and_distinct_across_types():
+    pools = world_lib.entity_pools(24, seed=0)
+    assert set(pools) == set(world_lib.ENTITY_TYPES)
+    assert all(len(pool) == 24 for pool in pools.values())
+    assert pools == world_lib.entity_pools(24, seed=0)
+    assert pools != world_lib.entity_pools(24, seed=1)
+    names = [n.lower() for pool in pools.values() for n in pool]
+    # No name equals or hides inside another, of any type, so matching a name cannot hit a wrong one.
+    for i, name in enumerate(names):
+        assert not any(name in other for other in names[:i] + names[i + 1:]), name
+
+
+def test_pooled_world_draws_names_from_its_pool_and_keeps_facts_pure():
+    spec = world_lib.WorldSpec(entity_pool=8)
+    world, again = world_lib.World(3, spec), world_lib.World(3, spec)
+    rng = random.Random(0)
+    drawn = [world.entity("city", rng) for _ in range(200)]
+    assert set(drawn) == set(world.pools["city"])  # 200 draws from 8 names: each recurs
+    for relation in ("birth_city", "capital", "mayor", "city_population"):
+        for subject in world.pools[world_lib.RELATIONS[relation].subject]:
+            assert world.fact(relation, subject) == again.fact(relation, subject)
+            if world_lib.RELATIONS[relation].chains:
+                assert world.fact(relation, subject) in world.pools[world_lib.RELATIONS[relation].target]
+    # Same pool, another fact seed: names are shared, facts are not.
+    other = world_lib.World(4, spec)
+    assert other.pools == world.pools
+    assert [other.fact("capital", c) for c in world.pools["country"]] != \
+        [world.fact("capital", c) for c in world.pools["country"]]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 8, 12, 30])
+def test_relation_subsets_are_seeded_connected_and_keep_multi_hop_chains(count):
+    keys = world_lib.choose_relations(count, seed=0)
+    assert len(keys) == count == len(set(keys)) and set(keys) <= set(world_lib.RELATIONS)
+    assert keys == world_lib.choose_relations(count, seed=0)
+    assert any(world_lib.choose_relations(count, seed=s) != keys for s in (1, 2, 3))
+    world = world_lib.World(0, world_lib.WorldSpec(relations=count))
+    assert tuple(world.relations) == keys
+    # Chain-friendly relations come first: a spine of min(count // 2, 4) chaining hops plus a value.
+    assert world.longest_chain() >= min(count // 2, 4) + (count >= 2)
+    rng = random.Random(count)
+    for hops in range(1, world.longest_chain() + 1):
+        for _ in range(40):
+            chain = world.sample_chain(rng, hops)
+            assert len(chain) == hops and all(r.key in keys for r in chain)
+            for left, right in zip(chain, chain[1:]):
+                assert left.chains and left.target == right.subject
+
+
+def test_small_world_refuses_chains_longer_than_its_relations_allow():
+    world = world_lib.World(0, world_lib.WorldSpec(relations=("capital", "city_population")))
+    assert world.longest_chain() == 2
+    assert world.reach()["country"] == 2 and world.reach()["city"] == 1 and world.reach()["person"] == 0
+    assert [r.key for r in world.sample_chain(random.Random(0), 2)] == ["capital", "city_population"]
+    with pytest.raises(ValueError, match="allows chains of at most 2 hops, not 3"):
+        world.sample_chain(random.Random(0), 3)
+
+
+def test_full_world_spec_keeps_the_schema_tables():
+    world = world_lib.World(0)
+    assert world.relations is world_lib.RELATIONS and world.pools is None
+    assert world.relations_by_subject is world_lib.RELATIONS_BY_SUBJECT
+    rng_a, rng_b = random.Random(5), random.Random(5)
+    assert [world.sample_chain(rng_a, 3) for _ in range(20)] == [world_lib.sample_chain(rng_b, 3) for _ in range(20)]
