@@ -329,7 +329,8 @@ def test_fixed_names_give_one_document_per_relation_across_environments():
             assert len(documents[name]) == 1, (name, documents[name])
             assert relation.summary in next(iter(documents[name]))
     # Without fixed names the same world varies its tool names.
-    _, varied = _small_environments("single_hop", LOW, count=40, spec=dataclasses.replace(SMALL, fixed_tool_names=False))
+    varied_spec = dataclasses.replace(SMALL, fixed_tool_names=False)
+    _, varied = _small_environments("single_hop", LOW, count=40, spec=varied_spec)
     assert len({t.name for e in varied for t in e.tools}) > len(relation_names)
 
 
