@@ -259,6 +259,25 @@ def test_empty_thirds_are_reported_not_evaluated():
     assert len(calls) == 4  # base, tuned, restore and graft of the lower third
 
 
+def test_headline_metrics_fall_back_to_the_episode_mean():
+    from ftrl_jax.evaluation import summarize
+
+    rows = [{"data_source": "self/multi_hop", "solve_precision": 1.0, "solve_rate": 0.5, "solve_f1": 0.6},
+            {"data_source": "self/multi_hop", "solve_precision": 0.0, "solve_rate": 0.0, "solve_f1": 0.0},
+            {"data_source": "self/single_hop", "solve_precision": 1.0, "solve_rate": 1.0, "solve_f1": 1.0}]
+
+    class Report:
+        episodes = rows
+        scenario_average = summarize(rows)[1]
+
+    metrics, basis = attribution.headline_metrics(Report)
+    assert basis == "average over scenario types" and metrics["solve_f1"] == pytest.approx((0.3 + 1.0) / 2)
+    Report.episodes = [dict(r, data_source="toolhop") for r in rows]
+    Report.scenario_average = {}
+    metrics, basis = attribution.headline_metrics(Report)
+    assert basis.startswith("mean over episodes") and metrics["solve_f1"] == pytest.approx(1.6 / 3)
+
+
 # ---------------------------------------------------------------------------- a main-job run's layout
 
 def save_run(root, base, tuned, tokenizer, samples, *, steps=(1, 2), dtype=None):
@@ -426,6 +445,9 @@ def test_command_line_reports_bad_input(run_dir, tmp_path, capsys):
     models.save_pretrained(other, models.init_params(other, jax.random.PRNGKey(0)), str(tmp_path / "other"))
     assert attribution.main([f"--base={tmp_path / 'other'}", f"--tuned={root}/export", *common]) == 2
     assert "not the same architecture" in capsys.readouterr().err
+
+    with pytest.raises(FileNotFoundError, match="no tokenizer .* pass --tokenizer=DIR"):
+        attribution.find_tokenizer_dir(str(tmp_path / "other"), checkpoints.open_checkpoint(tmp_path / "other"))
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": 3}\n')
