@@ -48,6 +48,9 @@ def _base() -> ml_collections.ConfigDict:
     c.envs.num_eval = 64
     c.envs.scenarios = "single_hop,parallel_single_hop,multi_hop,parallel_multi_hop"
     c.envs.complexity = "low"
+    # A small world (recurring names, 12 relations, one tool name per relation) that a 3M-parameter model can
+    # learn on a CPU in minutes; "" is the full world (FTRL-like variety).
+    c.envs.world = "pool=32,relations=12,fixed_names=1"
     c.envs.train_file = ""         # optional sample-format file instead of building
     c.envs.eval_file = ""
 
@@ -120,6 +123,7 @@ def _paper(name: str) -> ml_collections.ConfigDict:
     c.envs.num_train = 2048
     c.envs.num_eval = 200
     c.envs.complexity = "high"
+    c.envs.world = ""
     c.warmup.num_steps = 0  # real instruction-tuned checkpoints already call tools
     c.rollout.max_new_tokens = 8192 if thinking else 1024
     c.rollout.max_prompt_tokens = 8192

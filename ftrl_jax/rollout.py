@@ -132,6 +132,10 @@ class LocalPolicy:
                 f"max_prompt_tokens={max_prompt_tokens} + max_new_tokens={max_new_tokens} must fit the model's "
                 f"max_position_embeddings={context} (and max_prompt_tokens must be >= 1); lower one of them"
             )
+        if len(tokenizer) > config.vocab_size:
+            # Ids past the embedding table would be silently clamped by the gather, not rejected.
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                             f"{config.vocab_size}; use the tokenizer the model was trained with")
         self.config = config
         self.params = params
         self.tokenizer = tokenizer

@@ -115,14 +115,16 @@ def prepare_environments(config, workdir: str, sandbox: Sandbox) -> tuple[list[S
         built = {}
         for split, num, offset in (("train", config.envs.num_train, 1), ("eval", config.envs.num_eval, 2)):
             # Extra eval environments cover the ones dropped for sharing a question with training.
-            want = num if split == "train" else num + max(8, num // 4)
+            want = num if split == "train" else 2 * num + 8
             envs, report = env_build.build_environments(want, seed=config.seed * 1000 + offset, kinds=_kinds(config),
-                                                        complexity=config.envs.complexity, sandbox=sandbox)
+                                                        complexity=config.envs.complexity, sandbox=sandbox,
+                                                        world=config.envs.world or None)
             built[split] = [e.to_sample(split) for e in envs]
             log.info("built %d %s environments (%s dropped: %s)", len(envs), split,
                      sum(report.dropped.values()), dict(report.dropped))
         seen = {s.messages[0]["content"] for s in built["train"]}
-        built["eval"] = [s for s in built["eval"] if s.messages[0]["content"] not in seen][: config.envs.num_eval]
+        built["eval"] = _balanced([s for s in built["eval"] if s.messages[0]["content"] not in seen],
+                                  config.envs.num_eval)
         write_samples(train_file, built["train"])
         write_samples(eval_file, built["eval"])
         log.info("environments ready in %.1fs", time.perf_counter() - started)
@@ -135,6 +137,19 @@ def prepare_environments(config, workdir: str, sandbox: Sandbox) -> tuple[list[S
             raise TrainingError(f"no usable environments in {path}")
         splits.append(samples)
     return splits[0], splits[1]
+
+
+def _balanced(samples: Sequence[Sample], num: int) -> list[Sample]:
+    """The first `num` samples taking scenario types in turn, so each type is equally represented."""
+    by_kind: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_kind.setdefault(s.data_source, []).append(s)
+    out: list[Sample] = []
+    while len(out) < num and any(by_kind.values()):
+        for kind in sorted(by_kind):
+            if by_kind[kind] and len(out) < num:
+                out.append(by_kind[kind].pop(0))
+    return out
 
 
 def prepare_tokenizer(config, workdir: str, train: Sequence[Sample]):

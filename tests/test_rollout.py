@@ -311,7 +311,7 @@ def _stopping_at_first_odd_spelling(config, params, tokenizer, prompts_policy, s
 
 def test_local_policy_end_to_end_records_consistent_ids_and_logprobs(sandbox):
     tokenizer = default_tokenizer()
-    config = models.preset("tiny", num_layers=1, tie_word_embeddings=False)
+    config = models.preset("tiny", num_layers=1, tie_word_embeddings=False, vocab_size=len(tokenizer))
     params = models.init_params(config, jax.random.PRNGKey(0))
     samples = [toy_sample(), toy_sample(unsolved={"greet": ["Hello, Ada"]})]
     samples[1].messages[0]["content"] += " Please."
