@@ -8,7 +8,8 @@
 `--model` is a Hugging Face policy directory or a training WORKDIR (its export/ is served). Routes:
 `POST /v1/chat/completions` (messages, tools, temperature, top_p, top_k, max_tokens, seed, stop, n,
 chat_template_kwargs.enable_thinking), `GET /v1/models`, `GET /health`. Requests that arrive within
-`--batch_window_ms` of each other are generated together by the jit sampler. See ftrl_jax/serving.py.
+`--batch_window_ms` of each other (for at most `--max_wait_ms`) are generated together by the jit
+sampler. See ftrl_jax/serving.py.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tensor_parallel", type=int, default=1, help="devices to shard the weights over")
     parser.add_argument("--max_batch_size", type=int, default=64, help="conversations generated in one call at most")
     parser.add_argument("--batch_window_ms", type=float, default=5.0,
-                        help="how long the first request of a batch waits for others")
+                        help="a batch closes when no request arrived for this long ...")
+    parser.add_argument("--max_wait_ms", type=float, default=50.0,
+                        help="... or this long after its first request")
     parser.add_argument("--default_max_tokens", type=int, default=512, help="max_tokens of requests that send none")
     parser.add_argument("--max_prompt_tokens", type=int, default=None,
                         help="prompt budget (default: the context minus the request's max_tokens)")
@@ -61,7 +64,8 @@ def build_service(args: argparse.Namespace) -> serving.PolicyService:
     factory = serving.local_policy_factory(policy.config, policy.params, policy.tokenizer, template=policy.template,
                                            max_prompt_tokens=args.max_prompt_tokens)
     engine = serving.BatchingEngine(factory, max_batch_size=args.max_batch_size,
-                                    batch_window_s=args.batch_window_ms / 1000.0)
+                                    batch_window_s=args.batch_window_ms / 1000.0,
+                                    max_wait_s=args.max_wait_ms / 1000.0)
     limits = serving.ServerLimits(model_name=args.served_model_name or args.model, context_length=context,
                                   template=policy.template, default_max_tokens=args.default_max_tokens,
                                   enable_thinking=args.enable_thinking)

@@ -446,8 +446,8 @@ class _Pending:
 class BatchingEngine:
     """Generates requests in batches on one worker thread.
 
-    The worker waits for a request, then keeps collecting for `batch_window_s` (or until
-    `max_batch_size` conversations are waiting), groups what it has by sampling key and makes one
+    The worker waits for a request, then keeps collecting while requests keep coming: until none has
+    arrived for `batch_window_s`, `max_wait_s` after the first, or `max_batch_size` conversations wait, groups what it has by sampling key and makes one
     generator call per group (a request asking for n choices contributes n conversations). Generators
     come from `generator_for(key)` and are kept for the `cached_generators` most recent keys, so a
     conversation's turns meet the same generator (and its memory of sampled ids); a seeded sampled
@@ -455,13 +455,15 @@ class BatchingEngine:
     """
 
     def __init__(self, generator_for: GeneratorFactory, *, max_batch_size: int = 64, batch_window_s: float = 0.005,
-                 cached_generators: int = 8) -> None:
-        if max_batch_size < 1 or batch_window_s < 0:
-            raise ValueError(f"need max_batch_size >= 1 and batch_window_s >= 0, got {max_batch_size}, "
-                             f"{batch_window_s}")
+                 max_wait_s: float | None = None, cached_generators: int = 8) -> None:
+        max_wait_s = 10 * batch_window_s if max_wait_s is None else max_wait_s
+        if max_batch_size < 1 or batch_window_s < 0 or max_wait_s < 0:
+            raise ValueError(f"need max_batch_size >= 1, batch_window_s >= 0 and max_wait_s >= 0, got "
+                             f"{max_batch_size}, {batch_window_s}, {max_wait_s}")
         self.generator_for = generator_for
         self.max_batch_size = int(max_batch_size)
         self.batch_window_s = float(batch_window_s)
+        self.max_wait_s = float(max_wait_s)
         self._cached = int(cached_generators)
         self._generators: collections.OrderedDict[SamplingKey, TurnGenerator] = collections.OrderedDict()
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
@@ -504,10 +506,13 @@ class BatchingEngine:
         """The requests of one round; the flag says the engine was closed meanwhile."""
         batch = [first]
         size = first.request.n
-        deadline = time.monotonic() + self.batch_window_s
+        # Clients released together arrive spread over the time their requests take to parse: a burst
+        # is gathered as long as it goes on, within a bound on the first request's wait.
+        latest = time.monotonic() + self.max_wait_s
         while size < self.max_batch_size:
+            timeout = min(self.batch_window_s, latest - time.monotonic())
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                item = self._queue.get(timeout=max(0.0, timeout))
             except queue.Empty:
                 break
             if item is None:

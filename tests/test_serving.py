@@ -4,6 +4,7 @@ and the jit policy served over HTTP giving what it gives in-process."""
 import concurrent.futures
 import http.client
 import json
+import time
 
 import jax
 import openai
@@ -199,6 +200,24 @@ def test_batches_respect_max_batch_size_and_a_failing_call_fails_only_its_reques
     assert engine.submit(request_for("after")).result(10)[0].text == "echo after"  # still serving
     assert engine.stats["failed_calls"] == 1
     engine.close()
+
+
+def test_a_burst_is_gathered_while_it_goes_on_within_the_longest_wait():
+    def submit_spaced(engine, count, gap_s):
+        futures = []
+        for i in range(count):
+            futures.append(engine.submit(request_for(str(i))))
+            time.sleep(gap_s)
+        return [f.result(10)[0].text for f in futures]
+
+    engine, calls, _ = echo_engine(batch_window_s=0.5, max_wait_s=5.0)
+    assert submit_spaced(engine, 4, 0.1) == [f"echo {i}" for i in range(4)]
+    engine.close()
+    assert [size for _, size in calls] == [4]  # 0.3 s in all, but never 0.5 s without a new request
+    engine, calls, _ = echo_engine(batch_window_s=0.5, max_wait_s=0.15)
+    submit_spaced(engine, 4, 0.1)
+    engine.close()
+    assert len(calls) > 1 and calls[0][1] < 4  # the first request waited 0.15 s at most
 
 
 def test_seeded_sampled_requests_run_alone_with_a_fresh_generator():
