@@ -6,7 +6,6 @@ Sizes are injected papermill-style: a cell assigning new values goes right after
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import nbformat

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from analysis import attribution, checkpoints, layer_deltas
-from analysis.attribution import GROUPS, ParamGroup, exchange_groups, gain_kept, swap_groups
+from analysis.attribution import GROUPS, exchange_groups, gain_kept, swap_groups
 from ftrl_jax import models
 from ftrl_jax.checkpointing import COMMIT_MARKER, Checkpointer
 from ftrl_jax.envs import build as env_build
