@@ -62,7 +62,7 @@ def _base() -> ml_collections.ConfigDict:
     c.warmup.fraction_of_envs = 0.5  # oracle trajectories of this share of train envs (leaves room for RL)
 
     c.rollout = ml_collections.ConfigDict()
-    c.rollout.max_turns = 20
+    c.rollout.max_turns = 6          # low-complexity plans need at most 3 turns; the paper presets use 20
     c.rollout.max_new_tokens = 96
     c.rollout.max_prompt_tokens = 1024
     c.rollout.temperature = 1.0
@@ -92,7 +92,7 @@ def _base() -> ml_collections.ConfigDict:
     c.rl.chunk_size = 128
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.max_turns = 20
+    c.eval.max_turns = 6
     c.eval.max_new_tokens = 96
 
     c.mesh = ml_collections.ConfigDict()
@@ -137,6 +137,8 @@ def _paper(name: str) -> ml_collections.ConfigDict:
     c.rl.num_minibatches = 4
     c.rl.num_microbatches = 16
     c.eval.max_new_tokens = c.rollout.max_new_tokens
+    c.rollout.max_turns = 20
+    c.eval.max_turns = 20
     c.checkpoint.every = 20
     return c
 
