@@ -15,6 +15,8 @@ RUNTIME = [
     "transformers==5.23.0",
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
+    "ml_dtypes>=0.5",
+    "tensorboardX>=2.6",
     "datasets==5.2.0",
     "pyarrow>=15",
     "ml_collections==1.1.0",
