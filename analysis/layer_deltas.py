@@ -436,8 +436,8 @@ def run(base_dir: str, tuned_dir: str, out_dir: str, *, log_scale: bool = False,
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m analysis.layer_deltas", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="base checkpoint directory (Hugging Face layout)")
-    parser.add_argument("--tuned", required=True, help="tuned checkpoint directory of the same architecture")
+    parser.add_argument("--base", required=True, help="base checkpoint (HF directory, orbax step dir or run workdir)")
+    parser.add_argument("--tuned", required=True, help="tuned checkpoint of the same architecture")
     parser.add_argument("--out", required=True, help="output directory (created)")
     parser.add_argument("--log_scale", action="store_true", help="log colour/y scale in the plots")
     return parser

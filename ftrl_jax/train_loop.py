@@ -235,6 +235,15 @@ def run_evaluation(config, model_config, params, tokenizer, mesh, samples, sandb
             "episodes_per_minute": report.episodes_per_minute}
 
 
+def _finite_loss(metrics, phase: str, step: int, checkpoint_dir: str, knob: str) -> float:
+    """The step's loss; a NaN/inf loss stops the run before the bad state can be checkpointed."""
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        raise TrainingError(f"{phase} loss is {loss} at step {step}; the last good checkpoint is kept in "
+                            f"{checkpoint_dir}; lower {knob} and resume")
+    return loss
+
+
 def warm_start(config, workdir, model_config, params, tokenizer, mesh, train, sandbox, logger) -> Any:
     """Supervised phase on oracle trajectories; returns the warm-started params (resumable)."""
     wc = config.warmup
@@ -266,10 +275,7 @@ def warm_start(config, workdir, model_config, params, tokenizer, mesh, train, sa
             batch = next(data)
             batch_tokens = int(batch["attention_mask"].sum())
             state, metrics = step_fn(state, batch)
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                raise TrainingError(f"warm-start loss is {loss} at step {step}; the last good checkpoint is kept in "
-                                    f"{ckpt.directory}; lower warmup.learning_rate and resume")
+            loss = _finite_loss(metrics, "warm-start", step, ckpt.directory, "warmup.learning_rate")
             dt = time.perf_counter() - t0
             logger.log("warmup", step + 1, {**metrics, "step_time": dt, "tokens_per_sec": float(batch_tokens) / dt})
             bar.set_postfix(loss=f"{loss:.3f}")
@@ -379,10 +385,7 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
         mask = batch["loss_mask"].astype(jnp.float32)
         batch["advantages"] = compute_advantages(rc.algorithm, jnp.asarray(scores), mask, group_size=rc.num_rollouts)
         state, metrics = step_fn(state, batch)
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss):
-            raise TrainingError(f"RL loss is {loss} at step {step}; the last good checkpoint is kept in "
-                                f"{ckpt.directory}; lower rl.learning_rate and resume")
+        _finite_loss(metrics, "RL", step, ckpt.directory, "rl.learning_rate")
         dt = time.perf_counter() - t0
         tokens = float(arrays["attention_mask"].sum())
         logger.log("rl", step + 1, {**metrics, **stats, "step_time": dt, "sample_time": t_sample,

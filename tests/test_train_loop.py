@@ -99,3 +99,10 @@ def test_parse_overrides():
         "num_layers": 2, "hidden_size": 128, "dtype": "bfloat16"}
     with pytest.raises(TrainingError, match="key=value"):
         parse_overrides("num_layers")
+
+
+def test_non_finite_loss_stops_the_run_with_what_to_do():
+    from ftrl_jax.train_loop import _finite_loss
+    assert _finite_loss({"loss": np.float32(1.5)}, "RL", 3, "/w/ck", "rl.learning_rate") == 1.5
+    with pytest.raises(TrainingError, match="RL loss is nan at step 3.*/w/ck.*lower rl.learning_rate"):
+        _finite_loss({"loss": np.float32("nan")}, "RL", 3, "/w/ck", "rl.learning_rate")
