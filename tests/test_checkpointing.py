@@ -23,9 +23,7 @@ OPTIMIZER = make_optimizer(1e-3, weight_decay=0.1)
 
 @functools.lru_cache(maxsize=None)
 def _params():
-    # Jitted here with the config static: test modules using the same CONFIG share one compile
-    # (init_params itself builds a new jitted initializer on every call).
-    return jax.jit(models.init_params, static_argnums=0)(CONFIG, jax.random.PRNGKey(0))
+    return models.init_params(CONFIG, jax.random.PRNGKey(0))
 
 
 def _state(seed: int):

@@ -15,6 +15,7 @@ Parameter tree (names follow the Hugging Face modules they map to):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -231,12 +232,16 @@ def _decoder(config: ModelConfig, remat: bool = False) -> Decoder:
     return Decoder(config, remat=remat)
 
 
+# Jitted once per config (static): a fresh jax.jit per call would recompile the initializer every time.
+@functools.partial(jax.jit, static_argnums=0)
+def _init_decoder_variables(config: ModelConfig, rng: jax.Array):
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return _decoder(config).init(rng, ids, ids, jnp.ones((1, 1, 1), bool))
+
+
 def init_params(config: ModelConfig, rng: jax.Array) -> Params:
     """Random parameters (normal(0.02) weights, unit norms, zero biases)."""
-    ids = jnp.zeros((1, 1), jnp.int32)
-    mask = jnp.ones((1, 1, 1), bool)
-    variables = jax.jit(_decoder(config).init)(rng, ids, ids, mask)
-    params = dict(variables["params"])
+    params = dict(_init_decoder_variables(config, rng)["params"])
     if not config.tie_word_embeddings:
         head = nn.initializers.normal(0.02)(jax.random.fold_in(rng, 7), (config.hidden_size, config.vocab_size),
                                             dtype_from_name(config.param_dtype))
