@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftrl_jax.models.config import ModelConfig
-from ftrl_jax.models.transformer import KVCache, Params, forward_with_cache, init_cache, output_head
+from ftrl_jax.models.config import ModelConfig, dtype_from_name
+from ftrl_jax.models.transformer import KVCache, Params, decode_step, output_head, prefill, split_layers
 
 
 @dataclasses.dataclass
@@ -82,8 +82,7 @@ def _select(logits: jax.Array, rng: jax.Array, sp: SamplingParams) -> tuple[jax.
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
-def _logits_at(config: ModelConfig, params: Params, hidden_bd: jax.Array) -> jax.Array:
-    head = output_head(config, params).astype(hidden_bd.dtype)
+def _logits_at(head: jax.Array, hidden_bd: jax.Array) -> jax.Array:
     return jnp.einsum("bd,dv->bv", hidden_bd, head, preferred_element_type=jnp.float32)
 
 
@@ -92,15 +91,14 @@ def _prefill(config: ModelConfig, params: Params, tokens: jax.Array, prompt_mask
              rng: jax.Array, *, sp: SamplingParams, max_new_bucket: int) -> DecodeState:
     """Runs the left-padded prompts [B, P] through the model and samples the first new token."""
     b, p = tokens.shape
-    cache = init_cache(config, b, p + max_new_bucket)
     key_valid = jnp.zeros((b, p + max_new_bucket), bool).at[:, :p].set(prompt_mask.astype(bool))
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
     prompt_valid = prompt_mask.astype(bool)
     mask = jnp.tril(jnp.ones((p, p), bool))[None] & prompt_valid[:, None, :]
     # Nothing is cached yet: the prompt attends only to itself, and its keys/values fill the first slots.
-    hidden, cache = forward_with_cache(config, params, tokens, positions, mask, cache, jnp.int32(0), None)
+    hidden, cache = prefill(config, params, tokens, positions, mask, p + max_new_bucket)
     rng, sub = jax.random.split(rng)
-    token, logp = _select(_logits_at(config, params, hidden[:, -1]), sub, sp)
+    token, logp = _select(_logits_at(output_head(config, params).astype(hidden.dtype), hidden[:, -1]), sub, sp)
     stop = jnp.asarray(sp.stop_token_ids or (-1,), jnp.int32)
     done = jnp.isin(token, stop) | ~row_active
     out_tokens = jnp.zeros((b, max_new_bucket), jnp.int32).at[:, 0].set(token)
@@ -109,10 +107,18 @@ def _prefill(config: ModelConfig, params: Params, tokens: jax.Array, prompt_mask
                        out_tokens, out_logprobs, rng)
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
+def _decode_weights(config: ModelConfig, params: Params) -> tuple[tuple[Params, ...], jax.Array]:
+    """Per-layer weights and the output head in compute dtype, made once per call outside the decode loop,
+    so the loop reads weights where they lie instead of slicing (or transposing) them at every step."""
+    return split_layers(params), output_head(config, params).astype(dtype_from_name(config.dtype))
+
+
 @functools.partial(jax.jit, static_argnames=("config", "sp"), donate_argnames=("state",))
-def _decode(config: ModelConfig, params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
-            sp: SamplingParams) -> DecodeState:
+def _decode(config: ModelConfig, params: Params, weights: tuple[tuple[Params, ...], jax.Array], state: DecodeState,
+            max_new_tokens: jax.Array, *, sp: SamplingParams) -> DecodeState:
     """Feeds the last token and samples the next one until all rows are done or the budget is spent."""
+    layers, head = weights
     prompt_len = state.key_valid.shape[1] - state.tokens.shape[1]
     stop = jnp.asarray(sp.stop_token_ids or (-1,), jnp.int32)
 
@@ -121,13 +127,12 @@ def _decode(config: ModelConfig, params: Params, state: DecodeState, max_new_tok
 
     def body(s: DecodeState) -> DecodeState:
         slot = prompt_len + s.step - 1  # cache slot of the token being fed
-        b = s.last_token.shape[0]
-        # The fed token sees the earlier valid slots and itself.
-        hidden, cache = forward_with_cache(config, params, s.last_token[:, None], s.next_pos[:, None],
-                                           jnp.ones((b, 1, 1), bool), s.cache, slot, s.key_valid[:, None, :])
+        # The fed token sees the earlier valid slots and its own.
         key_valid = s.key_valid.at[:, slot].set(True)
+        hidden, cache = decode_step(config, params, layers, s.last_token[:, None], s.next_pos[:, None], s.cache,
+                                    slot, key_valid[:, None, :])
         rng, sub = jax.random.split(s.rng)
-        token, logp = _select(_logits_at(config, params, hidden[:, 0]), sub, sp)
+        token, logp = _select(_logits_at(head, hidden[:, 0]), sub, sp)
         token = jnp.where(s.done, 0, token).astype(jnp.int32)
         logp = jnp.where(s.done, 0.0, logp)
         return DecodeState(
@@ -178,7 +183,7 @@ def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int
     if data_sharding is not None:
         batch = jax.device_put(batch, data_sharding)
     state = _prefill(config, params, *batch, rng, sp=sp, max_new_bucket=bucket(max_new_tokens))
-    state = _decode(config, params, state, jnp.int32(max_new_tokens), sp=sp)
+    state = _decode(config, params, _decode_weights(config, params), state, jnp.int32(max_new_tokens), sp=sp)
     out_tokens, out_logprobs, done = jax.device_get((state.tokens, state.logprobs, state.done))
     stop = set(sp.stop_token_ids)
     result = GenerationResult([], [], [])

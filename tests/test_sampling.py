@@ -39,6 +39,19 @@ def test_logprobs_match_forward(tmp_path):
         np.testing.assert_allclose(lps, expect, atol=2e-4)
 
 
+def test_bfloat16_decoding_tracks_a_bfloat16_forward():
+    """In bfloat16 the cached decode (per-layer buffers, f32 accumulation) stays close to a full forward pass."""
+    config = models.preset("tiny", vocab_size=211, num_layers=3, dtype="bfloat16", param_dtype="bfloat16")
+    params = models.init_params(config, jax.random.PRNGKey(0))
+    prompts = [[3, 4, 5], [7, 8, 9, 10, 11, 12, 13]]
+    res = generate(config, params, prompts, max_new_tokens=12)
+    for prompt, toks, lps in zip(prompts, res.tokens, res.logprobs):
+        logp = jax.nn.log_softmax(models.forward(config, params, jnp.asarray([prompt + toks]))[0], axis=-1)
+        expect = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(toks)]
+        np.testing.assert_allclose(lps, expect, atol=0.05)
+        assert all(np.isfinite(lps)) and max(abs(x) for x in lps) > 0.1  # real log-probs, not zeros
+
+
 def test_stop_tokens_end_each_row_independently():
     config = models.preset("tiny", vocab_size=64, num_layers=1)
     params = models.init_params(config, jax.random.PRNGKey(2))

@@ -3,11 +3,11 @@
 from ftrl_jax.models.checkpoint_io import load_pretrained, save_pretrained
 from ftrl_jax.models.config import (PRESETS, SUPPORTED_MODEL_TYPES, ModelConfig, config_from_hf, config_to_hf,
                                     load_hf_config, preset)
-from ftrl_jax.models.transformer import (KVCache, forward, forward_with_cache, hidden_states, init_cache,
+from ftrl_jax.models.transformer import (KVCache, decode_step, forward, hidden_states, init_cache, prefill, split_layers,
                                          init_params, logits_from_hidden, output_head)
 
 __all__ = [
     "PRESETS", "SUPPORTED_MODEL_TYPES", "ModelConfig", "config_from_hf", "config_to_hf", "load_hf_config", "preset",
-    "load_pretrained", "save_pretrained", "KVCache", "forward", "forward_with_cache", "hidden_states", "init_cache",
+    "load_pretrained", "save_pretrained", "KVCache", "decode_step", "forward", "hidden_states", "init_cache", "prefill", "split_layers",
     "init_params", "logits_from_hidden", "output_head",
 ]

@@ -2,7 +2,9 @@
 
 Layers are stacked with `nn.scan`, so every per-layer parameter has a leading `[num_layers]` axis
 (`layers/mlp/gate_proj/kernel` is `[L, D, F]`). This keeps compile time flat in depth and makes the
-layer axis explicit for sharding and per-layer analysis.
+layer axis explicit for sharding and per-layer analysis. Cached decoding (`decode_step`) instead runs the
+layers unrolled over per-layer copies of the weights (`split_layers`) and per-layer cache buffers: inside a
+decode loop, slicing a layer out of a stack copies it at every step.
 
 Parameter tree (names follow the Hugging Face modules they map to):
   embed_tokens/embedding [V, D]
@@ -29,19 +31,22 @@ Params = Any  # a nested dict of arrays
 
 
 class KVCache(NamedTuple):
-    """Static-shape key/value cache, one slab per layer: `k`, `v` are [L, B, K, S, hd].
+    """Static-shape key/value cache, one buffer per layer: `k[l]`, `v[l]` are [B, K, S, hd].
 
-    Heads before slots, so attention over the cache is a batched matmul with no transpose of the cache.
+    Separate per-layer buffers (not one [L, ...] slab) let every decode step read and update each layer's
+    cache in place; slicing a layer out of a stacked slab inside the decode loop copies it. Heads come before
+    slots, so attention over the cache is a batched matmul with no transpose.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
-    shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+    shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
     dtype = dtype or dtype_from_name(config.dtype)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    layers = range(config.num_layers)
+    return KVCache(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers))
 
 
 # ---------------------------------------------------------------------------- RoPE
@@ -97,9 +102,21 @@ class RMSNorm(nn.Module):
         return (scale.astype(jnp.float32) * x32).astype(x.dtype)
 
 
+def _dot_accumulate_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """Matmul that accumulates in float32 and returns the input dtype.
+
+    With bfloat16 inputs this is both the accurate choice and, on CPUs with bf16 matrix units, the fast one:
+    XLA:CPU runs bf16 x bf16 -> f32 ~3x faster than bf16 -> bf16 or f32 x f32.
+    """
+    del preferred_element_type
+    out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
+    return out.astype(jnp.result_type(lhs, rhs))
+
+
 def _dense(config: ModelConfig, features: int, use_bias: bool, name: str) -> nn.Dense:
     return nn.Dense(
         features,
+        dot_general=_dot_accumulate_f32,
         use_bias=use_bias,
         dtype=dtype_from_name(config.dtype),
         param_dtype=dtype_from_name(config.param_dtype),
@@ -122,12 +139,15 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache, cache_mask):
-        """x [B, T, D]; mask [B, T, T] among the new tokens (True = may attend).
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        """x [B, T, D]. Returns (output [B, T, D], keys/values).
 
-        With a cache, the new tokens also attend to this layer's cached keys/values `cache` = (k, v),
-        each [B, K, S, hd], where `cache_mask` [B, T, S] allows it (None: the cache is empty, skip it). The cache is only read here: the new
-        keys/values are returned and the caller writes all layers' at once, in place.
+        Without a cache, `mask` [B, T, T] says which new tokens each may see, and the keys/values returned
+        are the new tokens' ([B, K, T, hd] each). With `cache` = this layer's (k, v) buffers [B, K, S, hd],
+        the new keys/values are first written at slots `cache_index...`, then attention runs over the
+        whole buffer with `mask` [B, T, S]; the updated buffers are returned. Writing before reading lets
+        XLA update the buffers in place inside a decode loop (a read of the old buffer next to a write
+        would force a copy of it at every step).
         """
         c = self.config
         b, t, _ = x.shape
@@ -145,20 +165,14 @@ class Attention(nn.Module):
         q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim).transpose(0, 2, 3, 1, 4)
         q = q.reshape(b, c.num_kv_heads, groups * t, c.head_dim)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, hd]
-        scale = 1.0 / math.sqrt(c.head_dim)
-        scores = _scores(q, k, mask, scale)
-        use_cache = cache is not None and cache_mask is not None
-        if use_cache:
-            k_cache, v_cache = cache
-            scores = jnp.concatenate([_scores(q, k_cache, cache_mask, scale), scores], axis=-1)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        if cache is not None:
+            start = (0, 0, jnp.asarray(cache_index, jnp.int32), 0)
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
+        scores = _scores(q, k, mask, 1.0 / math.sqrt(c.head_dim))
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         probs = probs.reshape(b, c.num_kv_heads, groups * t, -1)
-        if use_cache:
-            s = k_cache.shape[2]
-            out = (jnp.einsum("bkqs,bksh->bkqh", probs[..., :s], v_cache.astype(probs.dtype))
-                   + jnp.einsum("bkqs,bksh->bkqh", probs[..., s:], v))
-        else:
-            out = jnp.einsum("bkqs,bksh->bkqh", probs, v)
+        out = jnp.einsum("bkqs,bksh->bkqh", probs, v.astype(probs.dtype))
         out = out.reshape(b, c.num_kv_heads, groups, t, c.head_dim).transpose(0, 3, 1, 2, 4)
         out = out.reshape(b, t, c.num_heads * c.head_dim)
         return _dense(c, c.hidden_size, False, "o_proj")(out), (k, v)
@@ -179,12 +193,12 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cache, cos, sin, mask, cache_mask):
-        """One block; `cache` is this layer's (k, v) slab or None. Returns (x, this step's new (k, v))."""
+    def __call__(self, x, cache, cos, sin, mask, cache_index=None):
+        """One block; `cache` is this layer's (k, v) buffers or None (see `Attention`). Returns (x, (k, v))."""
         c = self.config
         pdt = dtype_from_name(c.param_dtype)
         h, new_kv = Attention(c, name="self_attn")(
-            RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(x), cos, sin, mask, cache, cache_mask
+            RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(x), cos, sin, mask, cache, cache_index
         )
         x = x + h
         x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(x))
@@ -192,38 +206,30 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Returns final hidden states (after the last norm) and the updated cache."""
+    """Returns final hidden states (after the last norm) and every layer's new keys/values, stacked:
+    ([B, T, D], (k, v) each [L, B, K, T, hd])."""
 
     config: ModelConfig
     # Recompute each layer's activations in the backward pass (training memory vs. compute).
     remat: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, positions, mask, cache: KVCache | None = None, cache_index=0, cache_mask=None):
+    def __call__(self, input_ids, positions, mask):
         c = self.config
         pdt = dtype_from_name(c.param_dtype)
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype_from_name(c.dtype), param_dtype=pdt,
                          embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
         x = embed(input_ids)
         cos, sin = rope_tables(c, positions)
-        # Each layer reads its cache slab as a scan input and emits its new k/v as a scan output; the
-        # writes happen once, after the scan, so the cache is never copied layer by layer.
         stack = nn.scan(
             nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
         )
-        slabs = None if cache is None else (cache.k, cache.v)
-        x, (new_k, new_v) = stack(c, name="layers")(x, slabs, cos, sin, mask, cache_mask)
-        x = RMSNorm(c.rms_norm_eps, pdt, name="norm")(x)
-        if cache is None:
-            return x, None
-        zero = jnp.zeros((), jnp.int32)
-        start = (zero, zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
-        return x, KVCache(jax.lax.dynamic_update_slice(cache.k, new_k.astype(cache.k.dtype), start),
-                          jax.lax.dynamic_update_slice(cache.v, new_v.astype(cache.v.dtype), start))
+        x, new_kv = stack(c, name="layers")(x, None, cos, sin, mask, None)
+        return RMSNorm(c.rms_norm_eps, pdt, name="norm")(x), new_kv
 
 
 # ---------------------------------------------------------------------------- pure functions
@@ -291,15 +297,43 @@ def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
     return logits_from_hidden(config, params, hidden_states(config, params, input_ids, attention_mask))
 
 
-def forward_with_cache(config: ModelConfig, params: Params, input_ids: jax.Array, positions: jax.Array,
-                       mask: jax.Array, cache: KVCache, cache_index: jax.Array, cache_mask: jax.Array | None
-                       ) -> tuple[jax.Array, KVCache]:
-    """One prefill or decode step against a static cache.
+def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, positions: jax.Array, mask: jax.Array,
+            cache_len: int) -> tuple[jax.Array, KVCache]:
+    """Runs prompts [B, T] with nothing cached yet; `mask` [B, T, T] says which prompt tokens each may see.
 
-    input_ids/positions [B, T]; `mask` [B, T, T] among the new tokens; `cache_mask` [B, T, S] over the
-    cached slots they may see (None when the cache holds nothing yet, as in prefill). The T new keys/values are written at slots `cache_index...`. Returns final
-    hidden states [B, T, D] and the updated cache.
+    Returns final hidden states [B, T, D] and a cache of `cache_len` slots whose first T hold the prompt.
     """
     decoder_params = {k: v for k, v in params.items() if k != "lm_head"}
-    return _decoder(config).apply({"params": decoder_params}, input_ids, positions, mask, cache, cache_index,
-                                  cache_mask)
+    hidden, (k, v) = _decoder(config).apply({"params": decoder_params}, input_ids, positions, mask)
+    dtype = dtype_from_name(config.dtype)
+    pad = ((0, 0), (0, 0), (0, cache_len - input_ids.shape[1]), (0, 0))
+    return hidden, KVCache(tuple(jnp.pad(k[i].astype(dtype), pad) for i in range(config.num_layers)),
+                           tuple(jnp.pad(v[i].astype(dtype), pad) for i in range(config.num_layers)))
+
+
+def split_layers(params: Params) -> tuple[Params, ...]:
+    """The stacked `layers` subtree as one tree per layer (copies: do it once, outside a decode loop)."""
+    num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+    return tuple(jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(num_layers))
+
+
+def decode_step(config: ModelConfig, params: Params, layers: tuple[Params, ...], input_ids: jax.Array,
+                positions: jax.Array, cache: KVCache, cache_index: jax.Array, mask: jax.Array
+                ) -> tuple[jax.Array, KVCache]:
+    """Feeds new tokens input_ids/positions [B, T] against the cache, layer by layer (unrolled).
+
+    `layers` is `split_layers(params)`: separate per-layer weights, so nothing is sliced out of a stack at
+    each step. The new tokens' keys/values are written at slots `cache_index...` of every layer's buffer, in
+    place; then each new token sees the slots that `mask` [B, T, S] allows (its own slot included).
+    Returns final hidden states [B, T, D] and the updated cache.
+    """
+    c = config
+    x = jnp.take(params["embed_tokens"]["embedding"].astype(dtype_from_name(c.dtype)), input_ids, axis=0)
+    cos, sin = rope_tables(c, positions)
+    new_k, new_v = [], []
+    for layer, k_cache, v_cache in zip(layers, cache.k, cache.v):
+        x, (k, v) = DecoderLayer(c).apply({"params": layer}, x, (k_cache, v_cache), cos, sin, mask, cache_index)
+        new_k.append(k)
+        new_v.append(v)
+    x = RMSNorm(c.rms_norm_eps, dtype_from_name(c.param_dtype)).apply({"params": params["norm"]}, x)
+    return x, KVCache(tuple(new_k), tuple(new_v))
