@@ -8,10 +8,12 @@ included: with tied embeddings the output head is the same matrix, and its matmu
 6 = forward + backward matmul FLOPs per parameter and token, 12 L T D = attention scores and
 values (forward + backward; the full T x T square, which is what the dense attention computes).
 Layer remat recomputes the forward pass, so the hardware does ~8 N per token; MFU counts model
-FLOPs only, as is usual. The peak is measured here: the best rate of a jitted float32
-`--peak-size`^3 matmul.
+FLOPs only, as is usual. The peak is measured here: the best rate of a jitted `--peak-size`^3 matmul
+in each compute dtype. `--dtypes float32 bfloat16` runs each step with float32 parameters and optimizer
+state and that compute dtype (bfloat16 = mixed precision: matmuls in bf16 with f32 accumulation).
 
-    python -m benchmarks.bench_train_step [--presets tiny smol-135m] [--steps 3] [--batch 8] [--seq 256]
+    python -m benchmarks.bench_train_step [--presets tiny smol-135m] [--dtypes float32 bfloat16] [--steps 3]
+        [--batch 8] [--seq 256]
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ from ftrl_jax.sft import make_sft_step
 from ftrl_jax.train_state import create_train_state, shard_state
 
 
-def measure_matmul_peak(size: int, repeats: int = 5) -> float:
-    """Best FLOP/s of a jitted float32 [size, size] @ [size, size]."""
+def measure_matmul_peak(size: int, repeats: int = 5, dtype: str = "float32") -> float:
+    """Best FLOP/s of a jitted [size, size] @ [size, size] in `dtype` (accumulating in float32)."""
     rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.normal(size=(size, size)), jnp.float32)
-    b = jnp.asarray(rng.normal(size=(size, size)), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
+    a = jnp.asarray(rng.normal(size=(size, size)), dtype)
+    b = jnp.asarray(rng.normal(size=(size, size)), dtype)
+    matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     matmul(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -73,8 +75,8 @@ STEP_FACTORIES = {
 }
 
 
-def bench_one(preset: str, kind: str, args, peak: float) -> dict:
-    config = models.preset(preset)
+def bench_one(preset: str, kind: str, dtype: str, args, peak: float) -> dict:
+    config = models.preset(preset, dtype=dtype)
     devices = jax.devices()
     mesh = parallel.make_mesh(data=len(devices))
     optimizer = make_optimizer(1e-5, weight_decay=0.01)
@@ -100,7 +102,7 @@ def bench_one(preset: str, kind: str, args, peak: float) -> dict:
     step_time = float(np.median(times))
     flops = model_flops_per_step(config, args.batch, args.seq)
     return {
-        "preset": preset, "step": kind, "params_m": config.num_params / 1e6, "compile_s": compile_and_first,
+        "preset": preset, "step": kind, "dtype": dtype, "params_m": config.num_params / 1e6, "compile_s": compile_and_first,
         "step_s": step_time, "tokens_per_s": args.batch * args.seq / step_time, "model_gflop": flops / 1e9,
         "gflops": flops / step_time / 1e9, "mfu": flops / step_time / peak, "loss": float(metrics["loss"]),
     }
@@ -110,6 +112,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "smol-135m"])
     parser.add_argument("--kinds", nargs="+", default=list(STEP_FACTORIES), choices=list(STEP_FACTORIES))
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                        help="compute dtypes (parameters and optimizer state stay float32)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
@@ -121,20 +125,20 @@ def main() -> None:
     args = parser.parse_args()
 
     devices = jax.devices()
-    peak = measure_matmul_peak(args.peak_size)
-    print(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); "
-          f"measured f32 matmul peak ({args.peak_size}^3): {peak / 1e9:.1f} GFLOP/s")
+    peaks = {dtype: measure_matmul_peak(args.peak_size, dtype=dtype) for dtype in args.dtypes}
+    print(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); measured matmul peak "
+          f"({args.peak_size}^3): " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()))
     print(f"batch {args.batch} x {args.seq} tokens, micro-batches {args.microbatches}, chunk {args.chunk_size}, "
           f"remat {args.remat}; median of {args.steps} timed steps after {args.warmup} warm-up\n")
-    print("| preset | step | params (M) | compile + 1st step (s) | step (s) | tokens/s | model GFLOP/step "
-          "| achieved GFLOP/s | MFU |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for preset in args.presets:
-        for kind in args.kinds:
-            r = bench_one(preset, kind, args, peak)
-            print(f"| {r['preset']} | {r['step']} | {r['params_m']:.1f} | {r['compile_s']:.1f} | {r['step_s']:.3f} "
-                  f"| {r['tokens_per_s']:.0f} | {r['model_gflop']:.0f} | {r['gflops']:.1f} | {r['mfu']:.1%} |",
-                  flush=True)
+    print("| preset | step | compute dtype | params (M) | compile + 1st step (s) | step (s) | tokens/s "
+          "| model GFLOP/step | achieved GFLOP/s | MFU |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    runs = [(preset, kind, dtype) for preset in args.presets for kind in args.kinds for dtype in args.dtypes]
+    for preset, kind, dtype in runs:
+        r = bench_one(preset, kind, dtype, args, peaks[dtype])
+        print(f"| {r['preset']} | {r['step']} | {r['dtype']} | {r['params_m']:.1f} | {r['compile_s']:.1f} "
+              f"| {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['model_gflop']:.0f} | {r['gflops']:.1f} "
+              f"| {r['mfu']:.1%} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Sampler throughput: `ftrl_jax.sampling.generate` vs transformers `generate`, same weights, one process.
 
-    python -m experiments.bench_sampler [--presets=tiny,smol-135m] [--batch=16] [--prompt_len=64] [--new_tokens=128]
+    python -m experiments.bench_sampler [--presets=tiny,smol-135m] [--dtypes=float32,bfloat16] [--batch=16]
+        [--prompt_len=64] [--new_tokens=128]
 
-Both decode exactly `new_tokens` tokens greedily for every row (no stop tokens). JAX compile time is
-measured separately and excluded from the throughput, as it is paid once per shape.
+Both decode exactly `new_tokens` tokens greedily for every row (no stop tokens), with the same weights in the
+same dtype (parameters and compute; transformers gets `torch_dtype` of that name). JAX compile time is
+measured separately and excluded from the throughput, as it is paid once per shape. In bfloat16 the two
+sides round differently, so greedy rows may part after a near-tie.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("presets", ["tiny", "smol-135m"], "Model presets to benchmark.")
+flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Parameter and compute dtypes, each run on both sides.")
 flags.DEFINE_integer("batch", 16, "Prompts per batch.")
 flags.DEFINE_integer("prompt_len", 64, "Prompt length in tokens.")
 flags.DEFINE_integer("new_tokens", 128, "New tokens per prompt.")
@@ -32,7 +36,8 @@ def _time_best(fn, repeats: int) -> float:
     return best
 
 
-def bench_preset(name: str, batch: int, prompt_len: int, new_tokens: int, repeats: int, hf_repeats: int) -> dict:
+def bench_preset(name: str, dtype: str, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+                 hf_repeats: int) -> dict:
     import jax
     import numpy as np
     import torch
@@ -41,7 +46,7 @@ def bench_preset(name: str, batch: int, prompt_len: int, new_tokens: int, repeat
     from ftrl_jax import models
     from ftrl_jax.sampling import generate
 
-    config = models.preset(name)
+    config = models.preset(name, dtype=dtype, param_dtype=dtype)
     params = models.init_params(config, jax.random.PRNGKey(0))
     prompts = np.random.default_rng(0).integers(0, config.vocab_size, size=(batch, prompt_len))
     prompt_lists = prompts.tolist()
@@ -58,7 +63,7 @@ def bench_preset(name: str, batch: int, prompt_len: int, new_tokens: int, repeat
 
     with tempfile.TemporaryDirectory() as tmp:
         models.save_pretrained(config, params, tmp)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype)).eval()
     ids = torch.as_tensor(prompts)
     mask = torch.ones_like(ids)
 
@@ -71,7 +76,7 @@ def bench_preset(name: str, batch: int, prompt_len: int, new_tokens: int, repeat
     hf_s = _time_best(theirs, hf_repeats)
     same = sum(a == b for a, b in zip(first.tokens, hf_out[:, prompt_len:].tolist()))
     tokens = batch * new_tokens
-    return dict(preset=name, params_m=config.num_params / 1e6, ours_tok_s=tokens / ours_s, hf_tok_s=tokens / hf_s,
+    return dict(preset=name, dtype=dtype, params_m=config.num_params / 1e6, ours_tok_s=tokens / ours_s, hf_tok_s=tokens / hf_s,
                 ratio=hf_s / ours_s, compile_s=compile_s, rows_identical=f"{same}/{batch}")
 
 
@@ -84,12 +89,16 @@ def main(argv):
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); batch {FLAGS.batch}, prompt {FLAGS.prompt_len}, "
           f"{FLAGS.new_tokens} new tokens, greedy")
-    print("| preset | params (M) | ftrl_jax tok/s | transformers tok/s | ratio | compile s | greedy rows identical |")
-    print("|---|---|---|---|---|---|---|")
+    print("| preset | dtype | params (M) | ftrl_jax tok/s | transformers tok/s | ratio | compile s | "
+          "greedy rows identical |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in FLAGS.presets:
-        r = bench_preset(name, FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.repeats, FLAGS.hf_repeats)
-        print(f"| {r['preset']} | {r['params_m']:.1f} | {r['ours_tok_s']:.0f} | {r['hf_tok_s']:.0f} | "
-              f"{r['ratio']:.1f}x | {r['compile_s']:.1f} | {r['rows_identical']} |", flush=True)
+        for dtype in FLAGS.dtypes:
+            r = bench_preset(name, dtype, FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.repeats,
+                             FLAGS.hf_repeats)
+            print(f"| {r['preset']} | {r['dtype']} | {r['params_m']:.1f} | {r['ours_tok_s']:.0f} | "
+                  f"{r['hf_tok_s']:.0f} | {r['ratio']:.1f}x | {r['compile_s']:.1f} | {r['rows_identical']} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Batched autoregressive generation with a static-shape KV cache.
 
 Prefill and decode are compiled separately. Prompts are left-padded to a power-of-two bucket and the
-batch is padded to a power of two, so a run compiles only a handful of shapes. The decode loop is a
-`jax.lax.while_loop` that stops as soon as every sequence has emitted a stop token; its state (the
-cache above all) is donated so XLA updates it in place.
+batch is padded to a power of two, so a run compiles only a handful of shapes. Identical prompts (the n
+samples per prompt of group RL) are prefilled once and their cache is shared, read-only, by their rows;
+generated tokens go to a small per-row cache. The decode loop is a `jax.lax.while_loop` that stops as
+soon as every sequence has emitted a stop token; its state is donated so XLA updates it in place, and
+it reads per-layer weights prepared once per call.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftrl_jax.models.config import ModelConfig, dtype_from_name
-from ftrl_jax.models.transformer import KVCache, Params, decode_step, output_head, prefill, split_layers
+from ftrl_jax.models.transformer import KVCache, Params, decode_step, init_cache, output_head, prefill, split_layers
 
 
 @dataclasses.dataclass
@@ -41,8 +43,10 @@ class SamplingParams:
 
 
 class DecodeState(NamedTuple):
-    cache: KVCache
-    key_valid: jax.Array      # [B, S] which cache slots hold real tokens
+    prefix: KVCache           # the distinct prompts' cache, [U, K, P, hd] per layer, read-only
+    prefix_valid: jax.Array   # [U, P] which prompt slots hold real tokens
+    cache: KVCache            # the generated tokens' cache, [B, K, N, hd] per layer; rows n per prompt
+    key_valid: jax.Array      # [B, N] which generated slots are filled
     next_pos: jax.Array       # [B] RoPE position of the next token
     last_token: jax.Array     # [B] token to feed at the next step
     done: jax.Array           # [B]
@@ -86,25 +90,27 @@ def _logits_at(head: jax.Array, hidden_bd: jax.Array) -> jax.Array:
     return jnp.einsum("bd,dv->bv", hidden_bd, head, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sp", "max_new_bucket"))
+@functools.partial(jax.jit, static_argnames=("config", "sp", "group_size", "max_new_bucket"))
 def _prefill(config: ModelConfig, params: Params, tokens: jax.Array, prompt_mask: jax.Array, row_active: jax.Array,
-             rng: jax.Array, *, sp: SamplingParams, max_new_bucket: int) -> DecodeState:
-    """Runs the left-padded prompts [B, P] through the model and samples the first new token."""
-    b, p = tokens.shape
-    key_valid = jnp.zeros((b, p + max_new_bucket), bool).at[:, :p].set(prompt_mask.astype(bool))
+             rng: jax.Array, *, sp: SamplingParams, group_size: int, max_new_bucket: int) -> DecodeState:
+    """Runs the distinct left-padded prompts [U, P] through the model once and samples the first new token
+    of each of their `group_size` rows (B = U * group_size)."""
+    u, p = tokens.shape
+    b = u * group_size
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
     prompt_valid = prompt_mask.astype(bool)
     mask = jnp.tril(jnp.ones((p, p), bool))[None] & prompt_valid[:, None, :]
-    # Nothing is cached yet: the prompt attends only to itself, and its keys/values fill the first slots.
-    hidden, cache = prefill(config, params, tokens, positions, mask, p + max_new_bucket)
+    hidden, prefix = prefill(config, params, tokens, positions, mask)
     rng, sub = jax.random.split(rng)
-    token, logp = _select(_logits_at(output_head(config, params).astype(hidden.dtype), hidden[:, -1]), sub, sp)
+    logits = _logits_at(output_head(config, params).astype(hidden.dtype), hidden[:, -1])
+    token, logp = _select(jnp.repeat(logits, group_size, axis=0), sub, sp)
     stop = jnp.asarray(sp.stop_token_ids or (-1,), jnp.int32)
     done = jnp.isin(token, stop) | ~row_active
     out_tokens = jnp.zeros((b, max_new_bucket), jnp.int32).at[:, 0].set(token)
     out_logprobs = jnp.zeros((b, max_new_bucket), jnp.float32).at[:, 0].set(logp)
-    return DecodeState(cache, key_valid, positions[:, -1] + 1, token.astype(jnp.int32), done, jnp.int32(1),
-                       out_tokens, out_logprobs, rng)
+    return DecodeState(prefix, prompt_valid, init_cache(config, b, max_new_bucket),
+                       jnp.zeros((b, max_new_bucket), bool), jnp.repeat(positions[:, -1] + 1, group_size),
+                       token.astype(jnp.int32), done, jnp.int32(1), out_tokens, out_logprobs, rng)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -119,25 +125,25 @@ def _decode(config: ModelConfig, params: Params, weights: tuple[tuple[Params, ..
             max_new_tokens: jax.Array, *, sp: SamplingParams) -> DecodeState:
     """Feeds the last token and samples the next one until all rows are done or the budget is spent."""
     layers, head = weights
-    prompt_len = state.key_valid.shape[1] - state.tokens.shape[1]
     stop = jnp.asarray(sp.stop_token_ids or (-1,), jnp.int32)
 
     def cond(s: DecodeState):
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     def body(s: DecodeState) -> DecodeState:
-        slot = prompt_len + s.step - 1  # cache slot of the token being fed
-        # The fed token sees the earlier valid slots and its own.
+        slot = s.step - 1  # slot of the token being fed in the generated-token cache
+        # The fed token sees its prompt, the earlier generated tokens and itself.
         key_valid = s.key_valid.at[:, slot].set(True)
         hidden, cache = decode_step(config, params, layers, s.last_token[:, None], s.next_pos[:, None], s.cache,
-                                    slot, key_valid[:, None, :])
+                                    slot, key_valid[:, None, :], s.prefix, s.prefix_valid)
         rng, sub = jax.random.split(s.rng)
         token, logp = _select(_logits_at(head, hidden[:, 0]), sub, sp)
         token = jnp.where(s.done, 0, token).astype(jnp.int32)
         logp = jnp.where(s.done, 0.0, logp)
-        return DecodeState(
-            cache, key_valid, s.next_pos + 1, token, s.done | jnp.isin(token, stop), s.step + 1,
-            s.tokens.at[:, s.step].set(token), s.logprobs.at[:, s.step].set(logp), rng,
+        return s._replace(
+            cache=cache, key_valid=key_valid, next_pos=s.next_pos + 1, last_token=token,
+            done=s.done | jnp.isin(token, stop), step=s.step + 1, tokens=s.tokens.at[:, s.step].set(token),
+            logprobs=s.logprobs.at[:, s.step].set(logp), rng=rng,
         )
 
     return jax.lax.while_loop(cond, body, state)
@@ -178,19 +184,32 @@ def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int
     if sp.temperature > 0 and rng is None:
         raise ValueError("sampling with temperature > 0 needs an `rng` key")
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    tokens, mask, active = pad_prompts(prompts, pad_id)
-    batch = (tokens, mask, active)
+    # Identical prompts (n samples of one prompt, as in group RL) are prefilled and cached once; their rows
+    # sit side by side, `group_size` per distinct prompt (unused rows are inactive fillers).
+    distinct: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        distinct.setdefault(tuple(prompt), []).append(i)
+    group_size = bucket(max(len(rows) for rows in distinct.values()), minimum=1)
+    tokens, mask, _ = pad_prompts(list(distinct), pad_id)
+    row_of = np.zeros(len(prompts), np.int64)
+    for u, rows in enumerate(distinct.values()):
+        row_of[rows] = u * group_size + np.arange(len(rows))
+    row_active = np.zeros(tokens.shape[0] * group_size, bool)
+    row_active[row_of] = True
+    batch = (tokens, mask, row_active)
     if data_sharding is not None:
         batch = jax.device_put(batch, data_sharding)
-    state = _prefill(config, params, *batch, rng, sp=sp, max_new_bucket=bucket(max_new_tokens))
+    state = _prefill(config, params, *batch, rng, sp=sp, group_size=group_size,
+                     max_new_bucket=bucket(max_new_tokens))
     state = _decode(config, params, _decode_weights(config, params), state, jnp.int32(max_new_tokens), sp=sp)
     out_tokens, out_logprobs, done = jax.device_get((state.tokens, state.logprobs, state.done))
     stop = set(sp.stop_token_ids)
     result = GenerationResult([], [], [])
     for i in range(len(prompts)):
-        row = out_tokens[i, :max_new_tokens].tolist()
+        r = row_of[i]
+        row = out_tokens[r, :max_new_tokens].tolist()
         n = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
         result.tokens.append(row[:n])
-        result.logprobs.append(out_logprobs[i, :n].tolist())
+        result.logprobs.append(out_logprobs[r, :n].tolist())
         result.stopped.append(row[n - 1] in stop)
     return result

@@ -39,6 +39,23 @@ def test_logprobs_match_forward(tmp_path):
         np.testing.assert_allclose(lps, expect, atol=2e-4)
 
 
+def test_repeated_prompts_share_one_prefill_and_still_sample_independently():
+    """n copies of a prompt (group RL) decode from one shared prompt cache: each row's log-probs equal a full
+    forward pass over its own sequence, rows differ, and greedy copies equal the prompt decoded alone."""
+    config = models.preset("tiny", vocab_size=211, num_layers=2)
+    params = models.init_params(config, jax.random.PRNGKey(0))
+    a, b = [3, 4, 5, 6, 7], [9, 10, 11]
+    prompts = [a, b, a, a, b, [12]]  # groups of 3, 2 and 1, interleaved
+    res = generate(config, params, prompts, max_new_tokens=10, temperature=1.0, rng=jax.random.PRNGKey(3))
+    for prompt, toks, lps in zip(prompts, res.tokens, res.logprobs):
+        logp = jax.nn.log_softmax(models.forward(config, params, jnp.asarray([prompt + toks]))[0], axis=-1)
+        np.testing.assert_allclose(lps, [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(toks)], atol=2e-4)
+    assert len({tuple(res.tokens[i]) for i in (0, 2, 3)}) > 1  # samples of one prompt are not copies
+    greedy = generate(config, params, prompts, max_new_tokens=10)
+    alone = generate(config, params, [a, b, [12]], max_new_tokens=10)
+    assert greedy.tokens == [alone.tokens[i] for i in (0, 1, 0, 0, 1, 2)]
+
+
 def test_bfloat16_decoding_tracks_a_bfloat16_forward():
     """In bfloat16 the cached decode (per-layer buffers, f32 accumulation) stays close to a full forward pass."""
     config = models.preset("tiny", vocab_size=211, num_layers=3, dtype="bfloat16", param_dtype="bfloat16")

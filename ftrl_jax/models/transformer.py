@@ -135,11 +135,36 @@ def _scores(q: jax.Array, k: jax.Array, mask: jax.Array, scale: float) -> jax.Ar
     return jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
 
 
+def _to_groups(x: jax.Array, u: int) -> jax.Array:
+    """[B, K, Q, Z] with rows grouped n = B/u per prefix -> [u, K, n*Q, Z]: a group's queries side by side."""
+    b, kv, q, z = x.shape
+    n = b // u
+    return x.reshape(u, n, kv, q, z).transpose(0, 2, 1, 3, 4).reshape(u, kv, n * q, z)
+
+
+def _from_groups(x: jax.Array, b: int) -> jax.Array:
+    """Inverse of `_to_groups`: [u, K, n*Q, Z] -> [B, K, Q, Z]."""
+    u, kv, nq, z = x.shape
+    n = b // u
+    return x.reshape(u, kv, n, nq // n, z).transpose(0, 2, 1, 3, 4).reshape(b, kv, nq // n, z)
+
+
+def _prefix_scores(q: jax.Array, prefix_k: jax.Array, prefix_mask: jax.Array, t: int, scale: float) -> jax.Array:
+    """Scores against a shared prompt cache: q [B, K, G*T, hd] (rows n per prompt), prefix_k [U, K, P, hd],
+    prefix_mask [U, P] -> float32 [B, K, G, T, P]. Each prompt's keys are read once for its whole group."""
+    b, kv, gt, _ = q.shape
+    u = prefix_k.shape[0]
+    scores = jnp.einsum("ukqh,ukph->ukqp", _to_groups(q, u), prefix_k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(prefix_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    return _from_groups(scores, b).reshape(b, kv, gt // t, t, -1)
+
+
 class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, prefix=None, prefix_mask=None):
         """x [B, T, D]. Returns (output [B, T, D], keys/values).
 
         Without a cache, `mask` [B, T, T] says which new tokens each may see, and the keys/values returned
@@ -148,6 +173,9 @@ class Attention(nn.Module):
         whole buffer with `mask` [B, T, S]; the updated buffers are returned. Writing before reading lets
         XLA update the buffers in place inside a decode loop (a read of the old buffer next to a write
         would force a copy of it at every step).
+
+        `prefix` = (k, v) [U, K, P, hd] is a read-only prompt cache shared by groups of B/U consecutive rows
+        (n samples of one prompt), visible where `prefix_mask` [U, P] is True; it comes before the cache.
         """
         c = self.config
         b, t, _ = x.shape
@@ -169,10 +197,18 @@ class Attention(nn.Module):
             start = (0, 0, jnp.asarray(cache_index, jnp.int32), 0)
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
-        scores = _scores(q, k, mask, 1.0 / math.sqrt(c.head_dim))
+        scale = 1.0 / math.sqrt(c.head_dim)
+        scores = _scores(q, k, mask, scale)
+        if prefix is not None:
+            scores = jnp.concatenate([_prefix_scores(q, prefix[0], prefix_mask, t, scale), scores], axis=-1)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         probs = probs.reshape(b, c.num_kv_heads, groups * t, -1)
-        out = jnp.einsum("bkqs,bksh->bkqh", probs, v.astype(probs.dtype))
+        if prefix is not None:
+            p_len, u = prefix[1].shape[2], prefix[1].shape[0]
+            shared = jnp.einsum("ukqp,ukph->ukqh", _to_groups(probs[..., :p_len], u), prefix[1].astype(probs.dtype))
+            out = _from_groups(shared, b) + jnp.einsum("bkqs,bksh->bkqh", probs[..., p_len:], v.astype(probs.dtype))
+        else:
+            out = jnp.einsum("bkqs,bksh->bkqh", probs, v.astype(probs.dtype))
         out = out.reshape(b, c.num_kv_heads, groups, t, c.head_dim).transpose(0, 3, 1, 2, 4)
         out = out.reshape(b, t, c.num_heads * c.head_dim)
         return _dense(c, c.hidden_size, False, "o_proj")(out), (k, v)
@@ -193,12 +229,14 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cache, cos, sin, mask, cache_index=None):
-        """One block; `cache` is this layer's (k, v) buffers or None (see `Attention`). Returns (x, (k, v))."""
+    def __call__(self, x, cache, cos, sin, mask, cache_index=None, prefix=None, prefix_mask=None):
+        """One block; `cache`/`prefix` are this layer's (k, v) buffers or None (see `Attention`).
+        Returns (x, (k, v))."""
         c = self.config
         pdt = dtype_from_name(c.param_dtype)
         h, new_kv = Attention(c, name="self_attn")(
-            RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(x), cos, sin, mask, cache, cache_index
+            RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(x), cos, sin, mask, cache, cache_index, prefix,
+            prefix_mask
         )
         x = x + h
         x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(x))
@@ -297,18 +335,18 @@ def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
     return logits_from_hidden(config, params, hidden_states(config, params, input_ids, attention_mask))
 
 
-def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, positions: jax.Array, mask: jax.Array,
-            cache_len: int) -> tuple[jax.Array, KVCache]:
+def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, positions: jax.Array, mask: jax.Array
+            ) -> tuple[jax.Array, KVCache]:
     """Runs prompts [B, T] with nothing cached yet; `mask` [B, T, T] says which prompt tokens each may see.
 
-    Returns final hidden states [B, T, D] and a cache of `cache_len` slots whose first T hold the prompt.
+    Returns final hidden states [B, T, D] and the prompts' cache (T slots, compute dtype), to be passed to
+    `decode_step` as its read-only `prefix`.
     """
     decoder_params = {k: v for k, v in params.items() if k != "lm_head"}
     hidden, (k, v) = _decoder(config).apply({"params": decoder_params}, input_ids, positions, mask)
     dtype = dtype_from_name(config.dtype)
-    pad = ((0, 0), (0, 0), (0, cache_len - input_ids.shape[1]), (0, 0))
-    return hidden, KVCache(tuple(jnp.pad(k[i].astype(dtype), pad) for i in range(config.num_layers)),
-                           tuple(jnp.pad(v[i].astype(dtype), pad) for i in range(config.num_layers)))
+    return hidden, KVCache(tuple(k[i].astype(dtype) for i in range(config.num_layers)),
+                           tuple(v[i].astype(dtype) for i in range(config.num_layers)))
 
 
 def split_layers(params: Params) -> tuple[Params, ...]:
@@ -318,21 +356,25 @@ def split_layers(params: Params) -> tuple[Params, ...]:
 
 
 def decode_step(config: ModelConfig, params: Params, layers: tuple[Params, ...], input_ids: jax.Array,
-                positions: jax.Array, cache: KVCache, cache_index: jax.Array, mask: jax.Array
-                ) -> tuple[jax.Array, KVCache]:
+                positions: jax.Array, cache: KVCache, cache_index: jax.Array, mask: jax.Array,
+                prefix: KVCache | None = None, prefix_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Feeds new tokens input_ids/positions [B, T] against the cache, layer by layer (unrolled).
 
     `layers` is `split_layers(params)`: separate per-layer weights, so nothing is sliced out of a stack at
     each step. The new tokens' keys/values are written at slots `cache_index...` of every layer's buffer, in
-    place; then each new token sees the slots that `mask` [B, T, S] allows (its own slot included).
-    Returns final hidden states [B, T, D] and the updated cache.
+    place; then each new token sees the slots that `mask` [B, T, S] allows (its own slot included), after
+    the slots of its prompt's read-only `prefix` cache ([U, K, P, hd] per layer, from `prefill`; rows come
+    in groups of B/U per prompt) that `prefix_mask` [U, P] allows. Returns final hidden states [B, T, D]
+    and the updated cache.
     """
     c = config
     x = jnp.take(params["embed_tokens"]["embedding"].astype(dtype_from_name(c.dtype)), input_ids, axis=0)
     cos, sin = rope_tables(c, positions)
     new_k, new_v = [], []
-    for layer, k_cache, v_cache in zip(layers, cache.k, cache.v):
-        x, (k, v) = DecoderLayer(c).apply({"params": layer}, x, (k_cache, v_cache), cos, sin, mask, cache_index)
+    for i, (layer, k_cache, v_cache) in enumerate(zip(layers, cache.k, cache.v)):
+        shared = None if prefix is None else (prefix.k[i], prefix.v[i])
+        x, (k, v) = DecoderLayer(c).apply({"params": layer}, x, (k_cache, v_cache), cos, sin, mask, cache_index,
+                                          shared, prefix_mask)
         new_k.append(k)
         new_v.append(v)
     x = RMSNorm(c.rms_norm_eps, dtype_from_name(c.param_dtype)).apply({"params": params["norm"]}, x)
