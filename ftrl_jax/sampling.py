@@ -116,8 +116,15 @@ def _prefill(config: ModelConfig, params: Params, tokens: jax.Array, prompt_mask
 @functools.partial(jax.jit, static_argnames=("config",))
 def _decode_weights(config: ModelConfig, params: Params) -> tuple[tuple[Params, ...], jax.Array]:
     """Per-layer weights and the output head in compute dtype, made once per call outside the decode loop,
-    so the loop reads weights where they lie instead of slicing (or transposing) them at every step."""
-    return split_layers(params), output_head(config, params).astype(dtype_from_name(config.dtype))
+    so the loop reads weights where they lie instead of slicing, transposing or casting them at every step.
+    (Matmul weights only: the layers cast them to the compute dtype anyway; norm scales stay as they are.)"""
+    dtype = dtype_from_name(config.dtype)
+
+    def cast(path, leaf):
+        return leaf.astype(dtype) if path[-1].key in ("kernel", "bias") else leaf
+
+    layers = tuple(jax.tree_util.tree_map_with_path(cast, layer) for layer in split_layers(params))
+    return layers, output_head(config, params).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sp"), donate_argnames=("state",))
