@@ -78,6 +78,9 @@ def _base() -> ml_collections.ConfigDict:
     c.rl.prompts_per_step = 4
     c.rl.num_rollouts = 8          # group size n
     c.rl.refresh_every = 4         # collect fresh RL prompts from the current policy every k steps
+    # Step mode: the n turns of a prompt share one copy of it in the log-prob passes and the update (the same
+    # update as n full rows, for a fraction of the tokens); prompts_per_step must then divide over the mesh.
+    c.rl.shared_prompt = True
     c.rl.reward_kind = "f1"        # f1 | precision | rate | pr
     c.rl.learning_rate = 5e-5
     c.rl.weight_decay = 0.0

@@ -43,7 +43,8 @@ from ftrl_jax.optim import make_optimizer
 from ftrl_jax.rl import batch as rl_batch
 from ftrl_jax.rl.advantages import compute_advantages, registered_advantage_estimators
 from ftrl_jax.rl.losses import LossConfig
-from ftrl_jax.rl.update import make_logprob_fn, make_rl_step
+from ftrl_jax.rl import shared_prompt
+from ftrl_jax.rl.update import make_logprob_fn, make_rl_step, make_shared_prompt_logprob_fn, response_mask
 from ftrl_jax.rollout import LocalPolicy, play_episodes, rl_prompts_from_episode
 from ftrl_jax.sft import make_sft_step
 from ftrl_jax.tokenizer import build_default_tokenizer, load_tokenizer
@@ -86,13 +87,20 @@ def check_config(config) -> None:
             f"devices, but {jax.device_count()} {jax.devices()[0].platform} devices are available; set "
             f"--config.mesh.data/fsdp/tensor so the product is {jax.device_count()}")
     rows_per_shard = config.mesh.data * config.mesh.fsdp
-    rl_rows = config.rl.prompts_per_step * config.rl.num_rollouts
-    for what, rows, split in (("rl.prompts_per_step x rl.num_rollouts", rl_rows,
+    if _shared_prompt(config):  # the batch's leading axis is one group (prompt) per row
+        rl_what, rl_rows = "rl.prompts_per_step (rl.shared_prompt groups)", config.rl.prompts_per_step
+    else:
+        rl_what, rl_rows = "rl.prompts_per_step x rl.num_rollouts", config.rl.prompts_per_step * config.rl.num_rollouts
+    for what, rows, split in ((rl_what, rl_rows,
                                config.rl.num_minibatches * config.rl.num_microbatches * rows_per_shard),
                               ("warmup.batch_size", config.warmup.batch_size, rows_per_shard)):
         if rows % split:
             raise TrainingError(f"{what} = {rows} must be a multiple of {split} (mini-batches x micro-batches x "
                                 "mesh data x fsdp)")
+
+
+def _shared_prompt(config) -> bool:
+    return config.rl.mode == "step" and bool(config.rl.get("shared_prompt", True))
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -317,9 +325,14 @@ def _rl_step_batch(config, model_config, state_params, tokenizer, mesh, prompts,
     group_samples = [p for p in prompts for _ in range(n)]
     texts = [t.text for t in turns]
     scores = np.asarray(rewards.step_rewards(texts, group_samples, rc.reward_kind, sandbox=sandbox), np.float32)
-    arrays = rl_batch.pad_rows(rl_batch.step_rows(turns), _pad_id(tokenizer))
+    if _shared_prompt(config):
+        arrays = shared_prompt.step_batch(turns, n, _pad_id(tokenizer))
+        lengths = arrays["response_mask"].sum(axis=-1)
+    else:
+        arrays = rl_batch.pad_rows(rl_batch.step_rows(turns), _pad_id(tokenizer))
+        lengths = rl_batch.response_lengths(arrays)
     stats = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
-             "response_length": float(rl_batch.response_lengths(arrays).mean()),
+             "response_length": float(lengths.mean()),
              "truncated_fraction": float(np.mean([t.truncated for t in turns]))}
     return arrays, scores, stats
 
@@ -350,7 +363,13 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
     step_fn = make_rl_step(model_config, optimizer, mesh, loss_cfg, num_minibatches=rc.num_minibatches,
                            num_microbatches=rc.num_microbatches, chunk_size=rc.chunk_size, remat=config.model.remat,
                            temperature=config.rollout.temperature)
-    logprob_fn = make_logprob_fn(model_config, mesh, chunk_size=rc.chunk_size, temperature=config.rollout.temperature)
+    if _shared_prompt(config):
+        shared_fn = make_shared_prompt_logprob_fn(model_config, mesh, chunk_size=rc.chunk_size,
+                                                  temperature=config.rollout.temperature)
+        logprob_fn = lambda p, b: shared_fn(p, *(b[k] for k in shared_prompt.SHARED_PROMPT_KEYS))  # noqa: E731
+    else:
+        flat_fn = make_logprob_fn(model_config, mesh, chunk_size=rc.chunk_size, temperature=config.rollout.temperature)
+        logprob_fn = lambda p, b: flat_fn(p, b["tokens"], b["attention_mask"])  # noqa: E731
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "rl"), max_to_keep=config.checkpoint.max_to_keep)
     start, cursor, pool = 0, 0, []
     if ckpt.latest_step() is not None:
@@ -379,15 +398,18 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
                                                    sandbox, seed)
         t_sample = time.perf_counter() - t0
         batch = {k: jnp.asarray(v) for k, v in arrays.items()}
-        batch["old_logprobs"] = logprob_fn(state.params, batch["tokens"], batch["attention_mask"])
+        batch["old_logprobs"] = logprob_fn(state.params, batch)
         if rc.kl_coef:
-            batch["ref_logprobs"] = logprob_fn(ref_params, batch["tokens"], batch["attention_mask"])
-        mask = batch["loss_mask"].astype(jnp.float32)
-        batch["advantages"] = compute_advantages(rc.algorithm, jnp.asarray(scores), mask, group_size=rc.num_rollouts)
+            batch["ref_logprobs"] = logprob_fn(ref_params, batch)
+        mask = response_mask(batch)
+        advantages = compute_advantages(rc.algorithm, jnp.asarray(scores), mask.reshape(len(scores), -1),
+                                        group_size=rc.num_rollouts)
+        batch["advantages"] = advantages.reshape(mask.shape)
         state, metrics = step_fn(state, batch)
         _finite_loss(metrics, "RL", step, ckpt.directory, "rl.learning_rate")
         dt = time.perf_counter() - t0
-        tokens = float(arrays["attention_mask"].sum())
+        # Tokens the model ran (a shared prompt counts once).
+        tokens = float(sum(arrays[k].sum() for k in ("attention_mask", "prompt_mask", "response_mask") if k in arrays))
         logger.log("rl", step + 1, {**metrics, **stats, "step_time": dt, "sample_time": t_sample,
                                     "tokens_per_sec": tokens / dt})
         bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{float(metrics.get('kl', 0.0)):.4f}")

@@ -1,6 +1,6 @@
 """Run as a script with 8 simulated CPU devices: sharded training steps equal the single-device ones.
 
-    python tests/train_mesh_check.py [sft] [rl] [checkpoint]
+    python tests/train_mesh_check.py [sft] [rl] [rl_shared_prompt] [checkpoint]
 
 For each named step (all checks by default): the same fixed batch and starting state go through
 the step on a (data=1, fsdp=1, tensor=1) mesh of one device and on a (data=2, fsdp=2, tensor=2)
@@ -26,7 +26,7 @@ from ftrl_jax import models, parallel  # noqa: E402
 from ftrl_jax.checkpointing import Checkpointer  # noqa: E402
 from ftrl_jax.optim import make_optimizer  # noqa: E402
 from ftrl_jax.rl.losses import LossConfig  # noqa: E402
-from ftrl_jax.rl.update import make_logprob_fn, make_rl_step  # noqa: E402
+from ftrl_jax.rl.update import make_logprob_fn, make_rl_step, make_shared_prompt_logprob_fn  # noqa: E402
 from ftrl_jax.sft import make_sft_step  # noqa: E402
 from ftrl_jax.train_state import create_train_state, shard_state, state_shardings  # noqa: E402
 
@@ -131,6 +131,41 @@ def check_rl(params, rng):
     assert int(eight.step) == 2
 
 
+def check_rl_shared_prompt(params, rng):
+    """The shared-prompt layout: 8 prompts x 2 responses, groups split over the batch axes."""
+    groups, n, prompt_len, response_len = 8, 2, 16, 8
+    prompt_lengths = rng.integers(4, prompt_len + 1, size=groups)
+    prompt_mask = (np.arange(prompt_len)[None] >= prompt_len - prompt_lengths[:, None]).astype(np.int32)
+    response_mask = (np.arange(response_len)[None, None] < rng.integers(1, response_len + 1, size=(groups, n, 1)))
+    batch = {
+        "prompt_tokens": jnp.asarray(rng.integers(0, CONFIG.vocab_size, size=(groups, prompt_len)) * prompt_mask),
+        "prompt_mask": jnp.asarray(prompt_mask),
+        "response_tokens": jnp.asarray(rng.integers(0, CONFIG.vocab_size, size=(groups, n, response_len))
+                                       * response_mask, jnp.int32),
+        "response_mask": jnp.asarray(response_mask.astype(np.int32)),
+    }
+    keys = ("prompt_tokens", "prompt_mask", "response_tokens", "response_mask")
+    logprobs = {}
+    for name, mesh in _meshes().items():
+        logprob_fn = make_shared_prompt_logprob_fn(CONFIG, mesh, chunk_size=8, compiler_options=FAST_COMPILE)
+        logprobs[name] = logprob_fn(parallel.shard_params(params, mesh),
+                                    *jax.device_put(tuple(batch[k] for k in keys), parallel.batch_sharding(mesh)))
+    _close("shared-prompt logprobs", logprobs["eight"], logprobs["one"])
+    old = logprobs["one"]
+    mask = batch["response_mask"].astype(jnp.float32)
+    batch.update(old_logprobs=old + jnp.asarray(rng.normal(scale=0.3, size=old.shape), jnp.float32) * mask,
+                 ref_logprobs=old + jnp.asarray(rng.normal(scale=0.1, size=old.shape), jnp.float32) * mask,
+                 advantages=jnp.asarray(rng.normal(size=old.shape), jnp.float32) * mask)
+    loss_cfg = LossConfig(kl_coef=0.05, entropy_coef=0.01, aggregation="seq-mean-token-mean")
+    (one, one_metrics), (eight, eight_metrics) = _run_both(
+        lambda mesh: make_rl_step(CONFIG, OPTIMIZER, mesh, loss_cfg, num_minibatches=2, chunk_size=8, remat=False,
+                                  compiler_options=FAST_COMPILE),
+        params, batch)
+    assert float(one_metrics["clip_fraction"]) > 0, one_metrics
+    _close("shared-prompt rl params", eight.params, one.params)
+    _close("shared-prompt rl metrics", eight_metrics, one_metrics)
+
+
 def check_checkpoint(params, rng):
     meshes = _meshes()
     start = create_train_state(params, OPTIMIZER)
@@ -153,7 +188,8 @@ def check_checkpoint(params, rng):
                 _check_layout(restored, mesh)
 
 
-CHECKS = {"sft": check_sft, "rl": check_rl, "checkpoint": check_checkpoint}
+CHECKS = {"sft": check_sft, "rl": check_rl, "rl_shared_prompt": check_rl_shared_prompt,
+          "checkpoint": check_checkpoint}
 
 
 def main(names) -> int:

@@ -3,11 +3,12 @@
 from ftrl_jax.models.checkpoint_io import load_pretrained, save_pretrained
 from ftrl_jax.models.config import (PRESETS, SUPPORTED_MODEL_TYPES, ModelConfig, config_from_hf, config_to_hf,
                                     load_hf_config, preset)
-from ftrl_jax.models.transformer import (KVCache, decode_step, forward, hidden_states, init_cache, prefill, split_layers,
-                                         init_params, logits_from_hidden, output_head)
+from ftrl_jax.models.transformer import (KVCache, decode_step, forward, hidden_states, init_cache, init_params,
+                                         logits_from_hidden, output_head, prefill, shared_prompt_hidden_states,
+                                         split_layers)
 
 __all__ = [
     "PRESETS", "SUPPORTED_MODEL_TYPES", "ModelConfig", "config_from_hf", "config_to_hf", "load_hf_config", "preset",
-    "load_pretrained", "save_pretrained", "KVCache", "decode_step", "forward", "hidden_states", "init_cache", "prefill", "split_layers",
-    "init_params", "logits_from_hidden", "output_head",
+    "load_pretrained", "save_pretrained", "KVCache", "decode_step", "forward", "hidden_states", "init_cache",
+    "init_params", "logits_from_hidden", "output_head", "prefill", "shared_prompt_hidden_states", "split_layers",
 ]

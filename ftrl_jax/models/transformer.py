@@ -228,19 +228,32 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     config: ModelConfig
 
-    @nn.compact
+    def setup(self):
+        c = self.config
+        pdt = dtype_from_name(c.param_dtype)
+        self.input_layernorm = RMSNorm(c.rms_norm_eps, pdt)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, pdt)
+        self.mlp = MLP(c)
+
     def __call__(self, x, cache, cos, sin, mask, cache_index=None, prefix=None, prefix_mask=None):
         """One block; `cache`/`prefix` are this layer's (k, v) buffers or None (see `Attention`).
         Returns (x, (k, v))."""
-        c = self.config
-        pdt = dtype_from_name(c.param_dtype)
-        h, new_kv = Attention(c, name="self_attn")(
-            RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(x), cos, sin, mask, cache, cache_index, prefix,
-            prefix_mask
-        )
+        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index, prefix, prefix_mask)
         x = x + h
-        x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(x))
-        return x, new_kv
+        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+
+    def shared_prompt(self, carry, prompt_rope, prompt_mask, response_rope, response_mask, prompt_valid):
+        """The block over prompts [U, P, D] and their responses [U*n, R, D] (n per prompt, consecutive).
+
+        The prompts attend among themselves; each response attends to its prompt's keys/values of this
+        layer (computed once per prompt, not once per response) and causally to itself.
+        """
+        x_prompt, x_response = carry
+        x_prompt, prompt_kv = self(x_prompt, None, *prompt_rope, prompt_mask)
+        x_response, _ = self(x_response, None, *response_rope, response_mask, prefix=prompt_kv,
+                             prefix_mask=prompt_valid)
+        return (x_prompt, x_response), None
 
 
 class Decoder(nn.Module):
@@ -268,6 +281,39 @@ class Decoder(nn.Module):
         )
         x, new_kv = stack(c, name="layers")(x, None, cos, sin, mask, None)
         return RMSNorm(c.rms_norm_eps, pdt, name="norm")(x), new_kv
+
+
+class SharedPromptDecoder(nn.Module):
+    """`Decoder` (same parameters) over prompts and n responses to each: the prompt is run once per group.
+
+    Returns final hidden states of the prompts [U, P, D] and of the responses [U*n, R, D].
+    """
+
+    config: ModelConfig
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, prompt_ids, prompt_positions, prompt_mask, prompt_valid, response_ids, response_positions,
+                 response_mask):
+        c = self.config
+        pdt = dtype_from_name(c.param_dtype)
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype_from_name(c.dtype), param_dtype=pdt,
+                         embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
+        body = lambda layer, carry, *args: layer.shared_prompt(carry, *args)  # noqa: E731
+        stack = nn.scan(
+            nn.remat(body, prevent_cse=False) if self.remat else body,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast,) * 5,
+            length=c.num_layers,
+        )
+        (x_prompt, x_response), _ = stack(
+            DecoderLayer(c, name="layers"), (embed(prompt_ids), embed(response_ids)),
+            rope_tables(c, prompt_positions), prompt_mask, rope_tables(c, response_positions), response_mask,
+            prompt_valid,
+        )
+        norm = RMSNorm(c.rms_norm_eps, pdt, name="norm")
+        return norm(x_prompt), norm(x_response)
 
 
 # ---------------------------------------------------------------------------- pure functions
@@ -322,6 +368,28 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: jax.Array,
         {"params": decoder_params}, input_ids, positions_from_mask(attention_mask), causal_mask(attention_mask),
     )
     return h
+
+
+def shared_prompt_hidden_states(config: ModelConfig, params: Params, prompt_ids: jax.Array, prompt_mask: jax.Array,
+                                response_ids: jax.Array, response_mask: jax.Array, *, remat: bool = False
+                                ) -> tuple[jax.Array, jax.Array]:
+    """Final hidden states of left-padded prompts [U, P] and of right-padded responses [U*n, R] that continue
+    them (rows n per prompt, consecutive), running each prompt once for its whole group.
+
+    Equal to `hidden_states` over each concatenated (prompt, response) row, at a cost of U*P + U*n*R tokens
+    instead of U*n*(P + R): in group RL (n samples per prompt, long tool-laden prompts, short turns) most
+    of the work. Returns ([U, P, D], [U*n, R, D]).
+    """
+    n = response_ids.shape[0] // prompt_ids.shape[0]
+    prompt_valid = prompt_mask.astype(bool)
+    prompt_lengths = jnp.sum(prompt_mask.astype(jnp.int32), axis=-1)
+    response_positions = (jnp.repeat(prompt_lengths, n)[:, None]
+                          + jnp.maximum(jnp.cumsum(response_mask.astype(jnp.int32), axis=-1) - 1, 0))
+    decoder_params = {k: v for k, v in params.items() if k != "lm_head"}
+    return SharedPromptDecoder(config, remat=remat).apply(
+        {"params": decoder_params}, prompt_ids, positions_from_mask(prompt_mask), causal_mask(prompt_mask),
+        prompt_valid, response_ids, response_positions, causal_mask(response_mask),
+    )
 
 
 def logits_from_hidden(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:

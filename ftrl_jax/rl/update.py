@@ -8,6 +8,10 @@ Batch (all `[B, T]`, aligned so position t concerns `tokens[:, t]`):
   ref_logprobs                log-probs of the frozen reference; may be left out when kl_coef == 0
   advantages                  per-token advantages (`rl.advantages.compute_advantages`)
 
+Or the shared-prompt layout of `ftrl_jax.rl.shared_prompt` (prompt_tokens/prompt_mask [U, P],
+response_tokens/response_mask and the per-token arrays [U, n, R]): n sampled turns per prompt, the prompt
+run once per group. `make_rl_step` takes either; the result is the same update.
+
 `make_rl_step` splits the batch into `num_minibatches` groups of rows and takes one optimizer
 update per group, in order (the later groups see the already-updated policy, which is what the
 ratio clipping is for); each group may be accumulated over `num_microbatches`.
@@ -24,11 +28,13 @@ from jax.sharding import Mesh
 
 from ftrl_jax import models, parallel
 from ftrl_jax.rl.losses import LossConfig, aggregate_loss, rl_objective
+from ftrl_jax.rl.shared_prompt import SHARED_PROMPT_KEYS, response_logprobs
 from ftrl_jax.sft import predicted_token_mask, require_keys, shifted_token_logprobs
 from ftrl_jax.train_state import (Batch, TrainState, abstract_state, accumulate_gradients, apply_gradients,
                                   split_batch, state_shardings)
 
 RL_BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "old_logprobs", "advantages")
+SHARED_PROMPT_BATCH_KEYS = SHARED_PROMPT_KEYS + ("old_logprobs", "advantages")
 OPTIONAL_BATCH_KEYS = ("ref_logprobs",)
 # Objective metrics that are masked token means; micro-batches combine them weighted by token count.
 TOKEN_MEAN_METRICS = ("pg_loss", "kl", "entropy", "clip_fraction", "dual_clip_fraction", "approx_kl")
@@ -66,9 +72,45 @@ def make_logprob_fn(
     )
 
 
+def make_shared_prompt_logprob_fn(
+    config: models.ModelConfig,
+    mesh: Mesh,
+    *,
+    chunk_size: int = 128,
+    temperature: float = 1.0,
+    compiler_options: dict[str, Any] | None = None,
+) -> Callable[..., jax.Array]:
+    """Jitted `(params, prompt_tokens, prompt_mask, response_tokens, response_mask) -> logprobs [U, n, R]`
+    for a shared-prompt batch (see `ftrl_jax.rl.shared_prompt`); groups are split over the batch axes."""
+
+    def logprob_fn(params, prompt_tokens, prompt_mask, response_tokens, response_mask):
+        return response_logprobs(config, params, prompt_tokens, prompt_mask, response_tokens, response_mask,
+                                 chunk_size=chunk_size, temperature=temperature)[0]
+
+    rows = parallel.batch_sharding(mesh)
+    return jax.jit(
+        logprob_fn,
+        in_shardings=(parallel.param_shardings(_abstract_params(config), mesh), rows, rows, rows, rows),
+        out_shardings=rows,
+        compiler_options=compiler_options,
+    )
+
+
+def is_shared_prompt(batch: Batch) -> bool:
+    return "prompt_tokens" in batch
+
+
 def response_mask(batch: Batch) -> jax.Array:
-    """Float `[B, T]`: policy-generated, real tokens that have a log-prob (position 0 never does)."""
+    """Float mask of policy-generated, real tokens that have a log-prob (position 0 never does):
+    `[B, T]`, or `[U, n, R]` for a shared-prompt batch."""
+    if is_shared_prompt(batch):
+        return batch["response_mask"].astype(jnp.float32)
     return predicted_token_mask(batch["loss_mask"], batch["attention_mask"])
+
+
+def _rows(x: jax.Array) -> jax.Array:
+    """[U, n, R] -> [U*n, R] (a shared-prompt batch's per-token arrays as one row per response)."""
+    return x.reshape(-1, x.shape[-1])
 
 
 def combine_microbatch_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -110,13 +152,21 @@ def make_rl_step(
             raise ValueError(f"{name}={value} must be >= 1")
 
     def terms(params, microbatch):
+        if is_shared_prompt(microbatch):
+            logprobs, entropy = response_logprobs(
+                config, params, microbatch["prompt_tokens"], microbatch["prompt_mask"], microbatch["response_tokens"],
+                microbatch["response_mask"], chunk_size=chunk_size, temperature=temperature, remat=remat)
+            ref = microbatch.get("ref_logprobs")
+            return rl_objective(_rows(logprobs), _rows(microbatch["old_logprobs"]), None if ref is None else _rows(ref),
+                                _rows(entropy), _rows(microbatch["advantages"]), _rows(response_mask(microbatch)),
+                                loss_cfg)
         logprobs, entropy = shifted_token_logprobs(config, params, microbatch["tokens"], microbatch["attention_mask"],
                                                    chunk_size=chunk_size, temperature=temperature, remat=remat)
         return rl_objective(logprobs, microbatch["old_logprobs"], microbatch.get("ref_logprobs"), entropy,
                             microbatch["advantages"], response_mask(microbatch), loss_cfg)
 
     def denominator(microbatch):
-        mask = response_mask(microbatch)
+        mask = _rows(response_mask(microbatch))
         return aggregate_loss(jnp.zeros_like(mask), mask, loss_cfg.aggregation)[1]
 
     def minibatch_update(state: TrainState, minibatch: Batch):
@@ -127,10 +177,11 @@ def make_rl_step(
         return apply_gradients(state, acc.grads, optimizer), metrics
 
     def rl_step(state: TrainState, batch: Batch):
-        require_keys(batch, RL_BATCH_KEYS, "rl_step")
+        keys = SHARED_PROMPT_BATCH_KEYS if is_shared_prompt(batch) else RL_BATCH_KEYS
+        require_keys(batch, keys, "rl_step")
         if loss_cfg.kl_coef != 0.0:
             require_keys(batch, ("ref_logprobs",), f"rl_step with kl_coef={loss_cfg.kl_coef}")
-        batch = {k: batch[k] for k in RL_BATCH_KEYS + OPTIONAL_BATCH_KEYS if k in batch}
+        batch = {k: batch[k] for k in keys + OPTIONAL_BATCH_KEYS if k in batch}
         state, metrics = jax.lax.scan(minibatch_update, state, split_batch(batch, num_minibatches, mesh))
         tokens = jnp.sum(metrics.pop("response_tokens"))
         metrics = {name: jnp.mean(values) for name, values in metrics.items()}

@@ -210,12 +210,12 @@ def test_missing_reference_logprobs_with_kl_is_a_clear_error():
 def test_steps_and_checkpoints_on_8_device_mesh_match_single_device():
     """SFT and RL steps on a (2, 2, 2) mesh equal one device; a sharded checkpoint restores onto both layouts.
 
-    One subprocess for all three: the 8 simulated devices must be set before JAX starts.
+    One subprocess for all four checks (the shared-prompt RL layout included): the 8 simulated devices must be set before JAX starts.
     """
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "train_mesh_check.py")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
-    for check in ("sft", "rl", "checkpoint"):
+    for check in ("sft", "rl", "rl_shared_prompt", "checkpoint"):
         assert f"TRAIN_MESH_OK {check}" in proc.stdout, output

@@ -1,0 +1,78 @@
+"""Shared-prompt RL batches: n sampled turns of one prompt, with the prompt stored and run once.
+
+In FTRL's step mode every RL prompt (a conversation state, tool documents included) gets n rollouts
+of one short assistant turn, so a flat batch spends most of its tokens on n copies of each prompt,
+in the old/reference log-prob passes and again in the update. Here each group keeps one copy:
+
+  prompt_tokens, prompt_mask        [U, P]     left-padded prompts (one per group)
+  response_tokens, response_mask    [U, n, R]  right-padded sampled turns, n per prompt
+  old_logprobs, ref_logprobs,       [U, n, R]  per response token (position j concerns
+  advantages                                   response_tokens[..., j])
+
+Every array leads with the group axis, so mini-batch and micro-batch splits and the batch sharding
+keep groups whole. The model runs U*P + U*n*R tokens instead of U*n*(P + R)
+(`models.shared_prompt_hidden_states`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftrl_jax import models
+from ftrl_jax.rl.logprobs import token_logprobs_and_entropy
+from ftrl_jax.rollout import GeneratedTurn
+from ftrl_jax.warmstart import length_bucket
+
+SHARED_PROMPT_KEYS = ("prompt_tokens", "prompt_mask", "response_tokens", "response_mask")
+
+
+def response_logprobs(config: models.ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                      response_tokens: jax.Array, response_mask: jax.Array, *, chunk_size: int = 128,
+                      temperature: float = 1.0, remat: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`(logprobs, entropy)` [U, n, R]: position j scores `response_tokens[..., j]` given the group's prompt
+    and the response before it; padding holds 0. The entropy is that of the distribution it was drawn from."""
+    u, n, r = response_tokens.shape
+    hidden_prompt, hidden_response = models.shared_prompt_hidden_states(
+        config, params, prompt_tokens, prompt_mask, response_tokens.reshape(u * n, r),
+        response_mask.reshape(u * n, r), remat=remat)
+    # The prompt's last position (prompts are left-padded) predicts the first response token; response
+    # position j predicts token j + 1.
+    last_prompt = jnp.repeat(hidden_prompt[:, -1:], n, axis=0)
+    predictors = jnp.concatenate([last_prompt, hidden_response[:, :-1]], axis=1)
+    logprobs, entropy = token_logprobs_and_entropy(predictors, models.output_head(config, params),
+                                                   response_tokens.reshape(u * n, r), chunk_size=chunk_size,
+                                                   temperature=temperature)
+    valid = response_mask.reshape(u * n, r).astype(jnp.float32)
+    return (logprobs * valid).reshape(u, n, r), (entropy * valid).reshape(u, n, r)
+
+
+def step_batch(turns: Sequence[GeneratedTurn], group_size: int, pad_id: int, multiple: int = 64
+               ) -> dict[str, np.ndarray]:
+    """Sampled turns, group-major (`group_size` consecutive turns per prompt) -> the arrays above (less the
+    log-probs and advantages). Each group's turns must share their prompt ids; lengths are bucketed to
+    multiples of `multiple` so few shapes compile."""
+    if not turns or len(turns) % group_size:
+        raise ValueError(f"{len(turns)} turns do not split into groups of {group_size}")
+    groups = [turns[i:i + group_size] for i in range(0, len(turns), group_size)]
+    for g, group in enumerate(groups):
+        if any(list(t.prompt_ids) != list(group[0].prompt_ids) for t in group):
+            raise ValueError(f"group {g}: its turns were sampled from different prompts; a shared-prompt batch "
+                             "needs the n turns of each prompt to be consecutive")
+    p = length_bucket(max(len(group[0].prompt_ids) for group in groups), multiple)
+    r = length_bucket(max(max(len(t.token_ids) for t in turns), 1), multiple)
+    u = len(groups)
+    out = {"prompt_tokens": np.full((u, p), pad_id, np.int32), "prompt_mask": np.zeros((u, p), np.int32),
+           "response_tokens": np.full((u, group_size, r), pad_id, np.int32),
+           "response_mask": np.zeros((u, group_size, r), np.int32)}
+    for g, group in enumerate(groups):
+        prompt = list(group[0].prompt_ids)
+        out["prompt_tokens"][g, p - len(prompt):] = prompt
+        out["prompt_mask"][g, p - len(prompt):] = 1
+        for i, turn in enumerate(group):
+            out["response_tokens"][g, i, :len(turn.token_ids)] = turn.token_ids
+            out["response_mask"][g, i, :len(turn.token_ids)] = 1
+    return out

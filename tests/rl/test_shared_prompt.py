@@ -1,0 +1,144 @@
+"""Shared-prompt RL batches: the same log-probs and the same update as the flat layout, at a fraction of the tokens."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ftrl_jax import models, parallel
+from ftrl_jax.rl.losses import LossConfig
+from ftrl_jax.rl.shared_prompt import response_logprobs, step_batch
+from ftrl_jax.rl.update import make_logprob_fn, make_rl_step, make_shared_prompt_logprob_fn
+from ftrl_jax.rollout import GeneratedTurn
+from ftrl_jax.train_state import create_train_state, shard_state
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+CONFIG = models.preset("tiny", vocab_size=256, num_layers=2, num_kv_heads=2)
+LOSS = LossConfig(kl_coef=0.05, entropy_coef=0.01, aggregation="seq-mean-token-mean")
+N = 3  # samples per prompt
+
+
+@functools.lru_cache(maxsize=None)
+def _params():
+    return models.init_params(CONFIG, jax.random.PRNGKey(0))
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh():
+    return parallel.make_mesh(devices=jax.devices()[:1])
+
+
+def _turns(seed=0):
+    """Two prompts of different lengths, N sampled turns of different lengths each (group-major)."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, 256, size=n).tolist() for n in (9, 5)]
+    return [GeneratedTurn("", prompt, rng.integers(1, 256, size=int(rng.integers(1, 7))).tolist(), [], False)
+            for prompt in prompts for _ in range(N)]
+
+
+def _flat(turns):
+    """The same turns in the flat layout: prompt + response per row, right-padded; loss on the response."""
+    length = max(len(t.prompt_ids) + len(t.token_ids) for t in turns)
+    tokens = np.zeros((len(turns), length), np.int32)
+    attention, loss = np.zeros_like(tokens), np.zeros_like(tokens)
+    for i, t in enumerate(turns):
+        ids = list(t.prompt_ids) + list(t.token_ids)
+        tokens[i, :len(ids)], attention[i, :len(ids)] = ids, 1
+        loss[i, len(t.prompt_ids):len(ids)] = 1
+    return jnp.asarray(tokens), jnp.asarray(attention), jnp.asarray(loss)
+
+
+def _flat_response_values(flat_values, turns, shape):
+    """Picks each row's response positions of a flat [B, T] array into the [U, n, R] layout."""
+    out = np.zeros(shape, np.float32)
+    for i, t in enumerate(turns):
+        start = len(t.prompt_ids)
+        out[i // N, i % N, :len(t.token_ids)] = np.asarray(flat_values)[i, start:start + len(t.token_ids)]
+    return out
+
+
+def test_step_batch_layout_and_errors():
+    turns = _turns()
+    batch = step_batch(turns, N, pad_id=0, multiple=8)
+    assert batch["prompt_tokens"].shape == (2, 16) and batch["response_tokens"].shape == (2, N, 8)
+    assert batch["prompt_tokens"][0, -9:].tolist() == turns[0].prompt_ids  # left-padded
+    assert batch["prompt_mask"][1].tolist() == [0] * 11 + [1] * 5
+    assert batch["response_tokens"][1, 2, :len(turns[5].token_ids)].tolist() == turns[5].token_ids  # right-padded
+    assert batch["response_mask"].sum() == sum(len(t.token_ids) for t in turns)
+    with pytest.raises(ValueError, match="groups of 4"):
+        step_batch(turns, 4, pad_id=0)
+    mixed = [turns[0], turns[3], turns[1], turns[4], turns[2], turns[5]]  # not group-major
+    with pytest.raises(ValueError, match="different prompts"):
+        step_batch(mixed, N, pad_id=0)
+
+
+def test_response_logprobs_equal_the_flat_layout():
+    turns = _turns()
+    batch = step_batch(turns, N, pad_id=0, multiple=8)
+    shared = make_shared_prompt_logprob_fn(CONFIG, _mesh(), chunk_size=4, temperature=0.7,
+                                           compiler_options=FAST_COMPILE)
+    got = np.asarray(shared(_params(), *(jnp.asarray(batch[k]) for k in
+                                          ("prompt_tokens", "prompt_mask", "response_tokens", "response_mask"))))
+    tokens, attention, _ = _flat(turns)
+    flat = make_logprob_fn(CONFIG, _mesh(), chunk_size=4, temperature=0.7, compiler_options=FAST_COMPILE)
+    want = _flat_response_values(flat(_params(), tokens, attention), turns, got.shape)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert np.all(got[batch["response_mask"] == 0] == 0.0) and np.all(got[batch["response_mask"] > 0] < 0.0)
+    _, entropy = response_logprobs(CONFIG, _params(), *(jnp.asarray(batch[k]) for k in
+                                   ("prompt_tokens", "prompt_mask", "response_tokens", "response_mask")))
+    assert np.all(np.asarray(entropy)[batch["response_mask"] > 0] > 0.0)
+
+
+@pytest.mark.parametrize("num_minibatches", [1, 2])
+def test_rl_step_on_a_shared_prompt_batch_equals_the_flat_update(num_minibatches):
+    turns = _turns(1)
+    shared = {k: jnp.asarray(v) for k, v in step_batch(turns, N, pad_id=0, multiple=8).items()}
+    tokens, attention, loss = _flat(turns)
+    rng = np.random.default_rng(2)
+    shape = shared["response_tokens"].shape
+    mask = np.asarray(shared["response_mask"], np.float32)
+    old = rng.normal(-3.0, 0.3, size=shape) * mask
+    ref = old + rng.normal(0, 0.1, size=shape) * mask
+    adv = np.repeat(rng.normal(size=(shape[0] * N, 1)), shape[2], axis=1).reshape(shape) * mask
+    shared.update(old_logprobs=jnp.asarray(old, jnp.float32), ref_logprobs=jnp.asarray(ref, jnp.float32),
+                  advantages=jnp.asarray(adv, jnp.float32))
+
+    def to_flat(values):  # [U, n, R] -> [B, T] at the response positions
+        out = np.zeros(tokens.shape, np.float32)
+        for i, t in enumerate(turns):
+            start = len(t.prompt_ids)
+            out[i, start:start + len(t.token_ids)] = values[i // N, i % N, :len(t.token_ids)]
+        return jnp.asarray(out)
+
+    flat = {"tokens": tokens, "attention_mask": attention, "loss_mask": loss, "old_logprobs": to_flat(old),
+            "ref_logprobs": to_flat(ref), "advantages": to_flat(adv)}
+    optimizer = optax.sgd(0.5)
+
+    def run(batch, minibatches):
+        state = shard_state(create_train_state(jax.tree.map(jnp.copy, _params()), optimizer), _mesh())
+        step = make_rl_step(CONFIG, optimizer, _mesh(), LOSS, num_minibatches=minibatches, chunk_size=4,
+                            compiler_options=FAST_COMPILE)
+        return step(state, batch)
+
+    got_state, got = run(shared, num_minibatches)
+    if num_minibatches == 2:
+        # Each shared-prompt mini-batch is one whole group: the flat equivalent is one update per group, in order.
+        state = shard_state(create_train_state(jax.tree.map(jnp.copy, _params()), optimizer), _mesh())
+        step = make_rl_step(CONFIG, optimizer, _mesh(), LOSS, chunk_size=4, compiler_options=FAST_COMPILE)
+        for g in range(2):
+            rows = jnp.arange(g * N, (g + 1) * N)
+            state, _ = step(state, {k: v[rows] for k, v in flat.items()})
+        want_state = state
+    else:
+        want_state, want = run(flat, 1)
+        for name in ("loss", "pg_loss", "kl", "entropy", "clip_fraction"):
+            np.testing.assert_allclose(float(got[name]), float(want[name]), rtol=1e-4, atol=1e-6, err_msg=name)
+        assert float(got["response_tokens"]) == float(want["response_tokens"]) == mask.sum()
+    changes = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(_params()))]
+    assert max(changes) > 1e-3  # a real update
+    for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0)
