@@ -7,6 +7,11 @@ Both decode exactly `new_tokens` tokens greedily for every row (no stop tokens),
 same dtype (parameters and compute; transformers gets `torch_dtype` of that name). JAX compile time is
 measured separately and excluded from the throughput, as it is paid once per shape. In bfloat16 the two
 sides round differently, so greedy rows may part after a near-tie.
+
+    python -m experiments.bench_sampler --groups=4 [--group_size=8] [--prompt_len=600] [--new_tokens=96]
+
+measures group sampling as RL does it (n samples of each prompt, temperature 1) against the same number of
+distinct prompts, ours only: repeated prompts are prefilled once and share their cache.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ flags.DEFINE_integer("prompt_len", 64, "Prompt length in tokens.")
 flags.DEFINE_integer("new_tokens", 128, "New tokens per prompt.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions of our generate (the best is reported).")
 flags.DEFINE_integer("hf_repeats", 1, "Timed repetitions of transformers generate.")
+flags.DEFINE_integer("groups", 0, "If > 0: group-sampling benchmark with this many distinct prompts.")
+flags.DEFINE_integer("group_size", 8, "Samples per prompt in the group-sampling benchmark.")
 
 
 def _time_best(fn, repeats: int) -> float:
@@ -80,8 +87,35 @@ def bench_preset(name: str, dtype: str, batch: int, prompt_len: int, new_tokens:
                 ratio=hf_s / ours_s, compile_s=compile_s, rows_identical=f"{same}/{batch}")
 
 
+def bench_groups(name: str, groups: int, group_size: int, prompt_len: int, new_tokens: int, repeats: int) -> None:
+    import jax
+    import numpy as np
+
+    from ftrl_jax import models
+    from ftrl_jax.sampling import generate
+
+    config = models.preset(name)
+    params = models.init_params(config, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    rows = groups * group_size
+    distinct = [rng.integers(0, config.vocab_size, size=prompt_len).tolist() for _ in range(rows)]
+    grouped = [p for p in distinct[:groups] for _ in range(group_size)]
+    print(f"{name}: {rows} rows of {prompt_len}-token prompts, {new_tokens} new tokens, temperature 1")
+    for label, prompts in ((f"{groups} prompts x {group_size} samples", grouped), (f"{rows} distinct prompts", distinct)):
+        def run():
+            return generate(config, params, prompts, max_new_tokens=new_tokens, temperature=1.0,
+                            rng=jax.random.PRNGKey(1))
+        run()  # compile
+        seconds = _time_best(run, repeats)
+        print(f"  {label}: {seconds:.2f} s ({rows * new_tokens / seconds:.0f} tokens/s)", flush=True)
+
+
 def main(argv):
     del argv
+    if FLAGS.groups:
+        for name in FLAGS.presets:
+            bench_groups(name, FLAGS.groups, FLAGS.group_size, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.repeats)
+        return
     import jax
     import torch
 
