@@ -314,6 +314,43 @@ def collect_prompt_pool(config, model_config, params, tokenizer, mesh, train, cu
     return [pool[i] for i in order], (cursor + num_envs) % len(train), episodes
 
 
+def _policy_dir(config, policy_dir: str | None) -> str:
+    """The checkpoint to sample from: the given one, the config's model, or this workdir's trained policy."""
+    workdir = os.path.abspath(config.workdir)
+    candidates = [policy_dir] if policy_dir else ([config.model.path] if config.model.path else
+                                                  [os.path.join(workdir, "export"), os.path.join(workdir, "warmstart")])
+    for path in candidates:
+        if path and os.path.isfile(os.path.join(path, "config.json")):
+            return path
+    raise TrainingError(f"no policy to sample from in {candidates}: run the main job first (it writes "
+                        "WORKDIR/warmstart and WORKDIR/export) or pass a Hugging Face checkpoint directory")
+
+
+def sample_rl_prompts(config, out_path: str, *, policy_dir: str | None = None, num_envs: int | None = None,
+                      greedy: bool = False) -> dict[str, Any]:
+    """FTRL's RL data as a file: the policy plays the training environments multi-turn, and every state after
+    a tool-calling turn (with its reduced unsolved set and solve rate), plus each fresh question, is written
+    to `out_path` in the sample format (.jsonl or .parquet). Returns counts and the episodes' mean Solve-F1."""
+    check_config(config)
+    path = _policy_dir(config, policy_dir)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    with Sandbox() as sandbox:
+        train, _ = prepare_environments(config, os.path.abspath(config.workdir), sandbox)
+        tokenizer = load_tokenizer(path)
+        model_config, params = models.load_pretrained(path, dtype=config.model.param_dtype,
+                                                      compute_dtype=config.model.dtype,
+                                                      shardings=parallel.checkpoint_sharding_fn(mesh))
+        envs = train[:num_envs] if num_envs else train
+        policy = _policy(config, model_config, params, tokenizer, mesh, greedy=greedy, seed=config.seed,
+                         max_new_tokens=config.rollout.max_new_tokens)
+        episodes = play_episodes(policy, envs, max_turns=config.rollout.max_turns, sandbox=sandbox)
+    prompts = _pool_from_episodes(episodes)
+    write_samples(out_path, prompts)
+    return {"policy": path, "episodes": len(episodes), "prompts": len(prompts),
+            "after_tool_calls": len(prompts) - len(episodes),  # one fresh question per episode
+            "episode_solve_f1": float(np.mean([ep.metrics["solve_f1"] for ep in episodes]))}
+
+
 def _rl_step_batch(config, model_config, state_params, tokenizer, mesh, prompts, sandbox, seed):
     """Samples n rollouts per prompt, scores them with the verifiable reward, returns (batch arrays, stats)."""
     rc = config.rl

@@ -9,7 +9,8 @@ import pytest
 
 from configs import qwen
 from ftrl_jax.models.checkpoint_io import SafetensorsFile
-from ftrl_jax.train_loop import TrainingError, check_config, parse_overrides, train_and_evaluate
+from ftrl_jax.envs.samples import read_samples
+from ftrl_jax.train_loop import TrainingError, check_config, parse_overrides, sample_rl_prompts, train_and_evaluate
 
 
 def micro_config(workdir, **rl):
@@ -76,6 +77,24 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
     # Starting again without resume=True refuses to overwrite the run.
     with pytest.raises(TrainingError, match="resume=True"):
         train_and_evaluate(micro_config(tmp_path / "straight", num_steps=4))
+
+    # experiments.sample's stage: the trained policy plays training environments; FTRL's RL prompts go to a file.
+    out = tmp_path / "prompts.jsonl"
+    stats = sample_rl_prompts(micro_config(tmp_path / "straight"), str(out), num_envs=3)
+    assert stats["policy"].endswith("export") and stats["episodes"] == 3
+    prompts, errors = read_samples(out)
+    assert not errors and len(prompts) == stats["prompts"] == 3 + stats["after_tool_calls"]
+    train, _ = read_samples(tmp_path / "straight" / "envs" / "train.jsonl")
+    fresh = [p for p in prompts if p.messages == train[0].messages or p.messages == train[1].messages
+             or p.messages == train[2].messages]
+    assert len(fresh) == 3  # each played environment's fresh question is one prompt
+    for p in prompts:
+        assert 0.0 <= p.solve_rate <= 1.0 and p.messages[-1]["role"] in ("user", "tool")
+
+
+def test_sampling_without_a_policy_says_where_one_comes_from(tmp_path):
+    with pytest.raises(TrainingError, match="run the main job first"):
+        sample_rl_prompts(micro_config(tmp_path / "empty"), str(tmp_path / "out.jsonl"))
 
 
 def test_config_errors_are_clear_before_anything_heavy(tmp_path):
