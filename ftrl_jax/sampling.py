@@ -191,6 +191,11 @@ def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int
     if sp.temperature > 0 and rng is None:
         raise ValueError("sampling with temperature > 0 needs an `rng` key")
     rng = jax.random.PRNGKey(0) if rng is None else rng
+    if not prompts:
+        raise ValueError("generate() needs at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
     # Identical prompts (n samples of one prompt, as in group RL) are prefilled and cached once; their rows
     # sit side by side, `group_size` per distinct prompt (unused rows are inactive fillers).
     distinct: dict[tuple[int, ...], list[int]] = {}
@@ -209,7 +214,7 @@ def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int
     state = _prefill(config, params, *batch, rng, sp=sp, group_size=group_size,
                      max_new_bucket=bucket(max_new_tokens))
     state = _decode(config, params, _decode_weights(config, params), state, jnp.int32(max_new_tokens), sp=sp)
-    out_tokens, out_logprobs, done = jax.device_get((state.tokens, state.logprobs, state.done))
+    out_tokens, out_logprobs = jax.device_get((state.tokens, state.logprobs))
     stop = set(sp.stop_token_ids)
     result = GenerationResult([], [], [])
     for i in range(len(prompts)):

@@ -114,3 +114,9 @@ def test_buckets_and_padding():
     assert tokens.shape[0] == 4 and active.tolist() == [True, True, True, False]
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         pad_prompts([[1], []])
+    config = models.preset("tiny", vocab_size=32, num_layers=1)
+    params = models.init_params(config, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="prompt 2 is empty"):  # named by its place in the caller's list
+        generate(config, params, [[1], [1], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        generate(config, params, [], max_new_tokens=2)
