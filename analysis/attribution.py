@@ -38,7 +38,6 @@ import argparse
 import csv
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -50,7 +49,7 @@ import jax
 import numpy as np
 
 from analysis.checkpoints import TensorSource, open_checkpoint
-from analysis.layer_deltas import DEPTHS, CheckpointWarning, check_same_architecture, depth_ranges
+from analysis.layer_deltas import DEPTHS, CheckpointWarning, check_same_architecture, depth_ranges, json_safe
 from ftrl_jax import parallel
 from ftrl_jax.envs.samples import Sample, read_samples
 from ftrl_jax.envs.sandbox import Sandbox
@@ -389,16 +388,6 @@ def bar_figure(results: Sequence[VariantResult]):
     return fig
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 # ---------------------------------------------------------------------------- command line
 
 def find_tokenizer_dir(tuned_path: str, source: TensorSource) -> str:
@@ -473,7 +462,7 @@ def run(base_dir: str, tuned_dir: str, data_path: str, out_dir: str, *, limit: i
     os.makedirs(out_dir, exist_ok=True)
     write_csv(results, os.path.join(out_dir, "attribution.csv"))
     with open(os.path.join(out_dir, "attribution.json"), "w") as f:
-        json.dump(_json_safe(record), f, indent=2)
+        json.dump(json_safe(record), f, indent=2)
     with open(os.path.join(out_dir, "attribution.md"), "w") as f:
         f.write(summary_markdown(results, record))
     bar_figure(results).savefig(os.path.join(out_dir, "attribution.png"), dpi=120)

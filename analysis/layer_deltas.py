@@ -294,14 +294,14 @@ def write_csv(rows: Sequence[Row], path: str) -> None:
             writer.writerow([r.layer, r.module, repr(r.rel_change), repr(r.mean_abs_change), r.num_params])
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """inf/nan are not JSON: written as null (summary.md and the CSV show them as inf/nan)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -426,7 +426,7 @@ def run(base_dir: str, tuned_dir: str, out_dir: str, *, log_scale: bool = False,
     write_csv(rows, os.path.join(out_dir, "layer_deltas.csv"))
     record = {"base": os.path.abspath(base_dir), "tuned": os.path.abspath(tuned_dir), **summary, "warnings": notes}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(_json_safe(record), f, indent=2)
+        json.dump(json_safe(record), f, indent=2)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(summary_markdown(summary, base_dir, tuned_dir))
     plot(rows, num_layers, out_dir, log_scale=log_scale)

@@ -138,6 +138,7 @@ class LocalPolicy:
                              f"{config.vocab_size}; use the tokenizer the model was trained with")
         self.config = config
         self.params = params
+        self._decode_weights = None  # made at the first call, reused by every later one (same params)
         self.tokenizer = tokenizer
         self.template = template
         self.enable_thinking = enable_thinking
@@ -191,10 +192,12 @@ class LocalPolicy:
         if not fitting:
             return turns
         self._rng, rng = jax.random.split(self._rng)
+        if self._decode_weights is None:
+            self._decode_weights = sampling.decode_weights(self.config, self.params)
         result = sampling.generate(
             self.config, self.params, [prompts[i] for i in fitting], max_new_tokens=self.max_new_tokens,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, stop_token_ids=self.stop_ids,
-            rng=rng, pad_id=self.pad_id, data_sharding=self.data_sharding,
+            rng=rng, pad_id=self.pad_id, data_sharding=self.data_sharding, weights=self._decode_weights,
         )
         for i, tokens, logprobs, stopped in zip(fitting, result.tokens, result.logprobs, result.stopped):
             body = tokens[:-1] if stopped else tokens

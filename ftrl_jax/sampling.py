@@ -5,7 +5,7 @@ batch is padded to a power of two, so a run compiles only a handful of shapes. I
 samples per prompt of group RL) are prefilled once and their cache is shared, read-only, by their rows;
 generated tokens go to a small per-row cache. The decode loop is a `jax.lax.while_loop` that stops as
 soon as every sequence has emitted a stop token; its state is donated so XLA updates it in place, and
-it reads per-layer weights prepared once per call.
+it reads per-layer weights prepared once per call (or once per policy: `decode_weights`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     stop_token_ids: tuple[int, ...] = ()
+
+
+# (per-layer weight trees, output head [D, V]), both in compute dtype: see `decode_weights`.
+DecodeWeights = tuple[tuple[Params, ...], jax.Array]
 
 
 class DecodeState(NamedTuple):
@@ -91,8 +95,8 @@ def _logits_at(head: jax.Array, hidden_bd: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sp", "group_size", "max_new_bucket"))
-def _prefill(config: ModelConfig, params: Params, tokens: jax.Array, prompt_mask: jax.Array, row_active: jax.Array,
-             rng: jax.Array, *, sp: SamplingParams, group_size: int, max_new_bucket: int) -> DecodeState:
+def _prefill(config: ModelConfig, params: Params, head: jax.Array, tokens: jax.Array, prompt_mask: jax.Array,
+             row_active: jax.Array, rng: jax.Array, *, sp: SamplingParams, group_size: int, max_new_bucket: int) -> DecodeState:
     """Runs the distinct left-padded prompts [U, P] through the model once and samples the first new token
     of each of their `group_size` rows (B = U * group_size)."""
     u, p = tokens.shape
@@ -102,7 +106,7 @@ def _prefill(config: ModelConfig, params: Params, tokens: jax.Array, prompt_mask
     mask = jnp.tril(jnp.ones((p, p), bool))[None] & prompt_valid[:, None, :]
     hidden, prefix = prefill(config, params, tokens, positions, mask)
     rng, sub = jax.random.split(rng)
-    logits = _logits_at(output_head(config, params).astype(hidden.dtype), hidden[:, -1])
+    logits = _logits_at(head, hidden[:, -1])
     token, logp = _select(jnp.repeat(logits, group_size, axis=0), sub, sp)
     stop = jnp.asarray(sp.stop_token_ids or (-1,), jnp.int32)
     done = jnp.isin(token, stop) | ~row_active
@@ -114,10 +118,13 @@ def _prefill(config: ModelConfig, params: Params, tokens: jax.Array, prompt_mask
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _decode_weights(config: ModelConfig, params: Params) -> tuple[tuple[Params, ...], jax.Array]:
-    """Per-layer weights and the output head in compute dtype, made once per call outside the decode loop,
-    so the loop reads weights where they lie instead of slicing, transposing or casting them at every step.
-    (Matmul weights only: the layers cast them to the compute dtype anyway; norm scales stay as they are.)"""
+def decode_weights(config: ModelConfig, params: Params) -> DecodeWeights:
+    """Per-layer weights and the output head in compute dtype, made outside the decode loop, so the loop reads
+    weights where they lie instead of slicing, transposing or casting them at every step. (Matmul weights
+    only: the layers cast them to the compute dtype anyway; norm scales stay as they are.)
+
+    This copies the weights: a caller that generates many times from the same params (a rollout policy)
+    makes them once and passes them to `generate(weights=...)`."""
     dtype = dtype_from_name(config.dtype)
 
     def cast(path, leaf):
@@ -128,7 +135,7 @@ def _decode_weights(config: ModelConfig, params: Params) -> tuple[tuple[Params, 
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sp"), donate_argnames=("state",))
-def _decode(config: ModelConfig, params: Params, weights: tuple[tuple[Params, ...], jax.Array], state: DecodeState,
+def _decode(config: ModelConfig, params: Params, weights: DecodeWeights, state: DecodeState,
             max_new_tokens: jax.Array, *, sp: SamplingParams) -> DecodeState:
     """Feeds the last token and samples the next one until all rows are done or the budget is spent."""
     layers, head = weights
@@ -178,12 +185,14 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, *, min_len: i
 
 def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] = (),
-             rng: jax.Array | None = None, pad_id: int = 0, data_sharding: Any = None) -> GenerationResult:
+             rng: jax.Array | None = None, pad_id: int = 0, data_sharding: Any = None,
+             weights: DecodeWeights | None = None) -> GenerationResult:
     """Generates up to `max_new_tokens` for each prompt (token-id lists of any lengths).
 
     `temperature=0` is greedy. `logprobs` are log-probabilities of the chosen tokens under the model's
     logits divided by the temperature (before top-k/top-p truncation), the quantity RL needs.
     `data_sharding`, if given, places the batch (e.g. `NamedSharding(mesh, P(('data', 'fsdp')))`).
+    `weights` = `decode_weights(config, params)` made once by the caller; otherwise they are made here.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -211,9 +220,10 @@ def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int
     batch = (tokens, mask, row_active)
     if data_sharding is not None:
         batch = jax.device_put(batch, data_sharding)
-    state = _prefill(config, params, *batch, rng, sp=sp, group_size=group_size,
+    weights = decode_weights(config, params) if weights is None else weights
+    state = _prefill(config, params, weights[1], *batch, rng, sp=sp, group_size=group_size,
                      max_new_bucket=bucket(max_new_tokens))
-    state = _decode(config, params, _decode_weights(config, params), state, jnp.int32(max_new_tokens), sp=sp)
+    state = _decode(config, params, weights, state, jnp.int32(max_new_tokens), sp=sp)
     out_tokens, out_logprobs = jax.device_get((state.tokens, state.logprobs))
     stop = set(sp.stop_token_ids)
     result = GenerationResult([], [], [])

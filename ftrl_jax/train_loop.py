@@ -18,7 +18,6 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math

@@ -44,6 +44,19 @@ def _abstract_params(config: models.ModelConfig):
     return jax.eval_shape(lambda: models.init_params(config, jax.random.PRNGKey(0)))
 
 
+def _jit_over_rows(fn: Callable[..., jax.Array], num_arrays: int, config: models.ModelConfig, mesh: Mesh,
+                   compiler_options: dict[str, Any] | None) -> Callable[..., jax.Array]:
+    """`fn(params, *arrays)` jitted with params in the `param_shardings` layout and every array (and the result)
+    split over the batch axes."""
+    rows = parallel.batch_sharding(mesh)
+    return jax.jit(
+        fn,
+        in_shardings=(parallel.param_shardings(_abstract_params(config), mesh),) + (rows,) * num_arrays,
+        out_shardings=rows,
+        compiler_options=compiler_options,
+    )
+
+
 def make_logprob_fn(
     config: models.ModelConfig,
     mesh: Mesh,
@@ -63,13 +76,7 @@ def make_logprob_fn(
                                              temperature=temperature)
         return logprobs
 
-    rows = parallel.batch_sharding(mesh)
-    return jax.jit(
-        logprob_fn,
-        in_shardings=(parallel.param_shardings(_abstract_params(config), mesh), rows, rows),
-        out_shardings=rows,
-        compiler_options=compiler_options,
-    )
+    return _jit_over_rows(logprob_fn, 2, config, mesh, compiler_options)
 
 
 def make_shared_prompt_logprob_fn(
@@ -87,13 +94,7 @@ def make_shared_prompt_logprob_fn(
         return response_logprobs(config, params, prompt_tokens, prompt_mask, response_tokens, response_mask,
                                  chunk_size=chunk_size, temperature=temperature)[0]
 
-    rows = parallel.batch_sharding(mesh)
-    return jax.jit(
-        logprob_fn,
-        in_shardings=(parallel.param_shardings(_abstract_params(config), mesh), rows, rows, rows, rows),
-        out_shardings=rows,
-        compiler_options=compiler_options,
-    )
+    return _jit_over_rows(logprob_fn, 4, config, mesh, compiler_options)
 
 
 def is_shared_prompt(batch: Batch) -> bool:
