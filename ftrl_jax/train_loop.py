@@ -40,7 +40,7 @@ from ftrl_jax.evaluation import evaluate
 from ftrl_jax.metrics_log import MetricsLogger
 from ftrl_jax.optim import make_optimizer
 from ftrl_jax.rl import batch as rl_batch
-from ftrl_jax.rl.advantages import compute_advantages, registered_advantage_estimators
+from ftrl_jax.rl.advantages import compute_advantages, group_signal, registered_advantage_estimators
 from ftrl_jax.rl.losses import LossConfig
 from ftrl_jax.rl import shared_prompt
 from ftrl_jax.rl.update import make_logprob_fn, make_rl_step, make_shared_prompt_logprob_fn, response_mask
@@ -368,7 +368,7 @@ def _rl_step_batch(config, model_config, state_params, tokenizer, mesh, prompts,
         arrays = rl_batch.pad_rows(rl_batch.step_rows(turns), _pad_id(tokenizer))
         lengths = rl_batch.response_lengths(arrays)
     stats = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
-             "response_length": float(lengths.mean()),
+             **group_signal(scores, n), "response_length": float(lengths.mean()),
              "truncated_fraction": float(np.mean([t.truncated for t in turns]))}
     return arrays, scores, stats
 
@@ -383,7 +383,7 @@ def _trajectory_batch(config, model_config, state_params, tokenizer, mesh, envs,
     scores = np.asarray([ep.metrics["solve_f1"] for ep in episodes], np.float32)
     arrays = rl_batch.pad_rows(rl_batch.trajectory_rows(episodes, tokenizer, config.model.template),
                                _pad_id(tokenizer))
-    stats = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
+    stats = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()), **group_signal(scores, n),
              "response_length": float(rl_batch.response_lengths(arrays).mean())}
     return arrays, scores, stats
 

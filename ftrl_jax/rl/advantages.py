@@ -18,6 +18,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 GRPO_EPS = 1e-6
 WHITEN_EPS = 1e-8  # as verl's masked_whiten: (x - mean) * rsqrt(var + 1e-8)
@@ -113,6 +114,22 @@ def _resolve_group_ids(batch: int, group_size: int | None, group_ids) -> jax.Arr
             )
         return group_ids
     return None
+
+
+def group_signal(rewards, group_size: int) -> dict[str, float]:
+    """How much learning signal a group-major batch of outcome rewards `[num_groups * group_size]` holds.
+
+    `groups_mixed`: share of groups whose rewards are not all equal; a group whose n samples all score
+    the same gets zero GRPO advantage, so this is the share of prompts the step learns from.
+    `reward_positive`: share of samples with a reward above zero. Host-side (numpy) logging statistics.
+    """
+    scores = np.asarray(rewards, np.float64)
+    if group_size < 1 or scores.ndim != 1 or scores.size % group_size:
+        raise ValueError(f"expected rewards [num_groups * {group_size}] in group-major order, got shape {scores.shape}")
+    groups = scores.reshape(-1, group_size)
+    mixed = groups.max(axis=1) > groups.min(axis=1)
+    return {"groups_mixed": float(mixed.mean()) if mixed.size else 0.0,
+            "reward_positive": float((scores > 0).mean()) if scores.size else 0.0}
 
 
 # ---------------------------------------------------------------- masked statistics

@@ -10,6 +10,7 @@ import pytest
 from ftrl_jax.rl import advantages as adv
 from ftrl_jax.rl.advantages import (
     discounted_returns,
+    group_signal,
     place_on_last_token,
     register_advantage_estimator,
     registered_advantage_estimators,
@@ -242,3 +243,17 @@ def test_reinforce_pp_baseline_matches_numpy():
     values = per_token[mask > 0]
     expected = (per_token - values.mean()) / np.sqrt(values.var(ddof=1) + 1e-8) * mask
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_group_signal_counts_groups_that_carry_advantage():
+    # Groups of 3: all equal (no signal), mixed, all equal but positive, mixed with a negative.
+    rewards = [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, -0.3, 0.0, 0.0]
+    stats = group_signal(rewards, 3)
+    assert stats["groups_mixed"] == pytest.approx(0.5)
+    assert stats["reward_positive"] == pytest.approx(4 / 12)
+    # The statistic agrees with GRPO: exactly the mixed groups get nonzero advantages.
+    adv = compute_advantages("grpo", jnp.asarray(rewards), jnp.ones((12, 2)), group_size=3)
+    nonzero_groups = np.abs(np.asarray(adv)).reshape(4, -1).max(axis=1) > 0
+    assert nonzero_groups.mean() == pytest.approx(stats["groups_mixed"])
+    with pytest.raises(ValueError, match="group-major"):
+        group_signal(rewards, 5)
