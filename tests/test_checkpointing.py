@@ -3,7 +3,6 @@
 Restoring a sharded state onto other mesh layouts is checked in tests/train_mesh_check.py (8 devices).
 """
 
-import functools
 import logging
 import os
 
@@ -12,27 +11,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftrl_jax import models, parallel
+from ftrl_jax import models
 from ftrl_jax.checkpointing import Checkpointer, prng_key_from_json, prng_key_to_json
 from ftrl_jax.optim import make_optimizer
 from ftrl_jax.train_state import create_train_state, shard_state, state_shardings
+from tests.cached_models import init_params, one_device_mesh
 
 CONFIG = models.preset("tiny", vocab_size=256, num_layers=2)
 OPTIMIZER = make_optimizer(1e-3, weight_decay=0.1)
 
 
-@functools.lru_cache(maxsize=None)
-def _params():
-    return models.init_params(CONFIG, jax.random.PRNGKey(0))
-
-
 def _state(seed: int):
     """A state whose every leaf (step, params, both Adam moments, count) depends on `seed`."""
-    state = create_train_state(_params(), OPTIMIZER)
+    state = create_train_state(init_params(CONFIG), OPTIMIZER)
     offset = float(seed)
     state = jax.tree.map(lambda x: x + jnp.asarray(offset, x.dtype), state)
-    mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    return shard_state(state, mesh)
+    return shard_state(state, one_device_mesh())
 
 
 def _assert_states_equal(a, b):
@@ -57,7 +51,7 @@ def test_round_trip_of_state_and_extra(tmp_path):
     assert restored_extra == extra
     np.testing.assert_array_equal(np.asarray(prng_key_from_json(restored_extra["rng"])), np.asarray(key))
     # Restored onto the target's layout.
-    target_shardings = state_shardings(restored, parallel.make_mesh(devices=jax.devices()[:1]))
+    target_shardings = state_shardings(restored, one_device_mesh())
     for leaf, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(target_shardings)):
         assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
 
@@ -69,7 +63,7 @@ def test_restore_from_abstract_target_and_by_step(tmp_path):
         checkpointer.wait()
         abstract = jax.eval_shape(lambda: _state(0))
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
-                                state_shardings(abstract, parallel.make_mesh(devices=jax.devices()[:1])))
+                                state_shardings(abstract, one_device_mesh()))
         first, first_extra = checkpointer.restore(1, target_state=abstract)
         _assert_states_equal(first, _state(1))
         assert first_extra == {"step": 1}

@@ -12,25 +12,16 @@ import numpy as np
 import optax
 import pytest
 
-from ftrl_jax import models, parallel
+from ftrl_jax import models
 from ftrl_jax.optim import decay_mask, make_optimizer, make_schedule
 from ftrl_jax.sft import make_sft_step
 from ftrl_jax.train_state import create_train_state, shard_state
+from tests.cached_models import init_params, one_device_mesh
 
 # Less LLVM optimisation: compiles several times faster on CPU, same arithmetic.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 CONFIG = models.preset("tiny", vocab_size=256, num_layers=2)
 BATCH, TIME = 4, 24
-
-
-@functools.lru_cache(maxsize=None)
-def _params():
-    return models.init_params(CONFIG, jax.random.PRNGKey(0))
-
-
-@functools.lru_cache(maxsize=None)
-def _mesh():
-    return parallel.make_mesh(devices=jax.devices()[:1])
 
 
 # Plain SGD: the update is the gradient itself, so equal updates mean equal gradients (Adam's first
@@ -40,14 +31,14 @@ OPTIMIZER = optax.sgd(0.1)
 
 @functools.lru_cache(maxsize=None)
 def _step(num_microbatches: int):
-    return make_sft_step(CONFIG, OPTIMIZER, _mesh(), num_microbatches=num_microbatches, chunk_size=8,
+    return make_sft_step(CONFIG, OPTIMIZER, one_device_mesh(), num_microbatches=num_microbatches, chunk_size=8,
                          compiler_options=FAST_COMPILE)
 
 
 def _fresh_state():
     # A copy: the step donates its input state, and sharding onto the same device shares buffers.
-    params = jax.tree.map(jnp.copy, _params())
-    return shard_state(create_train_state(params, OPTIMIZER), _mesh())
+    params = jax.tree.map(jnp.copy, init_params(CONFIG))
+    return shard_state(create_train_state(params, OPTIMIZER), one_device_mesh())
 
 
 def _batch(seed=0):
@@ -85,7 +76,7 @@ def _reference_nll(params, batch):
 def test_loss_is_the_token_mean_nll_of_the_shifted_tokens():
     batch = _batch()
     state, metrics = _step(1)(_fresh_state(), batch)
-    np.testing.assert_allclose(float(metrics["loss"]), float(_reference_nll(_params(), batch)), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss"]), float(_reference_nll(init_params(CONFIG), batch)), rtol=1e-5)
     expected_tokens = int(np.sum((np.asarray(batch["loss_mask"]) * np.asarray(batch["attention_mask"]))[:, 1:]))
     assert float(metrics["tokens"]) == expected_tokens
     assert int(state.step) == 1
@@ -111,7 +102,7 @@ def test_two_microbatches_give_the_same_update_as_one():
     for name in ("loss", "grad_norm", "tokens"):
         np.testing.assert_allclose(float(accumulated_metrics[name]), float(full_metrics[name]), rtol=1e-5)
     # And the update is not trivially zero.
-    moved = max(np.max(np.abs(a - b)) for a, b in zip(_leaves(full_state.params), _leaves(_params())))
+    moved = max(np.max(np.abs(a - b)) for a, b in zip(_leaves(full_state.params), _leaves(init_params(CONFIG))))
     assert moved > 1e-3
 
 
@@ -129,7 +120,7 @@ def test_padding_tokens_and_unmasked_positions_do_not_change_the_update():
     nothing = dict(batch, loss_mask=jnp.zeros_like(batch["loss_mask"]))
     state, metrics = _step(1)(_fresh_state(), nothing)
     assert float(metrics["loss"]) == 0.0 and float(metrics["grad_norm"]) == 0.0 and float(metrics["tokens"]) == 0
-    _assert_trees_close(state.params, _params(), atol=0)
+    _assert_trees_close(state.params, init_params(CONFIG), atol=0)
 
 
 def test_bad_batches_are_reported_clearly():
@@ -137,7 +128,7 @@ def test_bad_batches_are_reported_clearly():
     with pytest.raises(ValueError, match="missing \\['loss_mask'\\]"):
         _step(1)(_fresh_state(), {k: v for k, v in batch.items() if k != "loss_mask"})
     with pytest.raises(ValueError, match="not divisible into 3"):
-        make_sft_step(CONFIG, OPTIMIZER, _mesh(), num_microbatches=3)(_fresh_state(), batch)
+        make_sft_step(CONFIG, OPTIMIZER, one_device_mesh(), num_microbatches=3)(_fresh_state(), batch)
 
 
 

@@ -1,6 +1,5 @@
 """Shared-prompt RL batches: the same log-probs and the same update as the flat layout, at a fraction of the tokens."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,27 +7,18 @@ import numpy as np
 import optax
 import pytest
 
-from ftrl_jax import models, parallel
+from ftrl_jax import models
 from ftrl_jax.rl.losses import LossConfig
 from ftrl_jax.rl.shared_prompt import response_logprobs, step_batch
 from ftrl_jax.rl.update import make_logprob_fn, make_rl_step, make_shared_prompt_logprob_fn
 from ftrl_jax.rollout import GeneratedTurn
 from ftrl_jax.train_state import create_train_state, shard_state
+from tests.cached_models import init_params, one_device_mesh
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 CONFIG = models.preset("tiny", vocab_size=256, num_layers=2, num_kv_heads=2)
 LOSS = LossConfig(kl_coef=0.05, entropy_coef=0.01, aggregation="seq-mean-token-mean")
 N = 3  # samples per prompt
-
-
-@functools.lru_cache(maxsize=None)
-def _params():
-    return models.init_params(CONFIG, jax.random.PRNGKey(0))
-
-
-@functools.lru_cache(maxsize=None)
-def _mesh():
-    return parallel.make_mesh(devices=jax.devices()[:1])
 
 
 def _turns(seed=0):
@@ -78,16 +68,16 @@ def test_step_batch_layout_and_errors():
 def test_response_logprobs_equal_the_flat_layout():
     turns = _turns()
     batch = step_batch(turns, N, pad_id=0, multiple=8)
-    shared = make_shared_prompt_logprob_fn(CONFIG, _mesh(), chunk_size=4, temperature=0.7,
+    shared = make_shared_prompt_logprob_fn(CONFIG, one_device_mesh(), chunk_size=4, temperature=0.7,
                                            compiler_options=FAST_COMPILE)
-    got = np.asarray(shared(_params(), *(jnp.asarray(batch[k]) for k in
+    got = np.asarray(shared(init_params(CONFIG), *(jnp.asarray(batch[k]) for k in
                                           ("prompt_tokens", "prompt_mask", "response_tokens", "response_mask"))))
     tokens, attention, _ = _flat(turns)
-    flat = make_logprob_fn(CONFIG, _mesh(), chunk_size=4, temperature=0.7, compiler_options=FAST_COMPILE)
-    want = _flat_response_values(flat(_params(), tokens, attention), turns, got.shape)
+    flat = make_logprob_fn(CONFIG, one_device_mesh(), chunk_size=4, temperature=0.7, compiler_options=FAST_COMPILE)
+    want = _flat_response_values(flat(init_params(CONFIG), tokens, attention), turns, got.shape)
     np.testing.assert_allclose(got, want, atol=2e-5)
     assert np.all(got[batch["response_mask"] == 0] == 0.0) and np.all(got[batch["response_mask"] > 0] < 0.0)
-    _, entropy = response_logprobs(CONFIG, _params(), *(jnp.asarray(batch[k]) for k in
+    _, entropy = response_logprobs(CONFIG, init_params(CONFIG), *(jnp.asarray(batch[k]) for k in
                                    ("prompt_tokens", "prompt_mask", "response_tokens", "response_mask")))
     assert np.all(np.asarray(entropy)[batch["response_mask"] > 0] > 0.0)
 
@@ -118,16 +108,18 @@ def test_rl_step_on_a_shared_prompt_batch_equals_the_flat_update(num_minibatches
     optimizer = optax.sgd(0.5)
 
     def run(batch, minibatches):
-        state = shard_state(create_train_state(jax.tree.map(jnp.copy, _params()), optimizer), _mesh())
-        step = make_rl_step(CONFIG, optimizer, _mesh(), LOSS, num_minibatches=minibatches, chunk_size=4,
+        params = jax.tree.map(jnp.copy, init_params(CONFIG))
+        state = shard_state(create_train_state(params, optimizer), one_device_mesh())
+        step = make_rl_step(CONFIG, optimizer, one_device_mesh(), LOSS, num_minibatches=minibatches, chunk_size=4,
                             compiler_options=FAST_COMPILE)
         return step(state, batch)
 
     got_state, got = run(shared, num_minibatches)
     if num_minibatches == 2:
         # Each shared-prompt mini-batch is one whole group: the flat equivalent is one update per group, in order.
-        state = shard_state(create_train_state(jax.tree.map(jnp.copy, _params()), optimizer), _mesh())
-        step = make_rl_step(CONFIG, optimizer, _mesh(), LOSS, chunk_size=4, compiler_options=FAST_COMPILE)
+        params = jax.tree.map(jnp.copy, init_params(CONFIG))
+        state = shard_state(create_train_state(params, optimizer), one_device_mesh())
+        step = make_rl_step(CONFIG, optimizer, one_device_mesh(), LOSS, chunk_size=4, compiler_options=FAST_COMPILE)
         for g in range(2):
             rows = jnp.arange(g * N, (g + 1) * N)
             state, _ = step(state, {k: v[rows] for k, v in flat.items()})
@@ -138,7 +130,7 @@ def test_rl_step_on_a_shared_prompt_batch_equals_the_flat_update(num_minibatches
             np.testing.assert_allclose(float(got[name]), float(want[name]), rtol=1e-4, atol=1e-6, err_msg=name)
         assert float(got["response_tokens"]) == float(want["response_tokens"]) == mask.sum()
     changes = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-               for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(_params()))]
+               for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(init_params(CONFIG)))]
     assert max(changes) > 1e-3  # a real update
     for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0)

@@ -13,12 +13,13 @@ import numpy as np
 import optax
 import pytest
 
-from ftrl_jax import models, parallel
+from ftrl_jax import models
 from ftrl_jax.optim import make_optimizer
 from ftrl_jax.rl.logprobs import token_logprobs_from_logits
 from ftrl_jax.rl.losses import LossConfig, rl_objective
 from ftrl_jax.rl.update import make_logprob_fn, make_rl_step
 from ftrl_jax.train_state import create_train_state, shard_state
+from tests.cached_models import init_params, one_device_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Less LLVM optimisation: compiles several times faster on CPU, same arithmetic.
@@ -32,29 +33,19 @@ LOSS = LossConfig(kl_coef=0.05, entropy_coef=0.01, aggregation="seq-mean-token-m
 
 
 @functools.lru_cache(maxsize=None)
-def _params():
-    return models.init_params(CONFIG, jax.random.PRNGKey(0))
-
-
-@functools.lru_cache(maxsize=None)
-def _mesh():
-    return parallel.make_mesh(devices=jax.devices()[:1])
-
-
-@functools.lru_cache(maxsize=None)
 def _step(num_minibatches=1, num_microbatches=1):
-    return make_rl_step(CONFIG, SGD, _mesh(), LOSS, num_minibatches=num_minibatches,
+    return make_rl_step(CONFIG, SGD, one_device_mesh(), LOSS, num_minibatches=num_minibatches,
                         num_microbatches=num_microbatches, chunk_size=8, compiler_options=FAST_COMPILE)
 
 
 @functools.lru_cache(maxsize=None)
 def _logprob_fn():
-    return make_logprob_fn(CONFIG, _mesh(), chunk_size=8, compiler_options=FAST_COMPILE)
+    return make_logprob_fn(CONFIG, one_device_mesh(), chunk_size=8, compiler_options=FAST_COMPILE)
 
 
 def _fresh_state(optimizer=SGD):
     # A copy: the step donates its input state, and sharding onto the same device shares buffers.
-    return shard_state(create_train_state(jax.tree.map(jnp.copy, _params()), optimizer), _mesh())
+    return shard_state(create_train_state(jax.tree.map(jnp.copy, init_params(CONFIG)), optimizer), one_device_mesh())
 
 
 def _sequences(seed=0):
@@ -74,7 +65,7 @@ def _sequences(seed=0):
 def _batch():
     tokens, attention, loss = _sequences()
     rng = np.random.default_rng(1)
-    old = _logprob_fn()(_params(), tokens, attention)
+    old = _logprob_fn()(init_params(CONFIG), tokens, attention)
     noise = functools.partial(rng.normal, size=old.shape)
     return {
         "tokens": tokens, "attention_mask": attention, "loss_mask": loss,
@@ -122,8 +113,8 @@ def _max_change(a, b):
 
 def test_logprob_fn_matches_full_logits_and_zeroes_position_0_and_padding():
     batch = _batch()
-    got = np.asarray(_logprob_fn()(_params(), batch["tokens"], batch["attention_mask"]))
-    _, _, _, want = _direct_update(_params(), batch)
+    got = np.asarray(_logprob_fn()(init_params(CONFIG), batch["tokens"], batch["attention_mask"]))
+    _, _, _, want = _direct_update(init_params(CONFIG), batch)
     np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
     assert np.all(got[:, 0] == 0.0)
     assert np.all(got[np.asarray(batch["attention_mask"]) == 0] == 0.0)
@@ -133,8 +124,8 @@ def test_logprob_fn_matches_full_logits_and_zeroes_position_0_and_padding():
 def test_rl_step_equals_a_direct_gradient_step_on_the_objective():
     batch = _batch()
     state, metrics = _step()(_fresh_state(), batch)
-    want_params, want_loss, want_metrics, _ = _direct_update(_params(), batch)
-    assert _max_change(want_params, _params()) > 1e-3  # the update is not trivially small
+    want_params, want_loss, want_metrics, _ = _direct_update(init_params(CONFIG), batch)
+    assert _max_change(want_params, init_params(CONFIG)) > 1e-3  # the update is not trivially small
     _assert_trees_close(state.params, want_params, atol=1e-5)
     np.testing.assert_allclose(float(metrics["loss"]), float(want_loss), rtol=1e-5, atol=1e-6)
     for name in ("pg_loss", "kl", "entropy", "clip_fraction", "approx_kl"):
@@ -190,12 +181,12 @@ def test_masked_positions_do_not_change_the_update():
 
 def test_zero_advantages_without_kl_or_entropy_leave_params_unchanged():
     optimizer = make_optimizer(1e-2, weight_decay=0.0)
-    step = make_rl_step(CONFIG, optimizer, _mesh(), LossConfig(kl_coef=0.0, entropy_coef=0.0), chunk_size=8,
+    step = make_rl_step(CONFIG, optimizer, one_device_mesh(), LossConfig(kl_coef=0.0, entropy_coef=0.0), chunk_size=8,
                         compiler_options=FAST_COMPILE)
     batch = {k: v for k, v in _batch().items() if k != "ref_logprobs"}  # not needed when kl_coef == 0
     batch["advantages"] = jnp.zeros_like(batch["advantages"])
     state, metrics = step(_fresh_state(optimizer), batch)
-    _assert_trees_close(state.params, _params(), atol=0)
+    _assert_trees_close(state.params, init_params(CONFIG), atol=0)
     assert float(metrics["grad_norm"]) == 0.0 and float(metrics["loss"]) == 0.0
     assert "kl" not in metrics and float(metrics["entropy"]) > 0
     assert int(state.step) == 1
@@ -210,7 +201,8 @@ def test_missing_reference_logprobs_with_kl_is_a_clear_error():
 def test_steps_and_checkpoints_on_8_device_mesh_match_single_device():
     """SFT and RL steps on a (2, 2, 2) mesh equal one device; a sharded checkpoint restores onto both layouts.
 
-    One subprocess for all four checks (the shared-prompt RL layout included): the 8 simulated devices must be set before JAX starts.
+    One subprocess for all four checks (the shared-prompt RL layout included): the 8 simulated devices must be
+    set before JAX starts.
     """
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "train_mesh_check.py")],
