@@ -251,6 +251,21 @@ def _finite_loss(metrics, phase: str, step: int, checkpoint_dir: str, knob: str)
     return loss
 
 
+def split_train_environments(config, train: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """(warm-start environments, RL environments in the order RL visits them).
+
+    The warm start imitates oracle trajectories of the first `warmup.fraction_of_envs` of the training
+    environments; RL starts on the others. Prompts from environments the warm start memorised would mostly
+    reward recall of those trajectories, while the held-out evaluation asks for the skill on new ones.
+    The warm-start environments come last in RL's order, so long runs still visit every environment.
+    """
+    if config.warmup.num_steps <= 0:
+        return [], list(train)
+    n = max(1, int(len(train) * config.warmup.fraction_of_envs))
+    seen, unseen = list(train[:n]), list(train[n:])
+    return seen, unseen + seen
+
+
 def warm_start(config, workdir, model_config, params, tokenizer, mesh, train, sandbox, logger) -> Any:
     """Supervised phase on oracle trajectories; returns the warm-started params (resumable)."""
     wc = config.warmup
@@ -266,8 +281,7 @@ def warm_start(config, workdir, model_config, params, tokenizer, mesh, train, sa
         start = int(ckpt.latest_step())
         log.info("warm start resumes at step %d", start)
     if start < wc.num_steps:
-        n = max(1, int(len(train) * wc.fraction_of_envs))
-        subset = train[:n]
+        subset, _ = split_train_environments(config, train)
         conversations = warmstart.oracle_conversations(subset, sandbox)
         examples = warmstart.encode_conversations(conversations, subset, tokenizer, template=config.model.template,
                                                   enable_thinking=config.model.enable_thinking, max_len=wc.max_len)
@@ -511,7 +525,8 @@ def train_and_evaluate(config) -> dict[str, Any]:
         logger.log("eval_before", 0, {k: eval_before[k] for k in EVAL_KEYS})
         print("eval before RL: " + ", ".join(f"{k}={eval_before[k]:.4f}" for k in EVAL_KEYS), flush=True)
 
-        params = rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sandbox, logger)
+        _, rl_envs = split_train_environments(config, train)
+        params = rl_train(config, workdir, model_config, params, tokenizer, mesh, rl_envs, sandbox, logger)
 
         eval_after = run_evaluation(config, model_config, params, tokenizer, mesh, held_out, sandbox)
         logger.log("eval_after", config.rl.num_steps, {k: eval_after[k] for k in EVAL_KEYS})

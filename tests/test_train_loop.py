@@ -10,7 +10,8 @@ import pytest
 from configs import qwen
 from ftrl_jax.models.checkpoint_io import SafetensorsFile
 from ftrl_jax.envs.samples import read_samples
-from ftrl_jax.train_loop import TrainingError, check_config, parse_overrides, sample_rl_prompts, train_and_evaluate
+from ftrl_jax.train_loop import (TrainingError, check_config, parse_overrides, sample_rl_prompts,
+                                 split_train_environments, train_and_evaluate)
 
 
 def micro_config(workdir, **rl):
@@ -111,6 +112,17 @@ def test_config_errors_are_clear_before_anything_heavy(tmp_path):
     c.rl.algorithm = "ppo2"
     with pytest.raises(TrainingError, match="grpo"):
         check_config(c)
+
+
+def test_rl_starts_on_the_environments_the_warm_start_did_not_imitate(tmp_path):
+    config = micro_config(tmp_path)
+    train = [f"env{i}" for i in range(10)]
+    config.warmup.fraction_of_envs = 0.3
+    seen, rl_order = split_train_environments(config, train)
+    assert seen == train[:3]
+    assert rl_order == train[3:] + train[:3]  # every environment, the unseen ones first
+    config.warmup.num_steps = 0  # no warm start (a real checkpoint): RL plays them in order
+    assert split_train_environments(config, train) == ([], train)
 
 
 def test_parse_overrides():
