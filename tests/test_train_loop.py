@@ -71,8 +71,8 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     rl = [l for l in lines if l["phase"] == "rl"]
     assert [l["step"] for l in rl] == [1, 2, 3, 4]
-    assert {"reward_mean", "reward_std", "groups_mixed", "reward_positive", "kl", "entropy", "clip_fraction", "grad_norm", "response_length",
-            "tokens_per_sec", "step_time"} <= rl[0].keys()
+    assert {"reward_mean", "reward_std", "groups_mixed", "reward_positive", "kl", "entropy", "clip_fraction",
+            "grad_norm", "response_length", "tokens_per_sec", "step_time"} <= rl[0].keys()
     assert os.listdir(tmp_path / "straight" / "tb")
     assert (tmp_path / "straight" / "export" / "tokenizer.json").is_file()
     # Starting again without resume=True refuses to overwrite the run.
