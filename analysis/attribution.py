@@ -1,7 +1,7 @@
 """Restore-based attribution: which parameter groups carry the RL gain, tested by running the model.
 
 `analysis.layer_deltas` measures where RL moved the parameters; this tests whether those moves matter.
-It evaluates (greedy, multi-turn, as `ftrl_jax.evaluation.evaluate` with `LocalPolicy`):
+It evaluates (greedy, multi-turn, as `ftrl_jax.rollout.evaluation.evaluate` with `LocalPolicy`):
 
     python -m analysis.attribution --base=DIR --tuned=DIR --data=PATH --out=OUT \\
         [--limit=N] [--max_turns=T] [--max_new_tokens=K] [--groups=mlp_lower,...] [--tokenizer=DIR]
@@ -53,11 +53,11 @@ from analysis.layer_deltas import DEPTHS, CheckpointWarning, check_same_architec
 from ftrl_jax import parallel
 from ftrl_jax.envs.samples import Sample, read_samples
 from ftrl_jax.envs.sandbox import Sandbox
-from ftrl_jax.evaluation import METRICS, evaluate
+from ftrl_jax.rollout.evaluation import METRICS, evaluate
 from ftrl_jax.models import ModelConfig
 from ftrl_jax.models.checkpoint_io import flatten_params, unflatten_params
-from ftrl_jax.rollout import LocalPolicy
-from ftrl_jax.tokenizer import load_tokenizer
+from ftrl_jax.rollout.policy import LocalPolicy
+from ftrl_jax.text.tokenizer import load_tokenizer
 
 CSV_COLUMNS = ("variant", "direction", "group", "layers", "num_params", *METRICS, "gain_kept", "note")
 DEFAULT_MIN_GAIN = 1e-3  # a tenth of a Solve-F1 point: below it the gain is noise and its share meaningless

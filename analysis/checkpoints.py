@@ -9,7 +9,7 @@ checkpoint's dtype, for analyses that run the model.
 
 Backends are a table (`BACKENDS`), tried in order, each a detector and an opener:
 
-- `orbax`: the main job's own checkpoints (`ftrl_jax.checkpointing`): an RL or warm-up step directory
+- `orbax`: the main job's own checkpoints (`ftrl_jax.training.checkpointing`): an RL or warm-up step directory
   `W/checkpoints/rl/<step>`, a checkpoint root `W/checkpoints/rl` (its newest complete step), or a run's
   workdir `W` (the newest complete RL step). Only the `params` of the saved `TrainState` are read (orbax
   partial restore, optimizer moments untouched). The architecture comes from the run's
@@ -29,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ftrl_jax.checkpointing import COMMIT_MARKER, STATE_ITEM, complete_steps
+from ftrl_jax.training.checkpointing import COMMIT_MARKER, STATE_ITEM, complete_steps
 from ftrl_jax.models import ModelConfig, config_from_hf, load_hf_config
 from ftrl_jax.models.checkpoint_io import (WEIGHT_TABLE, SafetensorsFile, abstract_params, flatten_params,
                                            hf_tensor_names, unflatten_params)
@@ -271,7 +271,7 @@ class OrbaxCheckpoint:
         stored = getattr(metadata, "tree", metadata)
         if PARAMS_ITEM not in stored:
             raise ValueError(f"orbax checkpoint {self.path!r} holds {sorted(stored)} but no {PARAMS_ITEM!r}; it is "
-                             "not a TrainState saved by ftrl_jax.checkpointing")
+                             "not a TrainState saved by ftrl_jax.training.checkpointing")
         self._stored = flatten_params(stored[PARAMS_ITEM])  # path -> ArrayMetadata (shape, dtype)
         config_file = _run_config_file(self.path, self.workdir)
         dtype = np.dtype(self._stored["embed_tokens/embedding"].dtype).name \

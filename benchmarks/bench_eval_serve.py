@@ -35,7 +35,7 @@ def _random_policy_dir(directory: str, num_layers: int | None) -> str:
     import jax
 
     from ftrl_jax import models
-    from ftrl_jax.tokenizer import default_tokenizer
+    from ftrl_jax.text.tokenizer import default_tokenizer
 
     tokenizer = default_tokenizer()
     overrides = {"vocab_size": len(tokenizer)}
@@ -49,22 +49,22 @@ def _random_policy_dir(directory: str, num_layers: int | None) -> str:
 
 def bench_evaluation(policy, path: str, label: str, *, per_source: int | None, rows: int | None, batch_size: int,
                      max_new_tokens: int, max_turns: int, workdir: str) -> None:
-    from experiments import evaluate
+    from ftrl_jax.rollout import harness
     from ftrl_jax.envs.sandbox import Sandbox
-    from ftrl_jax.rollout import LocalPolicy
+    from ftrl_jax.rollout.policy import LocalPolicy
 
     if not os.path.exists(path):
         print(f"{label}: {path} is absent, skipped")
         return
-    kind, tasks, _ = evaluate.load_tasks(path, limit=rows, limit_per_source=per_source)
+    kind, tasks, _ = harness.load_tasks(path, limit=rows, limit_per_source=per_source)
     generator = LocalPolicy(policy.config, policy.params, policy.tokenizer, template=policy.template,
                             max_new_tokens=max_new_tokens, temperature=0.0)
     with Sandbox(timeout=10.0) as sandbox:
-        play = evaluate.play_in_batches(generator, batch_size=batch_size, max_turns=max_turns, sandbox=sandbox)
+        play = harness.play_in_batches(generator, batch_size=batch_size, max_turns=max_turns, sandbox=sandbox)
         for attempt in ("first pass (compiles)", "second pass"):
             records: dict = {}
             output = os.path.join(workdir, f"{label}-{len(attempt)}.jsonl")
-            run = evaluate.evaluate_tasks(tasks, play, output=output, kind=kind, run_id="bench", records=records,
+            run = harness.evaluate_tasks(tasks, play, output=output, kind=kind, run_id="bench", records=records,
                                           progress=False)
             too_long = sum(r.get("end_reason") == "prompt_too_long" for r in records.values())
             print(f"{label:<8} {attempt:<22} {run['episodes']:>4} episodes ({too_long} prompt_too_long, "
@@ -74,8 +74,8 @@ def bench_evaluation(policy, path: str, label: str, *, per_source: int | None, r
 def bench_server(policy, *, clients: list[int], requests_per_client: int, max_tokens: int, batch_window_ms: float,
                  max_wait_ms: float) -> None:
     from ftrl_jax import serving
-    from ftrl_jax.openai_backend import OpenAIChatGenerator
-    from ftrl_jax.serving import SamplingKey
+    from ftrl_jax.serving.client import OpenAIChatGenerator
+    from ftrl_jax.serving.server import SamplingKey
 
     tools = [{"type": "function", "function": {
         "name": name, "description": f"Looks up the {name.replace('_', ' ')} of a person.",

@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftrl_jax import models, parallel
-from ftrl_jax.optim import make_optimizer
+from ftrl_jax.training.optim import make_optimizer
 from ftrl_jax.rl.losses import LossConfig
 from ftrl_jax.rl.update import make_rl_step
-from ftrl_jax.sft import make_sft_step
-from ftrl_jax.train_state import create_train_state, shard_state
+from ftrl_jax.training.sft import make_sft_step
+from ftrl_jax.training.train_state import create_train_state, shard_state
 
 
 def measure_matmul_peak(size: int, repeats: int = 5, dtype: str = "float32") -> float:

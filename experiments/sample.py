@@ -15,7 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from ftrl_jax.train_loop import TrainingError, sample_rl_prompts
+from ftrl_jax.pipeline.main_job import TrainingError, sample_rl_prompts
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/qwen.py", "Training config file[:preset].",
                                           lock_config=True)

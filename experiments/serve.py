@@ -9,7 +9,7 @@
 `POST /v1/chat/completions` (messages, tools, temperature, top_p, top_k, max_tokens, seed, stop, n,
 chat_template_kwargs.enable_thinking), `GET /v1/models`, `GET /health`. Requests that arrive within
 `--batch_window_ms` of each other (for at most `--max_wait_ms`) are generated together by the jit
-sampler. See ftrl_jax/serving.py.
+sampler. See ftrl_jax/serving/server.py.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 On the embedded default (no preset) it builds procedural environments, the project's tokenizer and the
 `tiny` model, warm-starts it on oracle trajectories, evaluates, runs GRPO with the verifiable reward,
-evaluates again and writes WORKDIR/summary.json. See ftrl_jax/train_loop.py for the stages and files.
+evaluates again and writes WORKDIR/summary.json. See ftrl_jax/pipeline/main_job.py for the stages and files.
 """
 
 import logging
@@ -11,7 +11,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from ftrl_jax.train_loop import TrainingError, train_and_evaluate
+from ftrl_jax.pipeline.main_job import TrainingError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/qwen.py", "Training config file[:preset].",
                                           lock_config=True)

@@ -10,7 +10,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ftrl_jax import models, parallel  # noqa: E402
-from ftrl_jax.sampling import generate  # noqa: E402
+from ftrl_jax.generate.sampling import generate  # noqa: E402
 
 
 def main() -> int:

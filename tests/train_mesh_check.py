@@ -23,12 +23,12 @@ import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from ftrl_jax import models, parallel  # noqa: E402
-from ftrl_jax.checkpointing import Checkpointer  # noqa: E402
-from ftrl_jax.optim import make_optimizer  # noqa: E402
+from ftrl_jax.training.checkpointing import Checkpointer  # noqa: E402
+from ftrl_jax.training.optim import make_optimizer  # noqa: E402
 from ftrl_jax.rl.losses import LossConfig  # noqa: E402
 from ftrl_jax.rl.update import make_logprob_fn, make_rl_step, make_shared_prompt_logprob_fn  # noqa: E402
-from ftrl_jax.sft import make_sft_step  # noqa: E402
-from ftrl_jax.train_state import create_train_state, shard_state, state_shardings  # noqa: E402
+from ftrl_jax.training.sft import make_sft_step  # noqa: E402
+from ftrl_jax.training.train_state import create_train_state, shard_state, state_shardings  # noqa: E402
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 CONFIG = models.preset("tiny", vocab_size=256, num_layers=2)

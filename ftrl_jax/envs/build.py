@@ -19,7 +19,7 @@ import json
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from ftrl_jax import rewards
+from ftrl_jax.envs import rewards
 from ftrl_jax.envs import sandbox as sandbox_lib
 from ftrl_jax.envs.procedural import ProceduralAuthor
 from ftrl_jax.envs.world import WorldSpec

@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from ftrl_jax import rewards
+from ftrl_jax.envs import rewards
 from ftrl_jax.envs import sandbox as sandbox_lib
 from ftrl_jax.envs.stages import (Case, Complexity, Scenario, StageError, SubQuestion, ToolDocument,
                                   check_codes, check_scenario, check_toolset)

@@ -13,7 +13,7 @@ from ftrl_jax.rl.advantages import (
     reinforce_pp_advantages,
     reinforce_pp_baseline_advantages,
 )
-from ftrl_jax.rl.logprobs import token_logprobs_and_entropy, token_logprobs_from_logits
+from ftrl_jax.training.logprobs import token_logprobs_and_entropy, token_logprobs_from_logits
 from ftrl_jax.rl.losses import (
     LossConfig,
     aggregate_loss,

@@ -10,8 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ftrl_jax.rollout import Episode, GeneratedTurn, episode_token_arrays
-from ftrl_jax.warmstart import length_bucket
+from ftrl_jax.rollout.episodes import Episode, GeneratedTurn, episode_token_arrays
+from ftrl_jax.training.warmstart import length_bucket
 
 
 def pad_rows(rows: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int, multiple: int = 64) -> dict[str, np.ndarray]:

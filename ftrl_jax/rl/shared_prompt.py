@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftrl_jax import models
-from ftrl_jax.rl.logprobs import token_logprobs_and_entropy
-from ftrl_jax.rollout import GeneratedTurn
-from ftrl_jax.warmstart import length_bucket
+from ftrl_jax.training.logprobs import token_logprobs_and_entropy
+from ftrl_jax.rollout.episodes import GeneratedTurn
+from ftrl_jax.training.warmstart import length_bucket
 
 SHARED_PROMPT_KEYS = ("prompt_tokens", "prompt_mask", "response_tokens", "response_mask")
 

@@ -29,8 +29,8 @@ from jax.sharding import Mesh
 from ftrl_jax import models, parallel
 from ftrl_jax.rl.losses import LossConfig, aggregate_loss, rl_objective
 from ftrl_jax.rl.shared_prompt import SHARED_PROMPT_KEYS, response_logprobs
-from ftrl_jax.sft import predicted_token_mask, require_keys, shifted_token_logprobs
-from ftrl_jax.train_state import (Batch, TrainState, abstract_state, accumulate_gradients, apply_gradients,
+from ftrl_jax.training.sft import predicted_token_mask, require_keys, shifted_token_logprobs
+from ftrl_jax.training.train_state import (Batch, TrainState, abstract_state, accumulate_gradients, apply_gradients,
                                   split_batch, state_shardings)
 
 RL_BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "old_logprobs", "advantages")

@@ -19,13 +19,13 @@ import pytest
 from analysis import attribution, checkpoints, layer_deltas
 from analysis.attribution import GROUPS, exchange_groups, gain_kept, swap_groups
 from ftrl_jax import models
-from ftrl_jax.checkpointing import COMMIT_MARKER, Checkpointer
+from ftrl_jax.training.checkpointing import COMMIT_MARKER, Checkpointer
 from ftrl_jax.envs import build as env_build
 from ftrl_jax.envs.samples import write_samples
 from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.models.checkpoint_io import abstract_params, flatten_params, unflatten_params
-from ftrl_jax.tokenizer import default_tokenizer
-from ftrl_jax.train_state import create_train_state
+from ftrl_jax.text.tokenizer import default_tokenizer
+from ftrl_jax.training.train_state import create_train_state
 
 # Six layers: thirds 0-1, 2-3, 4-5. Qwen3 with attention biases: q/k norms and biases sit under self_attn.
 CONFIG = models.preset("tiny", model_type="qwen3", vocab_size=64, hidden_size=16, intermediate_size=32,
@@ -260,7 +260,7 @@ def test_empty_thirds_are_reported_not_evaluated():
 
 
 def test_headline_metrics_fall_back_to_the_episode_mean():
-    from ftrl_jax.evaluation import summarize
+    from ftrl_jax.rollout.evaluation import summarize
 
     rows = [{"data_source": "self/multi_hop", "solve_precision": 1.0, "solve_rate": 0.5, "solve_f1": 0.6},
             {"data_source": "self/multi_hop", "solve_precision": 0.0, "solve_rate": 0.0, "solve_f1": 0.0},

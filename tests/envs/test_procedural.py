@@ -13,7 +13,7 @@ import statistics
 
 import pytest
 
-from ftrl_jax import rewards
+from ftrl_jax.envs import rewards
 from ftrl_jax.envs import procedural, world as world_lib
 from ftrl_jax.envs.procedural import ProceduralAuthor, render_tool_code
 from ftrl_jax.envs.stages import (SCENARIO_KINDS, Complexity, Environment, Scenario, SubQuestion,

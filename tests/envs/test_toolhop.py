@@ -8,7 +8,7 @@ import pytest
 from ftrl_jax.envs.samples import FTRL_INSTRUCTION, SampleError, encode_sample, read_samples, write_samples
 from ftrl_jax.envs.sandbox import Sandbox, ToolRequest, is_error_output
 from ftrl_jax.envs.toolhop import check_tools_run, convert_toolhop, convert_toolhop_row, strip_example_usage
-from ftrl_jax.rewards import match_outputs
+from ftrl_jax.envs.rewards import match_outputs
 
 TOOLHOP = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "benchdata", "toolhop_100.jsonl")
 

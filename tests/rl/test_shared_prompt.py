@@ -11,8 +11,8 @@ from ftrl_jax import models
 from ftrl_jax.rl.losses import LossConfig
 from ftrl_jax.rl.shared_prompt import response_logprobs, step_batch
 from ftrl_jax.rl.update import make_logprob_fn, make_rl_step, make_shared_prompt_logprob_fn
-from ftrl_jax.rollout import GeneratedTurn
-from ftrl_jax.train_state import create_train_state, shard_state
+from ftrl_jax.rollout.episodes import GeneratedTurn
+from ftrl_jax.training.train_state import create_train_state, shard_state
 from tests.cached_models import init_params, one_device_mesh
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}

@@ -14,11 +14,11 @@ import optax
 import pytest
 
 from ftrl_jax import models
-from ftrl_jax.optim import make_optimizer
-from ftrl_jax.rl.logprobs import token_logprobs_from_logits
+from ftrl_jax.training.optim import make_optimizer
+from ftrl_jax.training.logprobs import token_logprobs_from_logits
 from ftrl_jax.rl.losses import LossConfig, rl_objective
 from ftrl_jax.rl.update import make_logprob_fn, make_rl_step
-from ftrl_jax.train_state import create_train_state, shard_state
+from ftrl_jax.training.train_state import create_train_state, shard_state
 from tests.cached_models import init_params, one_device_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,0 +1,1 @@
+"""Generation: the jit KV-cache sampler (bucketed prefill, `while_loop` decode, shared prompt caches)."""

@@ -1,0 +1,1 @@
+"""The main job: environments, warm start, evaluation, RL, evaluation, export, stage by stage and resumable."""

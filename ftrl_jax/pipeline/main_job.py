@@ -1,0 +1,546 @@
+"""The main job: environments -> tokenizer and model -> warm start -> eval -> RL -> eval -> export.
+
+`train_and_evaluate(config)` runs it. Every stage leaves its result in the workdir so a killed run
+resumes where it stopped (`config.resume=True`):
+
+  WORKDIR/envs/{train,eval}.jsonl   built environments (sample format, with oracle calls)
+  WORKDIR/tokenizer/                the tokenizer (embedded default or the checkpoint's)
+  WORKDIR/checkpoints/warmup/       orbax checkpoints of the supervised warm start
+  WORKDIR/warmstart/                the warm-started policy (HF format): RL's reference and the analysis base
+  WORKDIR/eval_before.json          held-out evaluation before RL
+  WORKDIR/checkpoints/rl/           orbax checkpoints of RL (params, optimizer, step, prompt pool)
+  WORKDIR/export/                   the final policy in HF format with its tokenizer
+  WORKDIR/metrics.jsonl, tb/        metrics; WORKDIR/summary.json: eval_before / eval_after
+
+All randomness is derived from (config.seed, phase, step), so resuming gives the same parameters as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ftrl_jax import models, parallel
+from ftrl_jax.envs import rewards
+from ftrl_jax.text.chat import TEMPLATES, render_conversation
+from ftrl_jax.training.checkpointing import Checkpointer
+from ftrl_jax.envs import build as env_build
+from ftrl_jax.envs.samples import Sample, decode_sample, encode_sample, read_samples, write_samples
+from ftrl_jax.envs.sandbox import Sandbox
+from ftrl_jax.rollout.evaluation import evaluate
+from ftrl_jax.training.metrics import MetricsLogger
+from ftrl_jax.training.optim import make_optimizer
+from ftrl_jax.rl import batch as rl_batch
+from ftrl_jax.rl.advantages import compute_advantages, group_signal, registered_advantage_estimators
+from ftrl_jax.rl.losses import LossConfig
+from ftrl_jax.rl import shared_prompt
+from ftrl_jax.rl.update import make_logprob_fn, make_rl_step, make_shared_prompt_logprob_fn, response_mask
+from ftrl_jax.rollout.episodes import play_episodes, rl_prompts_from_episode
+from ftrl_jax.rollout.policy import LocalPolicy
+from ftrl_jax.training.sft import make_sft_step
+from ftrl_jax.text.tokenizer import build_default_tokenizer, load_tokenizer
+from ftrl_jax.training.train_state import create_train_state, shard_state
+from ftrl_jax.training import warmstart
+
+log = logging.getLogger(__name__)
+EVAL_KEYS = ("solve_precision", "solve_rate", "solve_f1")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (bad config, NaN loss, ...); the message says what to do."""
+
+
+# ------------------------------------------------------------------------------------------- config
+
+def check_config(config) -> None:
+    """Fails fast, before anything heavy, on settings that cannot work."""
+    if config.preset != "tiny" and not config.model.path:
+        raise TrainingError(f"preset {config.preset!r} trains a real checkpoint: pass --config.model.path=DIR "
+                            "(a local Hugging Face directory with config.json and *.safetensors)")
+    if config.model.path and not os.path.isfile(os.path.join(config.model.path, "config.json")):
+        raise TrainingError(f"--config.model.path={config.model.path!r} has no config.json")
+    if config.model.template not in TEMPLATES:
+        raise TrainingError(f"config.model.template={config.model.template!r}; use one of {sorted(TEMPLATES)}")
+    if config.rl.algorithm not in registered_advantage_estimators():
+        raise TrainingError(f"config.rl.algorithm={config.rl.algorithm!r}; registered: "
+                            f"{', '.join(registered_advantage_estimators())}")
+    if config.rl.reward_kind not in rewards.REWARD_KINDS:
+        raise TrainingError(f"config.rl.reward_kind={config.rl.reward_kind!r}; use one of {sorted(rewards.REWARD_KINDS)}")
+    if config.rl.mode not in ("step", "trajectory"):
+        raise TrainingError(f"config.rl.mode={config.rl.mode!r}; use 'step' (FTRL) or 'trajectory'")
+    if config.rl.mode == "trajectory" and config.model.template != "qwen2.5":
+        raise TrainingError("config.rl.mode='trajectory' needs config.model.template='qwen2.5' (the Qwen3 template "
+                            "rewrites earlier turns, so a trajectory is not one token sequence)")
+    mesh_size = config.mesh.data * config.mesh.fsdp * config.mesh.tensor
+    if mesh_size != jax.device_count():
+        raise TrainingError(
+            f"mesh data={config.mesh.data} x fsdp={config.mesh.fsdp} x tensor={config.mesh.tensor} = {mesh_size} "
+            f"devices, but {jax.device_count()} {jax.devices()[0].platform} devices are available; set "
+            f"--config.mesh.data/fsdp/tensor so the product is {jax.device_count()}")
+    rows_per_shard = config.mesh.data * config.mesh.fsdp
+    if _shared_prompt(config):  # the batch's leading axis is one group (prompt) per row
+        rl_what, rl_rows = "rl.prompts_per_step (rl.shared_prompt groups)", config.rl.prompts_per_step
+    else:
+        rl_what, rl_rows = "rl.prompts_per_step x rl.num_rollouts", config.rl.prompts_per_step * config.rl.num_rollouts
+    for what, rows, split in ((rl_what, rl_rows,
+                               config.rl.num_minibatches * config.rl.num_microbatches * rows_per_shard),
+                              ("warmup.batch_size", config.warmup.batch_size, rows_per_shard)):
+        if rows % split:
+            raise TrainingError(f"{what} = {rows} must be a multiple of {split} (mini-batches x micro-batches x "
+                                "mesh data x fsdp)")
+
+
+def _shared_prompt(config) -> bool:
+    return config.rl.mode == "step" and bool(config.rl.get("shared_prompt", True))
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+def _kinds(config) -> list[str]:
+    return [k.strip() for k in config.envs.scenarios.split(",") if k.strip()]
+
+
+def prepare_environments(config, workdir: str, sandbox: Sandbox) -> tuple[list[Sample], list[Sample]]:
+    """Training and held-out environments (held-out questions never appear in training)."""
+    env_dir = os.path.join(workdir, "envs")
+    train_file, eval_file = os.path.join(env_dir, "train.jsonl"), os.path.join(env_dir, "eval.jsonl")
+    if config.envs.train_file:
+        train_file = config.envs.train_file
+    if config.envs.eval_file:
+        eval_file = config.envs.eval_file
+    if not (os.path.isfile(train_file) and os.path.isfile(eval_file)):
+        os.makedirs(env_dir, exist_ok=True)
+        started = time.perf_counter()
+        built = {}
+        for split, num, offset in (("train", config.envs.num_train, 1), ("eval", config.envs.num_eval, 2)):
+            # Extra eval environments cover the ones dropped for sharing a question with training.
+            want = num if split == "train" else 2 * num + 8
+            envs, report = env_build.build_environments(want, seed=config.seed * 1000 + offset, kinds=_kinds(config),
+                                                        complexity=config.envs.complexity, sandbox=sandbox,
+                                                        world=config.envs.world or None)
+            built[split] = [e.to_sample(split) for e in envs]
+            log.info("built %d %s environments (%s dropped: %s)", len(envs), split,
+                     sum(report.dropped.values()), dict(report.dropped))
+        seen = {s.messages[0]["content"] for s in built["train"]}
+        built["eval"] = _balanced([s for s in built["eval"] if s.messages[0]["content"] not in seen],
+                                  config.envs.num_eval)
+        write_samples(train_file, built["train"])
+        write_samples(eval_file, built["eval"])
+        log.info("environments ready in %.1fs", time.perf_counter() - started)
+    splits = []
+    for path in (train_file, eval_file):
+        samples, errors = read_samples(path)
+        for err in errors:
+            log.warning("skipping %s", err)
+        if not samples:
+            raise TrainingError(f"no usable environments in {path}")
+        splits.append(samples)
+    return splits[0], splits[1]
+
+
+def _balanced(samples: Sequence[Sample], num: int) -> list[Sample]:
+    """The first `num` samples taking scenario types in turn, so each type is equally represented."""
+    by_kind: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_kind.setdefault(s.data_source, []).append(s)
+    out: list[Sample] = []
+    while len(out) < num and any(by_kind.values()):
+        for kind in sorted(by_kind):
+            if by_kind[kind] and len(out) < num:
+                out.append(by_kind[kind].pop(0))
+    return out
+
+
+def prepare_tokenizer(config, workdir: str, train: Sequence[Sample]):
+    tok_dir = os.path.join(workdir, "tokenizer")
+    if os.path.isdir(tok_dir):
+        return load_tokenizer(tok_dir)
+    if config.model.path:
+        tokenizer = load_tokenizer(config.model.path)
+    else:
+        # The embedded tokenizer learns its merges on this run's own environment text, rendered with the
+        # chat template so the template's fixed text becomes a few tokens too.
+        texts = [text for s in train for text in _sample_texts(s, config.model.template)]
+        tokenizer = build_default_tokenizer(texts, vocab_size=config.tokenizer.vocab_size)
+    tokenizer.save_pretrained(tok_dir)
+    return tokenizer
+
+
+def _sample_texts(sample: Sample, template: str) -> list[str]:
+    texts = [render_conversation(sample.messages, sample.tools, template=template)]
+    for turn in sample.oracle_calls or []:
+        texts.extend(json.dumps(call, ensure_ascii=False) for call in turn)
+    texts.extend(a for answers in sample.unsolved_set.values() for a in answers)
+    return texts
+
+
+def prepare_model(config, tokenizer, mesh) -> tuple[models.ModelConfig, Any]:
+    if config.model.path:
+        model_config, params = models.load_pretrained(
+            config.model.path, dtype=config.model.param_dtype, compute_dtype=config.model.dtype,
+            shardings=parallel.checkpoint_sharding_fn(mesh))
+        return model_config, params
+    special = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    fields = dict(vocab_size=len(tokenizer), param_dtype=config.model.param_dtype, dtype=config.model.dtype,
+                  eos_token_id=special[0], pad_token_id=special[1])
+    fields.update(parse_overrides(config.model.get("overrides", "")))
+    try:
+        model_config = models.preset(config.model.preset, **fields)
+    except TypeError as err:
+        raise TrainingError(f"config.model.overrides: {err}; use ModelConfig field names") from None
+    params = models.init_params(model_config, jax.random.PRNGKey(config.seed))
+    return model_config, parallel.shard_params(params, mesh)
+
+
+def parse_overrides(spec: Any) -> dict[str, Any]:
+    """'num_layers=2,hidden_size=128' (or a mapping) -> {'num_layers': 2, 'hidden_size': 128}."""
+    if not spec:
+        return {}
+    if hasattr(spec, "items"):
+        return dict(spec.items())
+    out: dict[str, Any] = {}
+    for item in str(spec).split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TrainingError(f"config.model.overrides item {item!r} is not key=value")
+        try:
+            out[key.strip()] = json.loads(value.strip())
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _policy(config, model_config, params, tokenizer, mesh, *, greedy: bool, seed: int, max_new_tokens: int):
+    rollout = config.rollout
+    return LocalPolicy(model_config, params, tokenizer, template=config.model.template,
+                       enable_thinking=config.model.enable_thinking, max_new_tokens=max_new_tokens,
+                       max_prompt_tokens=rollout.max_prompt_tokens, temperature=0.0 if greedy else rollout.temperature,
+                       top_p=rollout.top_p, top_k=rollout.top_k, data_sharding=parallel.batch_sharding(mesh)
+                       if mesh.size > 1 else None, seed=seed)
+
+
+def run_evaluation(config, model_config, params, tokenizer, mesh, samples, sandbox) -> dict[str, Any]:
+    policy = _policy(config, model_config, params, tokenizer, mesh, greedy=True, seed=0,
+                     max_new_tokens=config.eval.max_new_tokens)
+    report = evaluate(policy, samples, max_turns=config.eval.max_turns, sandbox=sandbox)
+    # Headline figures as in the paper's table: the average over scenario types of per-type means.
+    headline = report.scenario_average or {k: 0.0 for k in EVAL_KEYS}
+    return {**{k: float(headline[k]) for k in EVAL_KEYS}, "by_scenario": report.per_source,
+            "num_episodes": report.num_episodes, "end_reasons": report.end_reasons,
+            "episodes_per_minute": report.episodes_per_minute}
+
+
+def _finite_loss(metrics, phase: str, step: int, checkpoint_dir: str, knob: str) -> float:
+    """The step's loss; a NaN/inf loss stops the run before the bad state can be checkpointed."""
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        raise TrainingError(f"{phase} loss is {loss} at step {step}; the last good checkpoint is kept in "
+                            f"{checkpoint_dir}; lower {knob} and resume")
+    return loss
+
+
+def split_train_environments(config, train: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """(warm-start environments, RL environments in the order RL visits them).
+
+    The warm start imitates oracle trajectories of the first `warmup.fraction_of_envs` of the training
+    environments; RL starts on the others. Prompts from environments the warm start memorised would mostly
+    reward recall of those trajectories, while the held-out evaluation asks for the skill on new ones.
+    The warm-start environments come last in RL's order, so long runs still visit every environment.
+    """
+    if config.warmup.num_steps <= 0:
+        return [], list(train)
+    n = max(1, int(len(train) * config.warmup.fraction_of_envs))
+    seen, unseen = list(train[:n]), list(train[n:])
+    return seen, unseen + seen
+
+
+def warm_start(config, workdir, model_config, params, tokenizer, mesh, train, sandbox, logger) -> Any:
+    """Supervised phase on oracle trajectories; returns the warm-started params (resumable)."""
+    wc = config.warmup
+    if wc.num_steps <= 0:
+        return params
+    optimizer = make_optimizer(wc.learning_rate, warmup_steps=min(20, wc.num_steps // 10), schedule="cosine",
+                               total_steps=wc.num_steps, max_grad_norm=config.rl.max_grad_norm)
+    state = shard_state(create_train_state(params, optimizer), mesh)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "warmup"), max_to_keep=1)
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, _ = ckpt.restore(target_state=state)
+        start = int(ckpt.latest_step())
+        log.info("warm start resumes at step %d", start)
+    if start < wc.num_steps:
+        subset, _ = split_train_environments(config, train)
+        conversations = warmstart.oracle_conversations(subset, sandbox)
+        examples = warmstart.encode_conversations(conversations, subset, tokenizer, template=config.model.template,
+                                                  enable_thinking=config.model.enable_thinking, max_len=wc.max_len)
+        log.info("warm start on %d oracle trajectories (%d longer than %d tokens left out)", len(examples),
+                 examples.dropped_too_long, wc.max_len)
+        step_fn = make_sft_step(model_config, optimizer, mesh, remat=config.model.remat,
+                                chunk_size=config.rl.chunk_size)
+        data = warmstart.batches(examples, wc.batch_size, seed=config.seed, start_step=start, pad_id=_pad_id(tokenizer))
+        bar = tqdm(range(start, wc.num_steps), desc="warm start", initial=start, total=wc.num_steps)
+        for step in bar:
+            t0 = time.perf_counter()
+            batch = next(data)
+            batch_tokens = int(batch["attention_mask"].sum())
+            state, metrics = step_fn(state, batch)
+            loss = _finite_loss(metrics, "warm-start", step, ckpt.directory, "warmup.learning_rate")
+            dt = time.perf_counter() - t0
+            logger.log("warmup", step + 1, {**metrics, "step_time": dt, "tokens_per_sec": float(batch_tokens) / dt})
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if (step + 1) % config.checkpoint.every == 0 or step + 1 == wc.num_steps:
+                ckpt.save(step + 1, state, {"phase": "warmup"})
+    ckpt.close()
+    return state.params
+
+
+def _pool_from_episodes(episodes) -> list[Sample]:
+    pool = []
+    for episode in episodes:
+        pool.extend(rl_prompts_from_episode(episode, include_initial=True))
+    return pool
+
+
+def collect_prompt_pool(config, model_config, params, tokenizer, mesh, train, cursor, sandbox, seed):
+    """FTRL's data: play training environments with the current policy; every state after a tool-calling
+    turn (and each fresh question) becomes an RL prompt."""
+    rc = config.rl
+    num_envs = max(1, rc.prompts_per_step * rc.refresh_every // 2)
+    envs = [train[(cursor + i) % len(train)] for i in range(num_envs)]
+    policy = _policy(config, model_config, params, tokenizer, mesh, greedy=False, seed=seed,
+                     max_new_tokens=config.rollout.max_new_tokens)
+    episodes = play_episodes(policy, envs, max_turns=config.rollout.max_turns, sandbox=sandbox)
+    pool = _pool_from_episodes(episodes)
+    order = np.random.default_rng(seed).permutation(len(pool))
+    return [pool[i] for i in order], (cursor + num_envs) % len(train), episodes
+
+
+def _policy_dir(config, policy_dir: str | None) -> str:
+    """The checkpoint to sample from: the given one, the config's model, or this workdir's trained policy."""
+    workdir = os.path.abspath(config.workdir)
+    candidates = [policy_dir] if policy_dir else ([config.model.path] if config.model.path else
+                                                  [os.path.join(workdir, "export"), os.path.join(workdir, "warmstart")])
+    for path in candidates:
+        if path and os.path.isfile(os.path.join(path, "config.json")):
+            return path
+    raise TrainingError(f"no policy to sample from in {candidates}: run the main job first (it writes "
+                        "WORKDIR/warmstart and WORKDIR/export) or pass a Hugging Face checkpoint directory")
+
+
+def sample_rl_prompts(config, out_path: str, *, policy_dir: str | None = None, num_envs: int | None = None,
+                      greedy: bool = False) -> dict[str, Any]:
+    """FTRL's RL data as a file: the policy plays the training environments multi-turn, and every state after
+    a tool-calling turn (with its reduced unsolved set and solve rate), plus each fresh question, is written
+    to `out_path` in the sample format (.jsonl or .parquet). Returns counts and the episodes' mean Solve-F1."""
+    check_config(config)
+    path = _policy_dir(config, policy_dir)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    with Sandbox() as sandbox:
+        train, _ = prepare_environments(config, os.path.abspath(config.workdir), sandbox)
+        tokenizer = load_tokenizer(path)
+        model_config, params = models.load_pretrained(path, dtype=config.model.param_dtype,
+                                                      compute_dtype=config.model.dtype,
+                                                      shardings=parallel.checkpoint_sharding_fn(mesh))
+        envs = train[:num_envs] if num_envs else train
+        policy = _policy(config, model_config, params, tokenizer, mesh, greedy=greedy, seed=config.seed,
+                         max_new_tokens=config.rollout.max_new_tokens)
+        episodes = play_episodes(policy, envs, max_turns=config.rollout.max_turns, sandbox=sandbox)
+    prompts = _pool_from_episodes(episodes)
+    write_samples(out_path, prompts)
+    return {"policy": path, "episodes": len(episodes), "prompts": len(prompts),
+            "after_tool_calls": len(prompts) - len(episodes),  # one fresh question per episode
+            "episode_solve_f1": float(np.mean([ep.metrics["solve_f1"] for ep in episodes]))}
+
+
+def _rl_step_batch(config, model_config, state_params, tokenizer, mesh, prompts, sandbox, seed):
+    """Samples n rollouts per prompt, scores them with the verifiable reward, returns (batch arrays, stats)."""
+    rc = config.rl
+    n = rc.num_rollouts
+    policy = _policy(config, model_config, state_params, tokenizer, mesh, greedy=False, seed=seed,
+                     max_new_tokens=config.rollout.max_new_tokens)
+    conversations = [(p.messages, p.tools) for p in prompts for _ in range(n)]
+    turns = policy(conversations)
+    group_samples = [p for p in prompts for _ in range(n)]
+    texts = [t.text for t in turns]
+    scores = np.asarray(rewards.step_rewards(texts, group_samples, rc.reward_kind, sandbox=sandbox), np.float32)
+    if _shared_prompt(config):
+        arrays = shared_prompt.step_batch(turns, n, _pad_id(tokenizer))
+        lengths = arrays["response_mask"].sum(axis=-1)
+    else:
+        arrays = rl_batch.pad_rows(rl_batch.step_rows(turns), _pad_id(tokenizer))
+        lengths = rl_batch.response_lengths(arrays)
+    stats = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
+             **group_signal(scores, n), "response_length": float(lengths.mean()),
+             "truncated_fraction": float(np.mean([t.truncated for t in turns]))}
+    return arrays, scores, stats
+
+
+def _trajectory_batch(config, model_config, state_params, tokenizer, mesh, envs, sandbox, seed):
+    """Whole-trajectory mode: n episodes per environment; reward = the episode's Solve-F1."""
+    n = config.rl.num_rollouts
+    policy = _policy(config, model_config, state_params, tokenizer, mesh, greedy=False, seed=seed,
+                     max_new_tokens=config.rollout.max_new_tokens)
+    episodes = play_episodes(policy, [e for e in envs for _ in range(n)], max_turns=config.rollout.max_turns,
+                             sandbox=sandbox)
+    scores = np.asarray([ep.metrics["solve_f1"] for ep in episodes], np.float32)
+    arrays = rl_batch.pad_rows(rl_batch.trajectory_rows(episodes, tokenizer, config.model.template),
+                               _pad_id(tokenizer))
+    stats = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()), **group_signal(scores, n),
+             "response_length": float(rl_batch.response_lengths(arrays).mean())}
+    return arrays, scores, stats
+
+
+def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sandbox, logger) -> Any:
+    """GRPO / Reinforce++ on the verifiable reward with fresh trajectories from the current policy."""
+    rc = config.rl
+    optimizer = make_optimizer(rc.learning_rate, weight_decay=rc.weight_decay, max_grad_norm=rc.max_grad_norm)
+    ref_params = jax.tree.map(jnp.copy, params)  # frozen reference policy (the warm-started one)
+    state = shard_state(create_train_state(params, optimizer), mesh)
+    loss_cfg = LossConfig(clip_low=rc.clip_low, clip_high=rc.clip_high, dual_clip=rc.dual_clip, kl_coef=rc.kl_coef,
+                          kl_estimator=rc.kl_estimator, entropy_coef=rc.entropy_coef, aggregation=rc.aggregation)
+    step_fn = make_rl_step(model_config, optimizer, mesh, loss_cfg, num_minibatches=rc.num_minibatches,
+                           num_microbatches=rc.num_microbatches, chunk_size=rc.chunk_size, remat=config.model.remat,
+                           temperature=config.rollout.temperature)
+    if _shared_prompt(config):
+        shared_fn = make_shared_prompt_logprob_fn(model_config, mesh, chunk_size=rc.chunk_size,
+                                                  temperature=config.rollout.temperature)
+        logprob_fn = lambda p, b: shared_fn(p, *(b[k] for k in shared_prompt.SHARED_PROMPT_KEYS))  # noqa: E731
+    else:
+        flat_fn = make_logprob_fn(model_config, mesh, chunk_size=rc.chunk_size, temperature=config.rollout.temperature)
+        logprob_fn = lambda p, b: flat_fn(p, b["tokens"], b["attention_mask"])  # noqa: E731
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "rl"), max_to_keep=config.checkpoint.max_to_keep)
+    start, cursor, pool = 0, 0, []
+    if ckpt.latest_step() is not None:
+        state, extra = ckpt.restore(target_state=state)
+        start, cursor = int(extra["rl_step"]), int(extra["cursor"])
+        pool = [decode_sample(row) for row in extra["pool"]]
+        log.info("RL resumes at step %d", start)
+    bar = tqdm(range(start, rc.num_steps), desc=f"RL ({rc.algorithm})", initial=start, total=rc.num_steps)
+    for step in bar:
+        t0 = time.perf_counter()
+        seed = config.seed * 1_000_003 + step
+        if rc.mode == "trajectory":
+            envs = [train[(cursor + i) % len(train)] for i in range(rc.prompts_per_step)]
+            cursor = (cursor + rc.prompts_per_step) % len(train)
+            arrays, scores, stats = _trajectory_batch(config, model_config, state.params, tokenizer, mesh, envs,
+                                                      sandbox, seed)
+        else:
+            if step % rc.refresh_every == 0 or not pool:
+                pool, cursor, episodes = collect_prompt_pool(config, model_config, state.params, tokenizer, mesh,
+                                                             train, cursor, sandbox, seed)
+                logger.log("collect", step, {"pool_size": len(pool), "episode_solve_f1": float(np.mean(
+                    [ep.metrics["solve_f1"] for ep in episodes]))})
+            k = step % rc.refresh_every
+            prompts = [pool[(k * rc.prompts_per_step + i) % len(pool)] for i in range(rc.prompts_per_step)]
+            arrays, scores, stats = _rl_step_batch(config, model_config, state.params, tokenizer, mesh, prompts,
+                                                   sandbox, seed)
+        t_sample = time.perf_counter() - t0
+        batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+        batch["old_logprobs"] = logprob_fn(state.params, batch)
+        if rc.kl_coef:
+            batch["ref_logprobs"] = logprob_fn(ref_params, batch)
+        mask = response_mask(batch)
+        advantages = compute_advantages(rc.algorithm, jnp.asarray(scores), mask.reshape(len(scores), -1),
+                                        group_size=rc.num_rollouts)
+        batch["advantages"] = advantages.reshape(mask.shape)
+        state, metrics = step_fn(state, batch)
+        _finite_loss(metrics, "RL", step, ckpt.directory, "rl.learning_rate")
+        dt = time.perf_counter() - t0
+        # Tokens the model ran (a shared prompt counts once).
+        tokens = float(sum(arrays[k].sum() for k in ("attention_mask", "prompt_mask", "response_mask") if k in arrays))
+        logger.log("rl", step + 1, {**metrics, **stats, "step_time": dt, "sample_time": t_sample,
+                                    "tokens_per_sec": tokens / dt})
+        bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{float(metrics.get('kl', 0.0)):.4f}")
+        if (step + 1) % config.checkpoint.every == 0 or step + 1 == rc.num_steps:
+            ckpt.save(step + 1, state, {"rl_step": step + 1, "cursor": cursor,
+                                        "pool": [encode_sample(p) for p in pool]})
+    ckpt.close()
+    return state.params
+
+
+# ------------------------------------------------------------------------------------------- main
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def train_and_evaluate(config) -> dict[str, Any]:
+    """Runs the main job described in the module docstring; returns the summary written to summary.json."""
+    check_config(config)
+    if config.mesh.distributed:
+        parallel.initialize_distributed()
+    workdir = os.path.abspath(config.workdir)
+    if not config.resume and os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise TrainingError(f"{workdir} already holds a run's checkpoints: pass --config.resume=True to continue "
+                            "it, or choose another --config.workdir")
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    started = time.perf_counter()
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    logger = MetricsLogger(workdir)
+    with Sandbox() as sandbox:
+        train, held_out = prepare_environments(config, workdir, sandbox)
+        tokenizer = prepare_tokenizer(config, workdir, train)
+        model_config, params = prepare_model(config, tokenizer, mesh)
+        log.info("model: %s, %.2fM parameters; %d train / %d held-out environments", model_config.model_type,
+                 model_config.num_params / 1e6, len(train), len(held_out))
+
+        warm_dir = os.path.join(workdir, "warmstart")
+        if os.path.isfile(os.path.join(warm_dir, "config.json")):
+            _, params = models.load_pretrained(warm_dir, dtype=config.model.param_dtype,
+                                               compute_dtype=config.model.dtype,
+                                               shardings=parallel.checkpoint_sharding_fn(mesh))
+        else:
+            params = warm_start(config, workdir, model_config, params, tokenizer, mesh, train, sandbox, logger)
+            models.save_pretrained(model_config, params, warm_dir)
+            tokenizer.save_pretrained(warm_dir)
+
+        before_file = os.path.join(workdir, "eval_before.json")
+        if os.path.isfile(before_file):
+            eval_before = _read_json(before_file)
+        else:
+            eval_before = run_evaluation(config, model_config, params, tokenizer, mesh, held_out, sandbox)
+            _write_json(before_file, eval_before)
+        logger.log("eval_before", 0, {k: eval_before[k] for k in EVAL_KEYS})
+        print("eval before RL: " + ", ".join(f"{k}={eval_before[k]:.4f}" for k in EVAL_KEYS), flush=True)
+
+        _, rl_envs = split_train_environments(config, train)
+        params = rl_train(config, workdir, model_config, params, tokenizer, mesh, rl_envs, sandbox, logger)
+
+        eval_after = run_evaluation(config, model_config, params, tokenizer, mesh, held_out, sandbox)
+        logger.log("eval_after", config.rl.num_steps, {k: eval_after[k] for k in EVAL_KEYS})
+        print("eval after RL:  " + ", ".join(f"{k}={eval_after[k]:.4f}" for k in EVAL_KEYS), flush=True)
+
+    export_dir = os.path.join(workdir, "export")
+    models.save_pretrained(model_config, params, export_dir)
+    tokenizer.save_pretrained(export_dir)
+    summary = {"preset": config.preset, "seed": config.seed, "algorithm": config.rl.algorithm,
+               "rl_steps": config.rl.num_steps, "eval_before": eval_before, "eval_after": eval_after,
+               "num_train_envs": len(train), "num_eval_envs": len(held_out),
+               "model_params": model_config.num_params, "wall_seconds": time.perf_counter() - started}
+    _write_json(os.path.join(workdir, "summary.json"), summary)
+    logger.close()
+    return summary

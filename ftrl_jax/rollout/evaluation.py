@@ -1,0 +1,120 @@
+"""Greedy evaluation on tool-use environments, scored as in FTRL's results table.
+
+`evaluate` plays every sample to the end (`rollout.play_episodes`) with a greedy turn generator and
+reports per-episode solve metrics, their means per `data_source`, and the paper's headline figure: the
+average over the four scenario types of the per-type means (each type weighs the same, whatever its
+number of samples).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ftrl_jax.envs.samples import Sample
+from ftrl_jax.envs.sandbox import Sandbox
+from ftrl_jax.rollout.episodes import END_REASONS, Episode, TurnGenerator, play_episodes
+
+# The columns of FTRL's results table, as data_source values of its test set.
+SCENARIO_TYPES = ("self/single_hop", "self/parallel_single_hop", "self/multi_hop", "self/parallel_multi_hop")
+METRICS = ("solve_precision", "solve_rate", "solve_f1")
+
+
+@dataclasses.dataclass
+class EvalReport:
+    """What an evaluation measured.
+
+    `episodes`: one dict per sample, in order (data_source, end_reason, num_turns and the trajectory
+    metrics). `per_source`: data_source -> mean of each of METRICS, plus `count`. `scenario_average`:
+    mean over the scenario types present of their per-type means (`missing_types` lists the absent
+    ones). `end_reasons`: how many episodes ended for each reason.
+    """
+
+    episodes: list[dict[str, Any]]
+    per_source: dict[str, dict[str, float]]
+    scenario_average: dict[str, float]
+    missing_types: list[str]
+    end_reasons: dict[str, int]
+    num_episodes: int
+    num_turns: int
+    seconds: float
+
+    @property
+    def episodes_per_minute(self) -> float:
+        return 60.0 * self.num_episodes / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as plain JSON-ready data (episodes_per_minute included)."""
+        return {**dataclasses.asdict(self), "episodes_per_minute": self.episodes_per_minute}
+
+    def summary(self) -> str:
+        """A table in percent, like the paper's: Solve-P / Solve-R / Solve-F1 per source and averaged."""
+        lines = [f"{'data_source':<28}{'n':>5}{'Solve-P':>9}{'Solve-R':>9}{'Solve-F1':>9}"]
+        for source, means in sorted(self.per_source.items()):
+            lines.append(f"{source:<28}{int(means['count']):>5}"
+                         + "".join(f"{100 * means[m]:>9.2f}" for m in METRICS))
+        if self.scenario_average:
+            label = "average of scenario types" + (" *" if self.missing_types else "")
+            lines.append(f"{label:<28}{'':>5}" + "".join(f"{100 * self.scenario_average[m]:>9.2f}" for m in METRICS))
+        if self.missing_types:
+            lines.append(f"* scenario types missing from the samples: {', '.join(self.missing_types)}")
+        lines.append(f"{self.num_episodes} episodes, {self.num_turns} turns in {self.seconds:.1f} s "
+                     f"({self.episodes_per_minute:,.1f} episodes/min)")
+        for reason, count in sorted(self.end_reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  ended {count:>6} {reason}: {END_REASONS.get(reason, '')}")
+        return "\n".join(lines)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def episode_row(episode: Episode) -> dict[str, Any]:
+    """The per-episode line of a report: source, why it ended, how many turns, and its metrics."""
+    return {"data_source": episode.sample.data_source, "end_reason": episode.end_reason,
+            "num_turns": len(episode.turns), **episode.metrics}
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> tuple[dict[str, dict[str, float]], dict[str, float], list[str]]:
+    """Pure scoring of per-episode rows: (per-source means with counts, scenario-type average, missing types)."""
+    by_source: dict[str, list[Mapping[str, Any]]] = collections.defaultdict(list)
+    for row in rows:
+        by_source[row["data_source"]].append(row)
+    per_source = {
+        source: {**{m: _mean([float(r[m]) for r in group]) for m in METRICS}, "count": float(len(group))}
+        for source, group in by_source.items()
+    }
+    present = [t for t in SCENARIO_TYPES if t in per_source]
+    average = {m: _mean([per_source[t][m] for t in present]) for m in METRICS} if present else {}
+    return per_source, average, [t for t in SCENARIO_TYPES if t not in per_source]
+
+
+def evaluate(generator: TurnGenerator, samples: Sequence[Sample | Mapping[str, Any]], *, max_turns: int = 20,
+             sandbox: Sandbox | None = None) -> EvalReport:
+    """Plays every sample greedily and scores the episodes (see `EvalReport`).
+
+    The generator must be greedy: one that declares a `temperature` above 0 (as `LocalPolicy` does) is
+    refused, since sampled evaluations are not comparable with the paper's figures.
+    """
+    temperature = getattr(generator, "temperature", 0.0)
+    if temperature:
+        raise ValueError(f"evaluation is greedy, but the generator samples at temperature={temperature}; "
+                         "build it with temperature=0.0")
+    started = time.perf_counter()
+    episodes = play_episodes(generator, samples, max_turns=max_turns, sandbox=sandbox)
+    seconds = time.perf_counter() - started
+    rows = [episode_row(episode) for episode in episodes]
+    per_source, average, missing = summarize(rows)
+    return EvalReport(
+        episodes=rows,
+        per_source=per_source,
+        scenario_average=average,
+        missing_types=missing,
+        end_reasons=dict(collections.Counter(episode.end_reason for episode in episodes)),
+        num_episodes=len(episodes),
+        num_turns=sum(len(episode.turns) for episode in episodes),
+        seconds=seconds,
+    )

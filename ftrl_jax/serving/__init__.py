@@ -1,0 +1,12 @@
+"""Serving: an OpenAI-compatible chat-completions server for a policy (`server`) and a turn generator that
+talks to any such server (`client`)."""
+
+from ftrl_jax.serving.server import (BatchingEngine, LoadedPolicy, PolicyHTTPServer, PolicyService, RequestError,
+                                     SamplingKey, ServerLimits, load_policy, local_policy_factory, make_server,
+                                     parse_chat_request, resolve_policy_dir, start_in_thread)
+
+__all__ = [
+    "BatchingEngine", "LoadedPolicy", "PolicyHTTPServer", "PolicyService", "RequestError", "SamplingKey",
+    "ServerLimits", "load_policy", "local_policy_factory", "make_server", "parse_chat_request", "resolve_policy_dir",
+    "start_in_thread",
+]

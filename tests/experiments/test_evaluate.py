@@ -1,0 +1,359 @@
+"""`python -m experiments.evaluate`: scoring, summaries, resume, failures, ToolHop scenarios, and greedy
+evaluation over HTTP (our server, the openai wire format) equal to in-process evaluation."""
+
+import json
+import os
+
+import pytest
+
+from experiments import evaluate, serve
+from ftrl_jax.rollout import harness
+from ftrl_jax import serving
+from ftrl_jax.envs.samples import user_prompt, write_samples
+from ftrl_jax.envs.sandbox import Sandbox
+from ftrl_jax.serving.client import OpenAIChatGenerator
+from ftrl_jax.serving.server import BatchingEngine, PolicyService, ServerLimits
+from ftrl_jax.text.tool_calls import format_qwen_tool_call
+from tests.rollout.test_episodes import OracleGenerator, ScriptedGenerator, calls_text, toy_sample
+from tests.serving.test_server import tiny_policy_dir
+
+TOOLHOP = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "benchdata", "toolhop_100.jsonl")
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with Sandbox(num_workers=2, timeout=5.0) as box:
+        yield box
+
+
+def serve_generator(generator_for, *, context_length=1 << 20):
+    """Our HTTP server around any turn-generator factory; returns (server, engine)."""
+    engine = BatchingEngine(generator_for, batch_window_s=0.002)
+    server = serving.make_server(PolicyService(engine, ServerLimits("scripted", context_length)), "127.0.0.1", 0)
+    serving.start_in_thread(server)
+    return server, engine
+
+
+def stop(server, engine):
+    server.shutdown()
+    server.server_close()
+    engine.close()
+
+
+def read_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+# --- scoring and summaries (pure) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("messages,expected", [
+    ([{"role": "assistant", "content": "It is Mary Lee."}], "final_answer"),
+    ([{"role": "assistant", "content": format_qwen_tool_call("mother_of", {"person": "Ann"})},
+      {"role": "tool", "content": "{\"mother\": \"Mary Lee\"}"}, {"role": "tool", "content": "nothing"},
+      {"role": "assistant", "content": "Done."}], "tool_output"),
+    # An earlier tool output does not count: only those right before the final turn.
+    ([{"role": "tool", "content": "Mary Lee"}, {"role": "assistant", "content": "Hmm."},
+      {"role": "assistant", "content": "Done."}], None),
+    # An answer only thought of, or only passed as a call argument, is not given.
+    ([{"role": "assistant", "content": "<think>Mary Lee?</think>I do not know."}], None),
+    ([{"role": "assistant", "content": format_qwen_tool_call("check", {"name": "Mary Lee"})}], None),
+    ([], None),
+])
+def test_final_answer_check(messages, expected):
+    assert harness.final_answer_check(messages, "Mary Lee") == expected
+
+
+def record(key, source, status="ok", end_reason="no_tool_call", **metrics):
+    return {"key": key, "data_source": source, "scenario": key.split("/")[1], "status": status,
+            "end_reason": end_reason, "metrics": metrics}
+
+
+def test_failed_episodes_stay_out_of_the_means_and_too_long_ones_are_counted():
+    records = [
+        record("0/solve", "self/single_hop", solve_precision=1.0, solve_rate=1.0, solve_f1=1.0),
+        record("1/solve", "self/single_hop", end_reason="prompt_too_long", solve_precision=1.0, solve_rate=0.0,
+               solve_f1=0.0),
+        record("2/solve", "self/single_hop", status="failed"),
+        record("3/solve", "self/multi_hop", status="failed"),
+    ]
+    results = harness.summarize_solve(records)
+    single = results["per_source"]["self/single_hop"]
+    assert single == {"solve_precision": 1.0, "solve_rate": 0.5, "solve_f1": 0.5, "count": 2.0,
+                      "prompt_too_long": 1, "failed": 1}
+    assert results["scenario_average"] == {"solve_precision": 1.0, "solve_rate": 0.5, "solve_f1": 0.5}
+    assert results["scenario_average_fitting"] == {"solve_precision": 1.0, "solve_rate": 1.0, "solve_f1": 1.0}
+    assert results["failed_by_source"] == {"self/single_hop": 1, "self/multi_hop": 1}
+    table = "\n".join(harness.solve_table(results))
+    assert "| self/single_hop | 2 | 100.00 | 50.00 | 50.00 | 1 | 1 |" in table
+    assert "| self/multi_hop | 0 |  |  |  | 0 | 1 |" in table and "episodes whose prompt fitted" in table
+
+    toolhop = harness.summarize_toolhop([
+        record("0/direct", "toolhop/film", answer_correctness=1.0),
+        record("1/direct", "toolhop/film", answer_correctness=0.0),
+        record("0/mandatory", "toolhop/film", answer_correctness=1.0),
+        record("1/mandatory", "toolhop/film", status="failed"),
+    ])
+    assert toolhop["per_scenario"] == {
+        "direct": {"answer_correctness": 0.5, "count": 2, "prompt_too_long": 0, "failed": 0},
+        "mandatory": {"answer_correctness": 1.0, "count": 1, "prompt_too_long": 0, "failed": 1}}
+    assert toolhop["average"] == 0.75
+
+
+def test_read_records_skips_cut_lines_and_later_lines_win(tmp_path):
+    path = tmp_path / "episodes.jsonl"
+    path.write_text(json.dumps({"key": "0/solve", "status": "failed"}) + "\n" + "{\"key\": \"1/so"  # cut mid-line
+                    + "\n" + json.dumps({"key": "0/solve", "status": "ok"}) + "\n" + "[1]\n")
+    records, problems = harness.read_records(str(path))
+    assert records == {"0/solve": {"key": "0/solve", "status": "ok"}}
+    assert len(problems) == 2 and ":2: unreadable line" in problems[0] and ":4: " in problems[1]
+
+
+def test_toolhop_rows_become_three_scenarios():
+    if not os.path.exists(TOOLHOP):
+        pytest.skip(f"{TOOLHOP} is absent (outside data, see shared/benchdata/README.md)")
+    kind, tasks, errors = harness.load_tasks(TOOLHOP, limit=2)
+    assert kind == "toolhop" and not errors
+    assert [t.key for t in tasks] == ["0/direct", "0/mandatory", "0/free", "1/direct", "1/mandatory", "1/free"]
+    direct, mandatory, free = tasks[:3]
+    question = harness.question_of(mandatory.sample)
+    assert question.startswith("What is the sum of all the digits") and direct.sample.answer == "15"
+    assert direct.sample.tools == [] and direct.sample.codes == {} and direct.sample.unsolved_set == {}
+    assert mandatory.sample.messages[0]["content"] == user_prompt(question) and mandatory.sample.tools
+    assert free.sample.messages[0]["content"] == harness.FREE_INSTRUCTION + "Question: " + question
+    assert free.sample.codes == mandatory.sample.codes
+    _, only_free, _ = harness.load_tasks(TOOLHOP, scenarios=["free"], limit_per_source=1)
+    assert all(t.scenario == "free" for t in only_free)
+    assert len({t.sample.data_source for t in only_free}) == len(only_free) > 1
+
+
+# --- the command line, on a tiny jit policy, in-process and served ---------------------------------
+
+
+def solve_samples():
+    greet_only = toy_sample(unsolved={"greet": ["Hello, Ada"]})
+    greet_only.messages[0]["content"] = user_prompt("Greet Ada.")
+    too_long = toy_sample()
+    too_long.messages[0]["content"] = user_prompt("Double 7. " + "Really. " * 3000)  # far over 4096 tokens
+    return [toy_sample(), greet_only, too_long]
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return tiny_policy_dir(tmp_path_factory.mktemp("policy"))
+
+
+@pytest.fixture(scope="module")
+def served_policy(policy_dir):
+    """`experiments.serve`'s service for the policy, on an ephemeral port."""
+    args = serve._parser().parse_args(["--model", policy_dir, "--port", "0", "--served_model_name", "tiny"])
+    service = serve.build_service(args)
+    server = serving.make_server(service, "127.0.0.1", 0)
+    serving.start_in_thread(server)
+    yield server
+    stop(server, service.engine)
+
+
+def test_greedy_evaluation_over_http_equals_in_process(tmp_path, policy_dir, served_policy, capsys):
+    data = str(tmp_path / "envs.jsonl")
+    write_samples(data, solve_samples())
+    common = ["--data", data, "--max_new_tokens", "16", "--no_progress", "--sandbox_workers", "1"]
+    local_out, served_out = str(tmp_path / "local.jsonl"), str(tmp_path / "served.jsonl")
+    assert evaluate.main(common + ["--model", policy_dir, "--output", local_out, "--batch_size", "1"]) == 0
+    table = capsys.readouterr().out
+    assert evaluate.main(common + ["--backend", "openai", "--base_url", served_policy.base_url, "--model_name", "tiny",
+                                   "--output", served_out, "--concurrency", "1"]) == 0
+
+    local, served = read_lines(local_out), {r["key"]: r for r in read_lines(served_out)}
+    assert [r["key"] for r in local] == ["0/solve", "1/solve", "2/solve"] and set(served) == {r["key"] for r in local}
+    for episode in local:
+        twin = served[episode["key"]]
+        assert episode["status"] == twin["status"] == "ok"
+        assert (episode["messages"], episode["metrics"], episode["end_reason"]) == \
+            (twin["messages"], twin["metrics"], twin["end_reason"])
+    assert local[0]["messages"][-1]["role"] == "assistant" and local[2]["end_reason"] == "prompt_too_long"
+
+    summary = json.load(open(str(tmp_path / "local.summary.json")))
+    assert summary["episodes"] == {"planned": 3, "finished": 3, "failed": 0, "prompt_too_long": 1, "not_run": 0}
+    assert summary["results"]["per_source"]["toy"]["count"] == 3.0 and summary["this_run"]["episodes"] == 3
+    assert summary["results"]["missing_types"] == list(harness.evaluation.SCENARIO_TYPES)
+    assert "| toy | 3 |" in table and open(str(tmp_path / "local.summary.md")).read() in table
+    served_summary = json.load(open(str(tmp_path / "served.summary.json")))
+    assert served_summary["results"] == summary["results"]
+    assert served_summary["backend_stats"]["prompt_too_long"] == 1
+
+    # Resuming a finished evaluation plays nothing and keeps the file; other settings are refused.
+    before = open(local_out).read()
+    assert evaluate.main(common + ["--model", policy_dir, "--output", local_out]) == 0
+    assert open(local_out).read() == before and "nothing to play" in capsys.readouterr().err
+    assert evaluate.main(common[:3] + ["17", "--model", policy_dir, "--output", local_out]) == 2
+    assert "holds episodes of another evaluation" in capsys.readouterr().err
+
+
+def test_oracle_play_over_http_equals_in_process_with_real_tool_calls(tmp_path, sandbox):
+    """Multi-turn episodes with single and parallel calls: the openai wire format loses nothing."""
+    both = toy_sample()
+    both.messages[0]["content"] = user_prompt("Double 7 and greet Ada at once.")
+    samples = [toy_sample(), both]
+    plans = {id(samples[0]): [[("double", {"x": 7})], [("greet", {"name": "Ada"})]],
+             id(samples[1]): [[("double", {"x": 7}), ("greet", {"name": "Ada"})]]}
+    tasks = [harness.Task(i, harness.SOLVE_SCENARIO, s) for i, s in enumerate(samples)]
+
+    local_records, served_records = {}, {}
+    play = harness.play_in_batches(OracleGenerator(samples, plans), batch_size=8, max_turns=5, sandbox=sandbox)
+    harness.evaluate_tasks(tasks, play, output=str(tmp_path / "a.jsonl"), kind="samples", run_id="r",
+                            records=local_records, progress=False)
+    server, engine = serve_generator(lambda key: OracleGenerator(samples, plans))
+    try:
+        with OpenAIChatGenerator(server.base_url, "scripted", max_new_tokens=64) as remote:
+            play = harness.play_concurrently(remote, concurrency=2, max_turns=5, sandbox=sandbox)
+            harness.evaluate_tasks(tasks, play, output=str(tmp_path / "b.jsonl"), kind="samples", run_id="r",
+                                    records=served_records, progress=False)
+    finally:
+        stop(server, engine)
+    for key, episode in local_records.items():
+        twin = served_records[key]
+        assert episode["metrics"]["solve_f1"] == 1.0 and episode["metrics"]["num_calls"] == 2
+        assert (episode["messages"], episode["metrics"], episode["num_turns"]) == \
+            (twin["messages"], twin["metrics"], twin["num_turns"])
+    assert [r["num_turns"] for r in local_records.values()] == [3, 2]
+
+
+class Flaky:
+    """A generator factory whose generators raise while `failing` is set, else play the oracle."""
+
+    def __init__(self, samples):
+        self.samples = samples
+        self.failing = True
+
+    def __call__(self, key):
+        oracle = OracleGenerator(self.samples)
+
+        def generate(conversations):
+            if self.failing:
+                raise RuntimeError("device lost")
+            return oracle(conversations)
+
+        return generate
+
+
+def test_failing_requests_are_recorded_as_failed_and_retried_on_resume(tmp_path, capsys):
+    samples = [toy_sample()]
+    samples[0].oracle_calls = [[{"name": "double", "arguments": {"x": 7}}]]
+    data, output = str(tmp_path / "envs.jsonl"), str(tmp_path / "out.jsonl")
+    write_samples(data, samples)
+    flaky = Flaky(samples)
+    server, engine = serve_generator(flaky)
+
+    def command_for(base_url, model_name="scripted", out=output):
+        return ["--data", data, "--backend", "openai", "--base_url", base_url, "--model_name", model_name,
+                "--output", out, "--max_retries", "1", "--no_progress", "--sandbox_workers", "1"]
+
+    command = command_for(server.base_url)
+    try:
+        assert evaluate.main(command) == 1
+        (failed,) = read_lines(output)
+        assert failed["status"] == "failed" and "HTTP 500" in failed["error"] and "device lost" in failed["error"]
+        summary = json.load(open(str(tmp_path / "out.summary.json")))
+        assert summary["episodes"]["failed"] == 1 and summary["episodes"]["finished"] == 0
+        assert summary["results"]["per_source"] == {} and summary["failures"][0]["key"] == "0/solve"
+        assert "1 failed" in capsys.readouterr().out
+
+        flaky.failing = False
+        assert evaluate.main(command) == 0
+        lines = read_lines(output)
+        assert [r["status"] for r in lines] == ["failed", "ok"] and lines[1]["metrics"]["solve_rate"] == 0.5
+        summary = json.load(open(str(tmp_path / "out.summary.json")))
+        assert summary["episodes"]["failed"] == 0 and summary["results"]["per_source"]["toy"]["solve_rate"] == 0.5
+    finally:
+        stop(server, engine)
+
+    # A wrong model name is a setup error: the run stops at once instead of failing every episode.
+    server, engine = serve_generator(flaky)
+    try:
+        assert evaluate.main(command_for(server.base_url, "other", str(tmp_path / "wrong.jsonl"))) == 2
+        assert "model_name" in capsys.readouterr().err
+    finally:
+        stop(server, engine)
+
+
+TOOLHOP_ROWS = [
+    {"id": "t1", "category": "film", "question": "Who is the mother of the director of Film X?", "answer": "Mary Lee",
+     "sub_task": {"Who directed Film X?": "Ann Lee", "Who is the mother of Ann Lee?": "Mary Lee"},
+     "tools": {"Who directed Film X?": {"name": "film_director", "description": "Director of a film.",
+                                        "parameters": {"type": "object", "properties": {"film": {"type": "string"}},
+                                                       "required": ["film"]}},
+               "Who is the mother of Ann Lee?": {"name": "mother_of", "description": "Mother of a person.",
+                                                 "parameters": {"type": "object",
+                                                                "properties": {"person": {"type": "string"}},
+                                                                "required": ["person"]}}},
+     "functions": ["def film_director(film):\n    return {'director': 'Ann Lee' if film == 'Film X' else 'unknown'}\n",
+                   "def mother_of(person):\n    return {'mother': 'Mary Lee' if person == 'Ann Lee' else 'unknown'}\n"],
+     "gold_calls": ["film_director('Film X')", "mother_of('Ann Lee')"]},
+    {"id": "t2", "category": "music", "question": "In which year was the band of Bo Park founded?", "answer": "1971",
+     "sub_task": {"Which band is Bo Park in?": "The Owls", "When was The Owls founded?": "1971"},
+     "tools": {"Which band is Bo Park in?": {"name": "band_of", "description": "Band of a musician.",
+                                             "parameters": {"type": "object",
+                                                            "properties": {"musician": {"type": "string"}},
+                                                            "required": ["musician"]}},
+               "When was The Owls founded?": {"name": "founded", "description": "Founding year of a band.",
+                                              "parameters": {"type": "object",
+                                                             "properties": {"band": {"type": "string"}},
+                                                             "required": ["band"]}}},
+     "functions": ["def band_of(musician):\n    return 'The Owls' if musician == 'Bo Park' else 'unknown'\n",
+                   "def founded(band):\n    return 1971 if band == 'The Owls' else 'unknown'\n"],
+     "gold_calls": ["band_of('Bo Park')", "founded('The Owls')"]},
+]
+PLANS = {"Who is the mother of the director of Film X?": [[("film_director", {"film": "Film X"})],
+                                                          [("mother_of", {"person": "Ann Lee"})]],
+         "In which year was the band of Bo Park founded?": [[("band_of", {"musician": "Bo Park"})],
+                                                            [("founded", {"band": "The Owls"})]]}
+
+
+def toolhop_policy(messages, turn_number):
+    """Knows Film X's answer by heart (only says it without tools), plays the plan when told to use tools."""
+    content = messages[0]["content"]
+    question = content.split("Question: ", 1)[1]
+    if content.startswith(harness.DIRECT_INSTRUCTION):
+        return "It is Mary Lee." if "Film X" in question else "No idea."
+    if content.startswith(harness.FREE_INSTRUCTION):
+        return "Perhaps 1970."
+    plan = PLANS[question]
+    return calls_text(plan[turn_number]) if turn_number < len(plan) else "Done."
+
+
+def test_toolhop_through_the_command_line(tmp_path, capsys):
+    data, output = str(tmp_path / "toolhop.jsonl"), str(tmp_path / "toolhop_eval.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in TOOLHOP_ROWS)
+    server, engine = serve_generator(lambda key: ScriptedGenerator(toolhop_policy))
+    try:
+        assert evaluate.main(["--data", data, "--backend", "openai", "--base_url", server.base_url, "--model_name",
+                              "scripted", "--output", output, "--no_progress", "--sandbox_workers", "1"]) == 0
+    finally:
+        stop(server, engine)
+    records = {r["key"]: r for r in read_lines(output)}
+    assert len(records) == 6
+    assert records["0/direct"]["metrics"] == {"answer_correctness": 1.0, "answered_by": "final_answer", "num_calls": 0}
+    assert records["1/mandatory"]["metrics"] == {"answer_correctness": 1.0, "answered_by": "tool_output",
+                                                 "num_calls": 2}
+    assert records["0/free"]["metrics"]["answer_correctness"] == 0.0
+    summary = json.load(open(str(tmp_path / "toolhop_eval.summary.json")))
+    per_scenario = summary["results"]["per_scenario"]
+    assert {name: means["answer_correctness"] for name, means in per_scenario.items()} == \
+        {"direct": 0.5, "mandatory": 1.0, "free": 0.0}
+    assert summary["results"]["average"] == 0.5
+    assert "| mandatory | 2 | 100.00 | 0 | 0 |" in capsys.readouterr().out
+
+
+def test_command_line_mistakes_are_reported(tmp_path, capsys):
+    assert evaluate.main(["--data", str(tmp_path / "none.jsonl"), "--model", "x", "--output", "o.jsonl"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    data = str(tmp_path / "envs.jsonl")
+    write_samples(data, [toy_sample()])
+    assert evaluate.main(["--data", data, "--backend", "openai", "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "--base_url" in capsys.readouterr().err
+    assert evaluate.main(["--data", data, "--model", str(tmp_path), "--output", str(tmp_path / "o.jsonl"),
+                          "--no_progress"]) == 2
+    assert "not a policy directory" in capsys.readouterr().err

@@ -1,0 +1,139 @@
+"""The main job end to end on a micro configuration: outputs, config errors, and exact resume."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import qwen
+from ftrl_jax.models.checkpoint_io import SafetensorsFile
+from ftrl_jax.envs.samples import read_samples
+from ftrl_jax.pipeline.main_job import (TrainingError, check_config, parse_overrides, sample_rl_prompts,
+                                 split_train_environments, train_and_evaluate)
+
+
+def micro_config(workdir, **rl):
+    c = qwen.get_config()
+    c.workdir = str(workdir)
+    c.model.overrides = "num_layers=1,hidden_size=64,intermediate_size=128,num_heads=2,head_dim=32,num_kv_heads=1"
+    c.tokenizer.vocab_size = 600
+    c.envs.num_train = 12
+    c.envs.num_eval = 4
+    c.envs.scenarios = "single_hop,multi_hop"
+    c.warmup.num_steps = 3
+    c.warmup.batch_size = 4
+    c.rollout.max_new_tokens = 24
+    c.rollout.max_turns = 2
+    c.eval.max_new_tokens = 16
+    c.eval.max_turns = 2
+    c.rl.num_steps = rl.get("num_steps", 4)
+    c.rl.prompts_per_step = 2
+    c.rl.num_rollouts = 2
+    c.rl.refresh_every = 2
+    c.checkpoint.every = 1
+    c.resume = rl.get("resume", False)
+    return c
+
+
+def _export_tensors(workdir):
+    st = SafetensorsFile(os.path.join(workdir, "export", "model.safetensors"))
+    return {k: np.array(st.get(k)) for k in st.keys()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+    # The three runs below compile the same shapes; a persistent cache makes the later ones cheap.
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", old)
+
+
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
+    straight = train_and_evaluate(micro_config(tmp_path / "straight", num_steps=4))
+    train_and_evaluate(micro_config(tmp_path / "resumed", num_steps=2))
+    resumed = train_and_evaluate(micro_config(tmp_path / "resumed", num_steps=4, resume=True))
+
+    a, b = _export_tensors(tmp_path / "straight"), _export_tensors(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    for key in ("solve_precision", "solve_rate", "solve_f1", "by_scenario", "end_reasons"):
+        assert straight["eval_after"][key] == resumed["eval_after"][key]
+
+    # What the run leaves behind.
+    summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    for phase in ("eval_before", "eval_after"):
+        assert {"solve_precision", "solve_rate", "solve_f1"} <= summary[phase].keys()
+    lines = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    rl = [l for l in lines if l["phase"] == "rl"]
+    assert [l["step"] for l in rl] == [1, 2, 3, 4]
+    assert {"reward_mean", "reward_std", "groups_mixed", "reward_positive", "kl", "entropy", "clip_fraction",
+            "grad_norm", "response_length", "tokens_per_sec", "step_time"} <= rl[0].keys()
+    assert os.listdir(tmp_path / "straight" / "tb")
+    assert (tmp_path / "straight" / "export" / "tokenizer.json").is_file()
+    # Starting again without resume=True refuses to overwrite the run.
+    with pytest.raises(TrainingError, match="resume=True"):
+        train_and_evaluate(micro_config(tmp_path / "straight", num_steps=4))
+
+    # experiments.sample's stage: the trained policy plays training environments; FTRL's RL prompts go to a file.
+    out = tmp_path / "prompts.jsonl"
+    stats = sample_rl_prompts(micro_config(tmp_path / "straight"), str(out), num_envs=3)
+    assert stats["policy"].endswith("export") and stats["episodes"] == 3
+    prompts, errors = read_samples(out)
+    assert not errors and len(prompts) == stats["prompts"] == 3 + stats["after_tool_calls"]
+    train, _ = read_samples(tmp_path / "straight" / "envs" / "train.jsonl")
+    fresh = [p for p in prompts if p.messages == train[0].messages or p.messages == train[1].messages
+             or p.messages == train[2].messages]
+    assert len(fresh) == 3  # each played environment's fresh question is one prompt
+    for p in prompts:
+        assert 0.0 <= p.solve_rate <= 1.0 and p.messages[-1]["role"] in ("user", "tool")
+
+
+def test_sampling_without_a_policy_says_where_one_comes_from(tmp_path):
+    with pytest.raises(TrainingError, match="run the main job first"):
+        sample_rl_prompts(micro_config(tmp_path / "empty"), str(tmp_path / "out.jsonl"))
+
+
+def test_config_errors_are_clear_before_anything_heavy(tmp_path):
+    with pytest.raises(ValueError, match="available: tiny"):
+        qwen.get_config("qwen9-1b")
+    c = qwen.get_config("qwen3-8b")
+    with pytest.raises(TrainingError, match="--config.model.path"):
+        check_config(c)
+    c = micro_config(tmp_path)
+    c.mesh.data = 2
+    with pytest.raises(TrainingError, match="devices"):
+        check_config(c)
+    c = micro_config(tmp_path)
+    c.rl.algorithm = "ppo2"
+    with pytest.raises(TrainingError, match="grpo"):
+        check_config(c)
+
+
+def test_rl_starts_on_the_environments_the_warm_start_did_not_imitate(tmp_path):
+    config = micro_config(tmp_path)
+    train = [f"env{i}" for i in range(10)]
+    config.warmup.fraction_of_envs = 0.3
+    seen, rl_order = split_train_environments(config, train)
+    assert seen == train[:3]
+    assert rl_order == train[3:] + train[:3]  # every environment, the unseen ones first
+    config.warmup.num_steps = 0  # no warm start (a real checkpoint): RL plays them in order
+    assert split_train_environments(config, train) == ([], train)
+
+
+def test_parse_overrides():
+    assert parse_overrides("num_layers=2, hidden_size=128,dtype=bfloat16") == {
+        "num_layers": 2, "hidden_size": 128, "dtype": "bfloat16"}
+    with pytest.raises(TrainingError, match="key=value"):
+        parse_overrides("num_layers")
+
+
+def test_non_finite_loss_stops_the_run_with_what_to_do():
+    from ftrl_jax.pipeline.main_job import _finite_loss
+    assert _finite_loss({"loss": np.float32(1.5)}, "RL", 3, "/w/ck", "rl.learning_rate") == 1.5
+    with pytest.raises(TrainingError, match="RL loss is nan at step 3.*/w/ck.*lower rl.learning_rate"):
+        _finite_loss({"loss": np.float32("nan")}, "RL", 3, "/w/ck", "rl.learning_rate")
