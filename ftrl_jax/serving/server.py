@@ -7,7 +7,10 @@ Three parts, each testable alone:
   generates each group of requests with the same sampling settings in ONE turn-generator call (for a
   `LocalPolicy`, one `sampling.generate`), so concurrent clients share the accelerator;
 - `assistant_choice` (pure): a generated turn -> the OpenAI assistant message and `finish_reason`
-  (`tool_calls` when `<tool_call>` blocks parsed, `stop`, or `length`).
+  (`tool_calls` when calls parsed, `stop`, or `length`). Calls come from
+  `ftrl_jax.text.tool_calls.parse_assistant_turn`, the parser rollouts use: JSON-aware, so a tag inside a
+  string argument never splits a call, and a complete final call whose `</tool_call>` is missing is still a
+  call (as vLLM's hermes parser gives it).
 `PolicyService.handle` routes a request (`GET /v1/models`, `POST /v1/chat/completions`, `GET /health`)
 and `make_server` puts it behind a `ThreadingHTTPServer`.
 

@@ -144,6 +144,55 @@ def test_reply_conventions(text, kwargs, expected_message, expected_finish):
         assert turn_text(message) == text
 
 
+CITY_CALL = '<tool_call>\n{"name": "city_of_zip", "arguments": {"zip": "10115"}}'
+CALLS_OF_CITY = format_qwen_tool_call("city_of_zip", {"zip": "10115"})
+
+
+@pytest.mark.parametrize("text", [CITY_CALL + "\n<|im_end|>", CITY_CALL, CITY_CALL + "\n</tool_call>"])
+def test_a_final_call_without_its_closing_tag_is_a_tool_call(text):
+    message, finish = assistant_choice(turn(text), template="qwen2.5", parse_tool_calls=True)
+    assert finish == "tool_calls" and message["content"] is None
+    assert [c["function"] for c in message["tool_calls"]] == [{"name": "city_of_zip", "arguments": '{"zip": "10115"}'}]
+    assert turn_text(message) == CALLS_OF_CITY  # the client writes the canonical block back
+    thinking, finish = assistant_choice(turn("<think>\nzip first\n</think>\n\n" + text), template="qwen3",
+                                        parse_tool_calls=True)
+    assert finish == "tool_calls" and thinking["reasoning_content"] == "zip first"
+    assert thinking["tool_calls"][0]["function"]["name"] == "city_of_zip"
+
+
+@pytest.mark.parametrize("delimiter",
+                         ["</tool_call>", "<tool_call>", "<think>", "</think>", "<|im_end|>", "<|eot_id|>"])
+def test_delimiters_inside_string_arguments_do_not_split_served_calls(delimiter):
+    note = f"the reply must end with {delimiter} on its own line"
+    text = format_qwen_tool_call("save_note", {"text": note})
+    for template in ("qwen2.5", "qwen3"):
+        message, finish = assistant_choice(turn(text), template=template, parse_tool_calls=True)
+        assert finish == "tool_calls" and message["content"] is None
+        assert [c["function"]["name"] for c in message["tool_calls"]] == ["save_note"]
+        assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"text": note}
+        assert turn_text(message) == text
+
+
+@pytest.mark.parametrize("text", [
+    CITY_CALL[:-4],  # cut mid-object: no call
+    CITY_CALL + "\nthen I answer",  # never closed, prose after the JSON
+    '<tool_call>\n{"name": "f", "arguments": {"a": "\\ud800"}}\n</tool_call>',  # lone surrogate escape
+    '{"name": "Ada Lovelace", "born": 1815}',
+])
+def test_markup_that_is_not_a_call_comes_back_verbatim_and_encodes(text):
+    message, finish = assistant_choice(turn(text), template="qwen2.5", parse_tool_calls=True)
+    assert (message, finish) == ({"role": "assistant", "content": text}, "stop")
+    json.dumps(message, ensure_ascii=False).encode("utf-8")  # as the server writes a reply
+
+
+def test_unicode_escapes_in_served_arguments():
+    text = '<tool_call>\n{"name": "f", "arguments": {"city": "Z\\u00fcrich", "e": "\\ud83d\\ude00"}}\n</tool_call>'
+    message, finish = assistant_choice(turn(text), template="qwen2.5", parse_tool_calls=True)
+    assert finish == "tool_calls"
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"city": "Zürich", "e": "😀"}
+    json.dumps(message, ensure_ascii=False).encode("utf-8")
+
+
 # --- the batching engine --------------------------------------------------------------------
 
 
