@@ -118,11 +118,20 @@ def prepare_environments(config, workdir: str, sandbox: Sandbox) -> tuple[list[S
         train_file = config.envs.train_file
     if config.envs.eval_file:
         eval_file = config.envs.eval_file
+    for given, path in ((config.envs.train_file, train_file), (config.envs.eval_file, eval_file)):
+        if given and not os.path.isfile(path):
+            raise TrainingError(f"environment file {path!r} does not exist; pass a sample-format .jsonl/.parquet "
+                                "file, or leave the setting empty to build environments")
     if not (os.path.isfile(train_file) and os.path.isfile(eval_file)):
+        # Build what is missing; a file the config names is read, never overwritten.
         os.makedirs(env_dir, exist_ok=True)
         started = time.perf_counter()
         built = {}
         for split, num, offset in (("train", config.envs.num_train, 1), ("eval", config.envs.num_eval, 2)):
+            path = train_file if split == "train" else eval_file
+            if os.path.isfile(path):
+                built[split] = _read_split(path)
+                continue
             # Extra eval environments cover the ones dropped for sharing a question with training.
             want = num if split == "train" else 2 * num + 8
             envs, report = env_build.build_environments(want, seed=config.seed * 1000 + offset, kinds=_kinds(config),
@@ -131,21 +140,23 @@ def prepare_environments(config, workdir: str, sandbox: Sandbox) -> tuple[list[S
             built[split] = [e.to_sample(split) for e in envs]
             log.info("built %d %s environments (%s dropped: %s)", len(envs), split,
                      sum(report.dropped.values()), dict(report.dropped))
-        seen = {s.messages[0]["content"] for s in built["train"]}
-        built["eval"] = _balanced([s for s in built["eval"] if s.messages[0]["content"] not in seen],
-                                  config.envs.num_eval)
-        write_samples(train_file, built["train"])
-        write_samples(eval_file, built["eval"])
+            if split == "eval":
+                seen = {s.messages[0]["content"] for s in built["train"]}
+                built["eval"] = _balanced([s for s in built["eval"] if s.messages[0]["content"] not in seen],
+                                          config.envs.num_eval)
+            write_samples(path, built[split])
         log.info("environments ready in %.1fs", time.perf_counter() - started)
-    splits = []
-    for path in (train_file, eval_file):
-        samples, errors = read_samples(path)
-        for err in errors:
-            log.warning("skipping %s", err)
-        if not samples:
-            raise TrainingError(f"no usable environments in {path}")
-        splits.append(samples)
-    return splits[0], splits[1]
+    return _read_split(train_file), _read_split(eval_file)
+
+
+def _read_split(path: str) -> list[Sample]:
+    """The samples of an environment file; bad rows are reported and skipped, an empty file is an error."""
+    samples, errors = read_samples(path)
+    for err in errors:
+        log.warning("skipping %s", err)
+    if not samples:
+        raise TrainingError(f"no usable environments in {path}")
+    return samples
 
 
 def _balanced(samples: Sequence[Sample], num: int) -> list[Sample]:
