@@ -31,7 +31,7 @@ from ftrl_jax.rl.losses import LossConfig, aggregate_loss, rl_objective
 from ftrl_jax.rl.shared_prompt import SHARED_PROMPT_KEYS, response_logprobs
 from ftrl_jax.training.sft import predicted_token_mask, require_keys, shifted_token_logprobs
 from ftrl_jax.training.train_state import (Batch, TrainState, abstract_state, accumulate_gradients, apply_gradients,
-                                  split_batch, state_shardings)
+                                           split_batch, state_shardings)
 
 RL_BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "old_logprobs", "advantages")
 SHARED_PROMPT_BATCH_KEYS = SHARED_PROMPT_KEYS + ("old_logprobs", "advantages")

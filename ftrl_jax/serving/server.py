@@ -111,6 +111,24 @@ def load_policy(path: str | os.PathLike, *, dtype: str = "float32", template: st
     return LoadedPolicy(directory, config, params, tokenizer, chosen)
 
 
+def save_random_policy(directory: str | os.PathLike, preset: str = "tiny", *, seed: int = 0, **overrides: Any) -> str:
+    """Writes a randomly initialised `preset` model with the embedded tokenizer as a policy directory.
+
+    `overrides` replace ModelConfig fields (e.g. `num_layers=1`); the vocabulary is the tokenizer's unless
+    given. For benchmarks and tests that need a servable policy without training one. Returns the directory.
+    """
+    import jax
+
+    from ftrl_jax import models
+    from ftrl_jax.text.tokenizer import default_tokenizer
+
+    tokenizer = default_tokenizer()
+    config = models.preset(preset, **{"vocab_size": len(tokenizer), **overrides})
+    models.save_pretrained(config, models.init_params(config, jax.random.PRNGKey(seed)), directory)
+    tokenizer.save_pretrained(os.fspath(directory))
+    return os.fspath(directory)
+
+
 # ---------------------------------------------------------------------------------------------
 # Requests.
 

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from ftrl_jax import models, parallel
 from ftrl_jax.training.logprobs import token_logprobs_and_entropy
 from ftrl_jax.training.train_state import (Batch, TrainState, abstract_state, accumulate_gradients, apply_gradients,
-                                  state_shardings)
+                                           state_shardings)
 
 SFT_BATCH_KEYS = ("tokens", "attention_mask", "loss_mask")
 

@@ -11,7 +11,7 @@ from configs import qwen
 from ftrl_jax.models.checkpoint_io import SafetensorsFile
 from ftrl_jax.envs.samples import read_samples
 from ftrl_jax.pipeline.main_job import (TrainingError, check_config, parse_overrides, sample_rl_prompts,
-                                 split_train_environments, train_and_evaluate)
+                                        split_train_environments, train_and_evaluate)
 
 
 def micro_config(workdir, **rl):

@@ -6,17 +6,15 @@ import http.client
 import json
 import time
 
-import jax
 import openai
 import pytest
 
-from ftrl_jax import models, serving
+from ftrl_jax import serving
 from ftrl_jax.serving.client import turn_text
 from ftrl_jax.rollout.episodes import GeneratedTurn
 from ftrl_jax.rollout.policy import LocalPolicy
-from ftrl_jax.serving.server import (BatchingEngine, PolicyService, RequestError, SamplingKey, ServerLimits, assistant_choice,
-                              parse_chat_request)
-from ftrl_jax.text.tokenizer import default_tokenizer
+from ftrl_jax.serving.server import (BatchingEngine, PolicyService, RequestError, SamplingKey, ServerLimits,
+                                     assistant_choice, parse_chat_request)
 from ftrl_jax.text.tool_calls import format_qwen_tool_call
 
 LIMITS = ServerLimits("m", 4096, default_max_tokens=64)
@@ -31,11 +29,7 @@ def body(**fields):
 
 def tiny_policy_dir(path):
     """A random one-layer policy saved as a Hugging Face directory with the default tokenizer."""
-    tokenizer = default_tokenizer()
-    config = models.preset("tiny", num_layers=1, vocab_size=len(tokenizer), tie_word_embeddings=False)
-    models.save_pretrained(config, models.init_params(config, jax.random.PRNGKey(0)), path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return serving.save_random_policy(path, num_layers=1, tie_word_embeddings=False)
 
 
 # --- request checks -------------------------------------------------------------------------
