@@ -76,6 +76,9 @@ def check_config(config) -> None:
                             f"{', '.join(registered_advantage_estimators())}")
     if config.rl.reward_kind not in rewards.REWARD_KINDS:
         raise TrainingError(f"config.rl.reward_kind={config.rl.reward_kind!r}; use one of {sorted(rewards.REWARD_KINDS)}")
+    if config.rl.reward_semantics not in rewards.REWARD_SEMANTICS:
+        raise TrainingError(f"config.rl.reward_semantics={config.rl.reward_semantics!r}; use one of "
+                            f"{sorted(rewards.REWARD_SEMANTICS)}")
     if config.rl.mode not in ("step", "trajectory"):
         raise TrainingError(f"config.rl.mode={config.rl.mode!r}; use 'step' (FTRL) or 'trajectory'")
     if config.rl.mode == "trajectory" and config.model.template != "qwen2.5":
@@ -387,7 +390,9 @@ def _rl_step_batch(config, model_config, state_params, tokenizer, mesh, prompts,
     turns = policy(conversations)
     group_samples = [p for p in prompts for _ in range(n)]
     texts = [t.text for t in turns]
-    scores = np.asarray(rewards.step_rewards(texts, group_samples, rc.reward_kind, sandbox=sandbox), np.float32)
+    scores = np.asarray(rewards.step_rewards(texts, group_samples, rc.reward_kind, sandbox=sandbox,
+                                             semantics=rc.reward_semantics,
+                                             truncated=[t.truncated for t in turns]), np.float32)
     if _shared_prompt(config):
         arrays = shared_prompt.step_batch(turns, n, _pad_id(tokenizer))
         lengths = arrays["response_mask"].sum(axis=-1)

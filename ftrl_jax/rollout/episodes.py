@@ -116,7 +116,7 @@ class Episode:
     """A played environment: the sample's messages plus the new ones, per-turn records, why it ended.
 
     `metrics` is `rewards.trajectory_metrics(messages, sample)` (solve precision / rate / F1 and counts;
-    complete call blocks inside a truncated last turn count as calls made, though they were not run).
+    the calls of a truncated last turn were not run and do not count as calls made).
     """
 
     sample: Sample
@@ -190,6 +190,11 @@ def play_episodes(generator: TurnGenerator, samples: Sequence[Sample | Mapping[s
     one `sandbox.call_many` (default: the shared sandbox). An episode ends on a turn without a
     well-formed tool call, a truncated turn, a prompt the generator refused, or after `max_turns`
     turns (the calls of the last one are still run). Samples may be `Sample`s or FTRL rows.
+
+    Truncated turns, the same rule as RL's step reward (`rewards.step_rewards(..., truncated=...)`): a
+    turn that hits the generator's token limit before its end-of-turn token has its calls neither run
+    nor counted, even complete ones: it adds no call to the episode's Solve-P/R/F1 (trajectory_metrics
+    counts only calls that got a response), and in RL it earns the no-call reward (-0.3 with call markup).
     """
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")

@@ -154,14 +154,29 @@ def test_failed_and_misattributed_calls_count_but_solve_nothing(sandbox):
         ("I will call </tool_call> now", -0.3),
         ("The answer is 3903.<|im_end|>", 1 / (1 + 4)),  # 4 expected answers still unsolved
         ("I do not know.", 0.0),
-        ("<think>It is 3903.</think>I do not know.", 0.0),  # an answer only thought of earns nothing
-        ("<think>Sum them: 3903.</think>\nThe answer is 3903.", 1 / (1 + 4)),
-        ("<think>Still thinking", -0.5),  # cut off while thinking: no content
-        ('<think><tool_call>{"name": "lake_finder", "arguments": {}}</tool_call></think>', -0.5),  # drafted only
     ],
 )
-def test_turns_without_calls(sandbox, response, reward):
-    assert step_reward(response, make_sample(), sandbox=sandbox) == pytest.approx(reward)
+@pytest.mark.parametrize("semantics", ["ftrl", "strict", "lenient"])
+def test_turns_without_calls(sandbox, response, reward, semantics):
+    assert step_reward(response, make_sample(), sandbox=sandbox, semantics=semantics) == pytest.approx(reward)
+
+
+@pytest.mark.parametrize(
+    "response, ftrl, outside_think",
+    [
+        # FTRL knows no <think> (ftrl_reward S7): the answer thought of counts there, not in strict / lenient.
+        ("<think>It is 3903.</think>I do not know.", 1 / (1 + 4), 0.0),
+        ("<think>Sum them: 3903.</think>\nThe answer is 3903.", 1 / (1 + 4), 1 / (1 + 4)),
+        ("<think>Still thinking", 0.0, -0.5),  # cut off while thinking: no content outside the think block
+        # A call only drafted while thinking is run by FTRL (lake_finder() lacks `shape`: 0 of 1 solved).
+        ('<think><tool_call>{"name": "lake_finder", "arguments": {}}</tool_call></think>', 0.0, -0.5),
+    ],
+)
+def test_think_blocks(sandbox, response, ftrl, outside_think):
+    assert step_reward(response, make_sample(), sandbox=sandbox) == pytest.approx(ftrl)
+    for semantics in ("strict", "lenient"):
+        got = step_reward(response, make_sample(), sandbox=sandbox, semantics=semantics)
+        assert got == pytest.approx(outside_think)
 
 
 def test_final_answer_reward_shrinks_with_what_is_left_unsolved(sandbox):
@@ -240,6 +255,42 @@ def test_tool_responses_are_credited_to_their_own_call():
         {"role": "tool", "content": "Lake Crescent"},
     ]
     assert trajectory_metrics(messages, make_sample())["num_solved"] == 0
+
+
+def test_tool_responses_are_paired_with_their_call_by_id():
+    # Two calls, answered in the other order; each response names its call: FTRL's evaluation pairs by id.
+    sample = make_sample(unsolved={"capital_of": ["Tokyo"], "population_of": ["13,960,000"]})
+    messages = [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_cap", "type": "function",
+             "function": {"name": "capital_of", "arguments": '{"country": "Japan"}'}},
+            {"id": "call_pop", "type": "function",
+             "function": {"name": "population_of", "arguments": '{"city": "Tokyo"}'}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_pop", "content": '{"population": "13,960,000"}'},
+        {"role": "tool", "tool_call_id": "call_cap", "content": "Tokyo"},
+    ]
+    metrics = trajectory_metrics(messages, sample)
+    assert (metrics["num_calls"], metrics["num_solved"], metrics["num_expected"]) == (2, 2, 2)
+    assert metrics["solve_precision"] == metrics["solve_rate"] == metrics["solve_f1"] == 1.0
+    # Without ids (or with an id no call has) the responses answer the calls in order: nothing is solved.
+    for drop in ({"tool_call_id"}, set()):
+        anonymous = [{k: v for k, v in m.items() if k not in drop} for m in messages]
+        if not drop:
+            anonymous[1]["tool_call_id"], anonymous[2]["tool_call_id"] = "call_x", "call_y"
+        assert trajectory_metrics(anonymous, sample)["num_solved"] == 0
+
+
+def test_calls_without_a_response_are_not_counted():
+    # A truncated turn's calls are not run (rollout.episodes), so they are not calls made.
+    cut = {"role": "assistant", "content": format_qwen_tool_call("lake_finder", {"shape": "crescent"})
+           + "\n<tool_call>\n{\"name\": \"ye"}
+    metrics = trajectory_metrics([cut], make_sample())
+    assert (metrics["num_calls"], metrics["solve_precision"], metrics["solve_f1"]) == (0, 1.0, 0.0)
+    # Unanswered calls of an earlier turn do not take the responses of a later one.
+    later = {"role": "assistant", "content": format_qwen_tool_call("year_of", {"event": "opening"})}
+    metrics = trajectory_metrics([cut, later, {"role": "tool", "content": "1902"}], make_sample())
+    assert (metrics["num_calls"], metrics["num_solved"]) == (1, 1)
 
 
 def test_trajectory_without_calls():

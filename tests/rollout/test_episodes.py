@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from ftrl_jax import models
+from ftrl_jax.envs import rewards
 from ftrl_jax.text.chat import IM_END, render_conversation
 from ftrl_jax.envs.samples import Sample, decode_sample, encode_sample, read_samples, user_prompt
 from ftrl_jax.envs.sandbox import ERROR_PREFIX, Sandbox
 from ftrl_jax.rollout.policy import LocalPolicy
 from ftrl_jax.rollout.episodes import (GeneratedTurn, episode_token_arrays, play_episodes,
-                              rl_prompts_from_episode)
+                                       rl_prompts_from_episode)
 from ftrl_jax.text.tokenizer import default_tokenizer
 from ftrl_jax.text.tool_calls import format_qwen_tool_call
 
@@ -225,6 +226,22 @@ def test_prompt_too_long_and_truncated_end_episodes(sandbox):
     assert truncated.end_reason == "truncated" and truncated.turns[0].truncated
     assert truncated.turns[0].tool_calls == [] and truncated.turns[0].tool_outputs == []
     assert [m["role"] for m in truncated.messages] == ["user", "assistant"]
+
+
+def test_a_truncated_turn_gets_one_rule_in_evaluation_and_rl(sandbox):
+    # A correct, complete call followed by rambling that hits the token limit.
+    text = calls_text([("double", {"x": 7})]) + "\nNow let me also think about how to greet"
+    (episode,) = play_episodes(ScriptedGenerator(lambda messages, n: (text, True)), [toy_sample()], sandbox=sandbox)
+    assert episode.end_reason == "truncated" and episode.turns[0].tool_calls == []
+    # Not run, so not counted: no call made, nothing solved.
+    assert (episode.metrics["num_calls"], episode.metrics["num_solved"]) == (0, 0)
+    metrics = episode.metrics
+    assert (metrics["solve_precision"], metrics["solve_rate"], metrics["solve_f1"]) == (1.0, 0.0, 0.0)
+    assert rl_prompts_from_episode(episode) == [toy_sample()]  # no state after a turn whose calls ran
+    # RL's step reward of the same turn: no call run, the no-call rules give -0.3 for the markup.
+    for semantics in ("ftrl", "strict", "lenient"):
+        assert rewards.step_reward(text, toy_sample(), sandbox=sandbox, semantics=semantics, truncated=True) == -0.3
+        assert rewards.step_reward(text, toy_sample(), sandbox=sandbox, semantics=semantics) == 1.0  # not cut: 1 of 1
 
 
 def test_generator_must_answer_every_conversation(sandbox):
