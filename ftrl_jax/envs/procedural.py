@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from typing import Any, Mapping, Sequence
 
+from ftrl_jax.envs import rewards
 from ftrl_jax.envs import world as world_lib
-from ftrl_jax.envs.stages import (Case, Complexity, Scenario, SubQuestion, ToolDocument)
+from ftrl_jax.envs.stages import (Case, Complexity, Scenario, StageError, SubQuestion, ToolDocument)
 
 # --- stage 1: scenario decomposition --------------------------------------------------
 
@@ -180,7 +182,7 @@ class ProceduralAuthor:
             relation = rng.choice(unused)
             used.add(relation.key)
             scaled.append(self._scale_tool(self._distractor(relation, rng), complexity, rng))
-        scaled = _unique_names(scaled)
+        scaled = _unique_names(_without_answering_extras(scaled, [sq.answer for sq in scenario.sub_questions]))
         rng.shuffle(scaled)
         return scaled
 
@@ -248,8 +250,23 @@ class ProceduralAuthor:
     # stage 5 -----------------------------------------------------------------------
     def deploy(self, scenario: Scenario, tools: Sequence[ToolDocument],
                rng: random.Random) -> dict[str, str]:
-        """Python source for every tool, rendered from its document and cases."""
-        return {tool.name: render_tool_code(tool) for tool in tools}
+        """Python source for every tool, rendered from its document and cases.
+
+        Raises StageError when an expected answer occurs in a tool's fixed text (the string
+        literals of its logic: messages, names, keys): then some wrong call's output would
+        contain that answer and be rewarded. Invented names make this very rare (a city called
+        'Vali' inside 'Invalid').
+        """
+        codes, fixed = {}, []
+        for tool in tools:
+            codes[tool.name], text = _render(tool)
+            fixed.append(text)
+        fixed_text = "\n".join(fixed)
+        leaked = [sq.answer for sq in scenario.sub_questions if rewards.answer_matches(fixed_text, sq.answer)]
+        if leaked:
+            raise StageError("deploy", f"expected answers {leaked} occur in the fixed text of the tool code, "
+                                       "so a wrong call could output them")
+        return codes
 
 
 _MAX_DRAWS = 8
@@ -369,6 +386,22 @@ def _with_selector(base: ToolDocument, cases: Sequence[Case], subject_type: str,
         cases=tuple(dataclasses.replace(c, arguments={**c.arguments, selector: c.field}) for c in cases))
 
 
+def _without_answering_extras(tools: Sequence[ToolDocument], answers: Sequence[str]) -> list[ToolDocument]:
+    """Tools without the extra records (generalization, distractors) whose fact is an expected answer.
+
+    Facts repeat across subjects (14 occupations, 5 conservation statuses; a small world's
+    entity pools), so another subject's record may hold the answer a sub-question asks for;
+    a call to it is a wrong call that the reward (an expected answer in the output) would
+    count as solved. Records of oracle calls stay; no random draw is involved.
+    """
+    kept = []
+    for tool in tools:
+        cases = tuple(c for c in tool.cases if c.sub_question is not None or not any(
+            rewards.answer_matches(f"{c.field} {c.field.replace('_', ' ')} {c.answer}", a) for a in answers))
+        kept.append(tool if len(cases) == len(tool.cases) else dataclasses.replace(tool, cases=cases))
+    return kept
+
+
 def _unique_names(tools: Sequence[ToolDocument]) -> list[ToolDocument]:
     """Renames later tools whose name is taken (`x_finder` -> `x_finder_2`)."""
     seen: set[str] = set()
@@ -427,7 +460,7 @@ _OPTIONAL_PARAMS = (
                    "Whether to name the source of the record in the result. Default is false.",
                    {"type": "boolean", "default": False}),
     _OptionalParam("requester", 0, "Who is asking (for the log).",
-                   "Name of the person or team making the request, echoed back for auditing.",
+                   "Name of the person or team making the request, recorded for auditing.",
                    {"type": "string"}),
     _OptionalParam("language", 1, "Response language.",
                    "Language of the response text (ISO 639-1 code). Default is 'en'.",
@@ -448,7 +481,7 @@ _OPTIONAL_PARAMS = (
                    "Minimum confidence score (0 to 1) a record must have to be returned. Default 0.5.",
                    {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5}),
     _OptionalParam("tags", 3, "Labels for the request.",
-                   "A list of free-form labels attached to the request, echoed back with the result.",
+                   "A list of free-form labels attached to the request.",
                    {"type": "array", "items": {"type": "string"}}),
     _OptionalParam("filters", 3, "Extra filters.",
                    "Additional filters on the records searched.",
@@ -489,33 +522,45 @@ _TYPE_CHECKS = {
 }
 
 
+def _error_line(indent: str, message: str) -> str:
+    """A line returning {'error': message}; the message is a plain literal (no argument values)."""
+    return f"{indent}return {{'error': {message!r}}}"
+
+
 def _check_lines(label: str, value: str, schema: Mapping[str, Any], indent: str) -> list[str]:
-    """Lines returning an error dict when `value` (a Python expression) breaks `schema`."""
+    """Lines returning an error dict when `value` (a Python expression) breaks `schema`.
+
+    Messages say which parameter is wrong and what it accepts, never the value given: an
+    output that echoed its argument would match that argument as an expected answer (the
+    reward reads tool outputs), so a wrong call could count as solved. For the same reason
+    they hold no numbers (a range's bounds are in the schema).
+    """
     check, wording = _TYPE_CHECKS[schema["type"]]
     lines = [f"{indent}if not ({check.format(v=value)}):",
-             f"{indent}    return {{'error': f\"Invalid {label}: expected {wording}, got {{{value}!r}}.\"}}"]
+             _error_line(indent + "    ", f"Invalid {label}: expected {wording}.")]
     if "enum" in schema:
         allowed = ", ".join(map(str, schema["enum"]))
         lines += [f"{indent}if {value} not in {list(schema['enum'])!r}:",
-                  f"{indent}    return {{'error': f\"Invalid {label} {{{value}!r}}. Must be one of: {allowed}.\"}}"]
+                  _error_line(indent + "    ", f"Invalid {label}: must be one of: {allowed}.")]
     if "minimum" in schema or "maximum" in schema:
         low, high = schema.get("minimum"), schema.get("maximum")
         lines += [f"{indent}if not ({low!r} <= {value} <= {high!r}):",
-                  f"{indent}    return {{'error': f\"Invalid {label} {{{value}!r}}: must be between {low} and {high}.\"}}"]
+                  _error_line(indent + "    ", f"Invalid {label}: out of range; see the minimum and maximum "
+                                             "in its schema.")]
     if schema.get("format") == "date":
         lines += [f"{indent}try:",
                   f"{indent}    datetime.date.fromisoformat({value})",
                   f"{indent}except ValueError:",
-                  f"{indent}    return {{'error': f\"Invalid {label} {{{value}!r}}: use the YYYY-MM-DD format.\"}}"]
+                  _error_line(indent + "    ", f"Invalid {label}: not a date; use the YYYY-MM-DD format.")]
     if schema["type"] == "array" and "items" in schema:
         item_check, item_wording = _TYPE_CHECKS[schema["items"]["type"]]
         lines += [f"{indent}if not all({item_check.format(v='item')} for item in {value}):",
-                  f"{indent}    return {{'error': \"Invalid {label}: every item must be {item_wording}.\"}}"]
+                  _error_line(indent + "    ", f"Invalid {label}: every item must be {item_wording}.")]
     if schema["type"] == "object" and "properties" in schema:
         known = list(schema["properties"])
-        lines += [f"{indent}unknown = sorted(set({value}) - set({known!r}))",
-                  f"{indent}if unknown:",
-                  f"{indent}    return {{'error': f\"Invalid {label}: unknown keys {{unknown}}; allowed: {', '.join(known)}.\"}}"]
+        lines += [f"{indent}if set({value}) - set({known!r}):",
+                  _error_line(indent + "    ", f"Invalid {label}: it has unknown keys; allowed: "
+                                             f"{', '.join(known)}.")]
         for key, sub in schema["properties"].items():
             lines.append(f"{indent}if {value}.get({key!r}) is not None:")
             lines += _check_lines(f"{label}.{key}", f"{value}[{key!r}]", sub, indent + "    ")
@@ -527,74 +572,93 @@ def _uses_date(schema: Mapping[str, Any]) -> bool:
         _uses_date(s) for s in schema.get("properties", {}).values())
 
 
+# Name of the catch-all keyword parameter of rendered tools: an unknown argument name would
+# otherwise raise a TypeError whose message (which the sandbox shows) quotes that name.
+_EXTRA_ARGUMENTS = "_unexpected_arguments"
+
+
 def render_tool_code(tool: ToolDocument) -> str:
     """Standalone, deterministic, stdlib-only Python source for a lookup tool.
 
-    Valid calls return a dict holding the required arguments and `field: answer`; bad input
-    returns {'error': ...} saying what was wrong and what is allowed.
+    Valid calls return {field: answer} (plus the effects of optional settings); bad input
+    returns {'error': ...} saying which parameter was wrong and what is allowed. No output
+    repeats an argument value: FTRL's reward counts an expected answer as solved when it
+    occurs in a tool's output, so an echo would reward a wrong call whose argument is the
+    answer. The code raises nothing on JSON arguments (an exception's text, which the
+    sandbox shows, could quote them).
     """
+    return _render(tool)[0]
+
+
+def _render(tool: ToolDocument) -> tuple[str, str]:
+    """(source, fixed text): the fixed text joins the string literals of the source's logic
+    (not its docstring or records): every string the tool can output but a record's fact."""
     anatomy = _anatomy(tool)
     properties = tool.parameters["properties"]
     required = list(tool.parameters["required"])
     optional = [p for p in properties if p not in required]
     signature = [f"{p}=None" for p in required]
     signature += [f"{p}={properties[p].get('default')!r}" for p in optional]
+    signature.append(f"**{_EXTRA_ARGUMENTS}")
     records = {tuple(str(c.arguments[p]).strip().lower() for p in required): [c.field, c.answer]
                for c in tool.cases}
-    body = [f"def {tool.name}({', '.join(signature)}):",
-            f"    {tool.description!r}"]
+    head = [f"def {tool.name}({', '.join(signature)}):"]
+    docstring = [f"    {tool.description!r}"]
     if any(_uses_date(properties[p]) for p in optional):
-        body.append("    import datetime")
-    body.append("    records = {")
-    body += [f"        {key!r}: {value!r}," for key, value in records.items()]
-    body.append("    }")
+        head.append("    import datetime")
+    table = ["    records = {"] + [f"        {key!r}: {value!r}," for key, value in records.items()] + ["    }"]
+    body = [f"    if {_EXTRA_ARGUMENTS}:",
+             _error_line("        ", f"Unknown parameter given; this tool takes: {', '.join(properties)}.")]
     for p in required:
-        missing = f"Missing required parameter '{p}' ({_TYPE_CHECKS[properties[p]['type']][1]})."
-        body += [f"    if {p} is None:", f"        return {{'error': {missing!r}}}"]
+        wording = _TYPE_CHECKS[properties[p]["type"]][1]
+        body += [f"    if {p} is None:", _error_line("        ", f"Missing required parameter '{p}' ({wording}).")]
         body += _check_lines(p, p, properties[p], "    ")
     for p in optional:
         body.append(f"    if {p} is not None:")
         body += _check_lines(p, p, properties[p], "        ")
     key = ", ".join(f"str({p}).strip().lower()" for p in required) + ","
+    given = anatomy.key_param + (f" and {anatomy.selector}" if anatomy.selector else "")
     body += [f"    key = ({key})",
              "    if key not in records:",
-             f"        return {{'error': f\"No record found for {anatomy.key_param}={{{anatomy.key_param}!r}}"
-             + (f" and {anatomy.selector}={{{anatomy.selector}!r}}" if anatomy.selector else "")
-             + ". Check the spelling, or use a value taken from the question or an earlier result.\"}",
+             _error_line("        ", f"No record found for the given {given}. Check the spelling, or use a value "
+                                    "taken from the question or an earlier result."),
              "    field, answer = records[key]",
-             "    result = {" + ", ".join(f"{p!r}: {p}" for p in required if p != anatomy.selector)
-             + ", field: answer}"]
-    body += _effect_lines(optional, properties, anatomy.key_param)
+             "    result = {field: answer}"]
+    body += _effect_lines(optional, properties)
     body.append("    return result")
-    return "\n".join(body) + "\n"
+    fixed = "\n".join(literal for line in body for literal in _STRING_LITERAL.findall(line))
+    return "\n".join(head[:1] + docstring + head[1:] + table + body) + "\n", fixed
 
 
-def _effect_lines(optional: Sequence[str], properties: Mapping[str, Any], key_param: str) -> list[str]:
-    """Optional parameters change the result in small, deterministic ways."""
+# A quoted literal of the rendered code (they are all reprs or plain f-string text).
+_STRING_LITERAL = re.compile(r"'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\"")
+
+
+def _effect_lines(optional: Sequence[str], properties: Mapping[str, Any]) -> list[str]:
+    """Optional parameters change the result in small, deterministic ways, never by echoing a value."""
     lines = []
     effects = {
         "include_details": [
             "    if include_details:",
-            f"        result['details'] = f\"Record for {{{key_param}}} checked against two independent entries.\""],
+            "        result['details'] = 'Record checked against two independent entries.'"],
         "include_sources": [
             "    if include_sources:",
             "        result['source'] = 'curated reference database'"],
-        "language": ["    result['language'] = language"],
     }
-    echoed = []
+    noted = []
     for p in optional:
         if p in effects:
             lines += effects[p]
         elif p != "response_format":
-            echoed.append(p)
-    if echoed:
-        # Only settings the caller changed are echoed: defaults would be noise in the output.
-        lines += ["    options = {k: v for k, v, default in ["
-                  + ", ".join(f"({p!r}, {p}, {properties[p].get('default')!r})" for p in echoed)
-                  + "] if v is not None and v != default}",
-                  "    if options:",
-                  "        result['options'] = options"]
+            noted.append(p)
+    if noted:
+        # The names of the settings the caller changed, not their values (defaults would be noise).
+        lines += ["    applied = [name for name, value, default in ["
+                  + ", ".join(f"({p!r}, {p}, {properties[p].get('default')!r})" for p in noted)
+                  + "] if value is not None and value != default]",
+                  "    if applied:",
+                  "        result['options_applied'] = applied"]
     if "response_format" in optional:
         lines += ["    if response_format == 'text':",
-                  f"        return f\"The {{field.replace('_', ' ')}} of {{{key_param}}} is {{answer}}.\""]
+                  "        return f\"The {field.replace('_', ' ')} is {answer}.\""]
     return lines

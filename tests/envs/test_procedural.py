@@ -16,8 +16,9 @@ import pytest
 from ftrl_jax.envs import rewards
 from ftrl_jax.envs import procedural, world as world_lib
 from ftrl_jax.envs.procedural import ProceduralAuthor, render_tool_code
-from ftrl_jax.envs.stages import (SCENARIO_KINDS, Complexity, Environment, Scenario, SubQuestion,
-                                  check_codes, check_scenario, check_toolset, construct, environment_rng)
+from ftrl_jax.envs.stages import (SCENARIO_KINDS, Case, Complexity, Environment, Scenario, StageError, SubQuestion,
+                                  ToolDocument, check_codes, check_scenario, check_toolset, construct,
+                                  environment_rng)
 
 LOW, MEDIUM, HIGH = (Complexity.parse(p) for p in ("low", "medium", "high"))
 
@@ -204,12 +205,17 @@ def test_rendered_code_answers_valid_calls_and_explains_invalid_ones():
             key_param = next(iter(case.arguments))
             shouted = {**case.arguments, key_param: f"  {case.arguments[key_param].upper()} "}
             assert case.answer in _run(namespace, name, shouted)  # case and spacing do not matter
+            # Errors name the parameter, never the value (an echoed value could be an expected answer).
             unknown = json.loads(_run(namespace, name, {**case.arguments, key_param: "Nowhere Atlantis"}))
-            assert "No record found" in unknown["error"] and "Nowhere Atlantis" in unknown["error"]
+            assert unknown["error"].startswith(f"No record found for the given {key_param}")
+            assert "atlantis" not in json.dumps(unknown).lower()
             missing = json.loads(_run(namespace, name, {k: v for k, v in case.arguments.items() if k != key_param}))
             assert f"Missing required parameter '{key_param}'" in missing["error"]
-            wrong_type = json.loads(_run(namespace, name, {**case.arguments, key_param: 42}))
-            assert "expected a string" in wrong_type["error"]
+            wrong_type = json.loads(_run(namespace, name, {**case.arguments, key_param: 4217}))
+            assert wrong_type == {"error": f"Invalid {key_param}: expected a string."}
+            stray = json.loads(_run(namespace, name, {**case.arguments, "Nowhere Atlantis": 1}))
+            assert stray["error"].startswith("Unknown parameter given; this tool takes: ")
+            assert "atlantis" not in stray["error"].lower()
 
 
 def test_rendered_code_validates_optional_parameters_by_schema():
@@ -230,15 +236,26 @@ def test_rendered_code_validates_optional_parameters_by_schema():
     exec(render_tool_code(tool), namespace)
     call = namespace[tool.name]
     answer = author.world.fact("capital", "Lodrania")
-    assert call(country_name="Lodrania", tags=["a"], as_of_year=1999)["options"] == {"as_of_year": 1999, "tags": ["a"]}
-    assert call(country_name="Lodrania", response_format="text") == f"The capital of Lodrania is {answer}."
-    assert "Must be one of: json, text" in call(country_name="Lodrania", response_format="xml")["error"]
-    assert "between 1800 and 2030" in call(country_name="Lodrania", as_of_year=1200)["error"]
-    assert "expected an integer" in call(country_name="Lodrania", as_of_year=True)["error"]
+    # Results carry the fact asked for and the names of the settings changed, not the input.
+    assert call(country_name="Lodrania") == {"capital": answer}
+    assert call(country_name="Lodrania", tags=["a"], as_of_year=1999) == {
+        "capital": answer, "options_applied": ["as_of_year", "tags"]}
+    assert call(country_name="Lodrania", response_format="text") == f"The capital is {answer}."
+    # Errors say what is allowed without repeating the value (nor any number it could match).
+    assert call(country_name="Lodrania", response_format="xml") == {
+        "error": "Invalid response_format: must be one of: json, text."}
+    out_of_range = call(country_name="Lodrania", as_of_year=1200)["error"]
+    assert "out of range" in out_of_range and not any(ch.isdigit() for ch in out_of_range)
+    assert call(country_name="Lodrania", as_of_year=True) == {"error": "Invalid as_of_year: expected an integer."}
     assert "every item must be a string" in call(country_name="Lodrania", tags=[1])["error"]
-    assert "unknown keys ['stop']" in call(country_name="Lodrania", date_range={"stop": "x"})["error"]
-    assert "YYYY-MM-DD" in call(country_name="Lodrania", date_range={"start": "May 1st"})["error"]
+    assert call(country_name="Lodrania", date_range={"stop": "x"}) == {
+        "error": "Invalid date_range: it has unknown keys; allowed: start."}
+    assert call(country_name="Lodrania", date_range={"start": "May 1st"}) == {
+        "error": "Invalid date_range.start: not a date; use the YYYY-MM-DD format."}
     assert call(country_name="Lodrania", date_range={"start": "2020-05-01"})["capital"] == answer
+    assert call(country_name="Lodrania", **{"Lodrania capital": 1}) == {
+        "error": "Unknown parameter given; this tool takes: country_name, response_format, as_of_year, tags, "
+                 "date_range."}
 
 
 def test_same_rng_same_environment():
@@ -364,3 +381,51 @@ def test_a_small_world_runs_out_of_distractors_without_failing():
             env = construct(author, kind, hops, environment_rng(0, i))
             fields = {c.field for t in env.tools for c in t.cases}
             assert len(env.tools) <= 4 and fields <= {r.field for r in author.world.relations.values()}
+
+
+# --- no wrong call may output an expected answer (see also test_no_answer_leak.py) -------------
+
+@pytest.mark.parametrize("spec", [None, world_lib.WorldSpec.parse("pool=8,relations=12,fixed_names=1")])
+def test_extra_records_never_hold_an_expected_answer(spec):
+    """Generalization and distractors add other subjects' records; facts repeat (14 occupations,
+    a small world's pools), so those holding an expected answer are left out."""
+    author = ProceduralAuthor(world_seed=0, spec=spec)
+    extras = 0
+    for kind in SCENARIO_KINDS:
+        for i in range(25):
+            env = construct(author, kind, HIGH, environment_rng(0, i))
+            answers = [sq.answer for sq in env.scenario.sub_questions]
+            for tool in env.tools:
+                for case in tool.cases:
+                    if case.sub_question is None:
+                        extras += 1
+                        assert not any(rewards.answer_matches(case.answer, a) for a in answers), (tool.name, case)
+    assert extras > 500
+
+
+def test_extra_records_holding_an_answer_are_dropped_but_oracle_records_stay():
+    schema = {"type": "object", "properties": {"person_name": {"type": "string", "description": "Name."}},
+              "required": ["person_name"]}
+    tool = ToolDocument("occupation_finder", "Finds occupations.", schema, (
+        Case({"person_name": "Ada Quill"}, "architect", "occupation", "q1"),
+        Case({"person_name": "Bo Renn"}, "architect", "occupation"),
+        Case({"person_name": "Cy Marl"}, "beekeeper", "occupation")))
+    (kept,) = procedural._without_answering_extras([tool], ["architect", "Kelvora"])
+    assert [c.arguments["person_name"] for c in kept.cases] == ["Ada Quill", "Cy Marl"]
+    (same,) = procedural._without_answering_extras([tool], ["Kelvora"])
+    assert same is tool
+
+
+def test_deploy_refuses_an_answer_hidden_in_the_fixed_text_of_a_tool():
+    """'Invalid', 'No record found ...' are outputs of wrong calls: an answer inside them would score."""
+    author = ProceduralAuthor()
+    rng = random.Random(0)
+    scenario = _scenario_of(author, ["capital"], ["Lodrania"])
+    tools = author.integrate(scenario, author.write_documents(scenario, rng), rng)
+    assert author.deploy(scenario, tools, rng)
+    hidden = dataclasses.replace(scenario, sub_questions=(
+        dataclasses.replace(scenario.sub_questions[0], answer="Vali"),))
+    tools = [dataclasses.replace(t, cases=tuple(dataclasses.replace(c, answer="Vali") for c in t.cases))
+             for t in tools]
+    with pytest.raises(StageError, match=r"expected answers \['Vali'\] occur in the fixed text"):
+        author.deploy(hidden, tools, rng)
