@@ -11,6 +11,10 @@ Layout: `<directory>/<step>/{state, extra}`, one step directory per checkpoint, 
   opening a `Checkpointer` renames it to `<step>.incomplete-<time>` with a warning, because
   orbax would otherwise count it as the latest step and refuse every later save.
 
+The state is saved whole: with low-precision params that includes the float32 master weights and
+float32 optimizer moments (`train_state.TrainState.master_params`), so a resume continues from the
+exact master copy, not from its bfloat16 rounding.
+
 `extra` is JSON metadata saved in the same atomic step (data position, PRNG key via
 `prng_key_to_json`, config): a checkpoint's state and metadata always belong together.
 """

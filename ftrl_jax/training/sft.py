@@ -90,6 +90,8 @@ def make_sft_step(
     is split over the mesh's batch axes and must be a multiple of `num_microbatches` (and of
     data x fsdp). Metrics: `loss` (token-mean NLL before the update), `grad_norm` (before
     clipping), `tokens` (counted tokens). `compiler_options` go to `jax.jit` (XLA flags for this step).
+    With low-precision params the forward and backward run on `state.params` (the model dtype) and
+    the float32 gradients update the state's float32 master copy (see `train_state`).
     """
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches={num_microbatches} must be >= 1")
