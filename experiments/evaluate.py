@@ -23,7 +23,7 @@ from typing import Any
 from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.rollout.episodes import TurnGenerator
 from ftrl_jax.rollout.harness import (DATA_KINDS, TOOLHOP_SCENARIOS, Player, UsageError, load_tasks, open_run,
-                                      play_concurrently, play_in_batches, run_evaluation)
+                                      play_concurrently, play_in_batches, run_evaluation, run_settings)
 from ftrl_jax.serving.client import OpenAIChatGenerator
 
 
@@ -70,14 +70,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace, kind: str) -> dict[str, Any]:
-    """What decides the outcome of an episode; a resumed output must have been written with the same."""
-    if args.backend == "local":
-        policy, template = os.path.realpath(args.model), args.template or "auto"
-    else:
-        policy, template = f"{args.base_url.rstrip('/')} {args.model_name}", "server"
-    return {"kind": kind, "data": os.path.realpath(args.data), "backend": args.backend, "policy": policy,
-            "template": template, "enable_thinking": args.enable_thinking, "max_turns": args.max_turns,
-            "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": args.max_prompt_tokens}
+    policy = args.model if args.backend == "local" else f"{args.base_url.rstrip('/')} {args.model_name}"
+    return run_settings(kind, args.data, backend=args.backend, policy=policy,
+                        template=args.template if args.backend == "local" else None,
+                        enable_thinking=args.enable_thinking, max_turns=args.max_turns,
+                        max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens)
 
 
 def _check_args(args: argparse.Namespace) -> None:

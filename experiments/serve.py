@@ -52,24 +52,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def build_service(args: argparse.Namespace) -> serving.PolicyService:
-    """Loads the policy and wires the batching engine and the service for these flags."""
-    policy = serving.load_policy(args.model, dtype=args.dtype, template=args.template,
-                                 tokenizer_dir=args.tokenizer or None, tensor_parallel=args.tensor_parallel)
-    context = policy.config.max_position_embeddings
-    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
-        raise ValueError(f"--max_prompt_tokens must be >= 1, got {args.max_prompt_tokens}")
-    if not 1 <= args.default_max_tokens < context:
-        raise ValueError(f"--default_max_tokens={args.default_max_tokens} must be from 1 to {context - 1} "
-                         f"(the model's context is {context} tokens)")
-    factory = serving.local_policy_factory(policy.config, policy.params, policy.tokenizer, template=policy.template,
-                                           max_prompt_tokens=args.max_prompt_tokens)
-    engine = serving.BatchingEngine(factory, max_batch_size=args.max_batch_size,
-                                    batch_window_s=args.batch_window_ms / 1000.0,
-                                    max_wait_s=args.max_wait_ms / 1000.0)
-    limits = serving.ServerLimits(model_name=args.served_model_name or args.model, context_length=context,
-                                  template=policy.template, default_max_tokens=args.default_max_tokens,
-                                  enable_thinking=args.enable_thinking)
-    return serving.PolicyService(engine, limits, api_key=args.api_key)
+    """The service for these flags (`serving.build_service`)."""
+    return serving.build_service(
+        args.model, served_model_name=args.served_model_name, tokenizer_dir=args.tokenizer or None,
+        template=args.template, enable_thinking=args.enable_thinking, dtype=args.dtype,
+        tensor_parallel=args.tensor_parallel, max_batch_size=args.max_batch_size,
+        batch_window_s=args.batch_window_ms / 1000.0, max_wait_s=args.max_wait_ms / 1000.0,
+        default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens, api_key=args.api_key)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,7 @@ The short names of the public API are kept: `from ftrl_jax import models, sampli
 first use, so `import ftrl_jax` stays cheap.
 """
 
-import importlib
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
@@ -29,11 +29,11 @@ _ALIASES = {
 
 def __getattr__(name: str):
     if name in _ALIASES:
-        module = importlib.import_module(_ALIASES[name])
+        module = _importlib.import_module(_ALIASES[name])
         globals()[name] = module
         return module
     raise AttributeError(f"module 'ftrl_jax' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_ALIASES))
+    return sorted(set(globals()) | set(_ALIASES))

@@ -1,4 +1,5 @@
-"""RL algorithm core as pure, jittable JAX functions: advantages, losses, chunked log-probs."""
+"""RL algorithm core as pure, jittable JAX functions: advantages and losses (the chunked token log-probs they
+use live in `training.logprobs` and are re-exported here)."""
 
 from ftrl_jax.rl.advantages import (
     compute_advantages,

@@ -1,6 +1,6 @@
 """Greedy evaluation on tool-use environments, scored as in FTRL's results table.
 
-`evaluate` plays every sample to the end (`rollout.play_episodes`) with a greedy turn generator and
+`evaluate` plays every sample to the end (`rollout.episodes.play_episodes`) with a greedy turn generator and
 reports per-episode solve metrics, their means per `data_source`, and the paper's headline figure: the
 average over the four scenario types of the per-type means (each type weighs the same, whatever its
 number of samples).

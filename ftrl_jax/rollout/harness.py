@@ -508,6 +508,21 @@ def evaluate_tasks(tasks: Sequence[Task], play: Player, *, output: str, kind: st
 # A whole run: resume, play, summarize, write.
 
 
+def run_settings(kind: str, data: str, *, backend: str, policy: str, template: str | None = None,
+                 enable_thinking: bool | None = None, max_turns: int, max_new_tokens: int,
+                 max_prompt_tokens: int | None = None) -> dict[str, Any]:
+    """What decides the outcome of an episode; a resumed output must have been written with the same.
+
+    `policy` names the policy (a local directory, or a server URL and model name); `template` None means the
+    model type's own (recorded as "auto").
+    """
+    if backend == "local":
+        policy = os.path.realpath(policy)
+    return {"kind": kind, "data": os.path.realpath(data), "backend": backend, "policy": policy,
+            "template": template or ("auto" if backend == "local" else "server"), "enable_thinking": enable_thinking,
+            "max_turns": max_turns, "max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens}
+
+
 def open_run(output: str, settings: Mapping[str, Any], *, overwrite: bool = False
              ) -> tuple[dict[str, dict[str, Any]], str]:
     """(records already in `output`, this run's id) for an evaluation with these `settings`.

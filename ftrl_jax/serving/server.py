@@ -743,6 +743,34 @@ class PolicyHTTPServer(http.server.ThreadingHTTPServer):
         return f"http://{host}:{port}/v1"
 
 
+def build_service(model: str | os.PathLike, *, served_model_name: str = "", tokenizer_dir: str | os.PathLike | None = None,
+                  template: str | None = None, enable_thinking: bool = False, dtype: str = "float32",
+                  tensor_parallel: int = 1, max_batch_size: int = 64, batch_window_s: float = 0.005,
+                  max_wait_s: float = 0.05, default_max_tokens: int = 512, max_prompt_tokens: int | None = None,
+                  api_key: str = "") -> "PolicyService":
+    """Loads a policy directory (or WORKDIR/export) and wires the batching engine and the service around it.
+
+    Raises ValueError when a limit does not fit the model (`default_max_tokens` must be below its context,
+    `max_prompt_tokens` at least 1) and what `load_policy` raises for a directory it cannot load.
+    """
+    policy = load_policy(model, dtype=dtype, template=template, tokenizer_dir=tokenizer_dir,
+                         tensor_parallel=tensor_parallel)
+    context = policy.config.max_position_embeddings
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(f"--max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+    if not 1 <= default_max_tokens < context:
+        raise ValueError(f"--default_max_tokens={default_max_tokens} must be from 1 to {context - 1} "
+                         f"(the model's context is {context} tokens)")
+    factory = local_policy_factory(policy.config, policy.params, policy.tokenizer, template=policy.template,
+                                   max_prompt_tokens=max_prompt_tokens)
+    engine = BatchingEngine(factory, max_batch_size=max_batch_size, batch_window_s=batch_window_s,
+                            max_wait_s=max_wait_s)
+    limits = ServerLimits(model_name=served_model_name or os.fspath(model), context_length=context,
+                          template=policy.template, default_max_tokens=default_max_tokens,
+                          enable_thinking=enable_thinking)
+    return PolicyService(engine, limits, api_key=api_key)
+
+
 def make_server(service: PolicyService, host: str = "127.0.0.1", port: int = 8000, *,
                 max_body_bytes: int = 32 << 20) -> PolicyHTTPServer:
     """An HTTP server for `service` bound to host:port (port 0: any free port); call `serve_forever()`."""

@@ -3,7 +3,7 @@
 Batch (all `[B, T]`, right-padded): `tokens` int32, `attention_mask` (1 on real tokens) and
 `loss_mask` (1 on the tokens to predict). The loss is the mean over counted tokens t >= 1 of
 `-log p(tokens[t] | tokens[:t])`; the log-probs come from the chunked head
-(`rl.logprobs.token_logprobs_and_entropy`), so `[B, T, V]` logits are never materialised.
+(`training.logprobs.token_logprobs_and_entropy`), so `[B, T, V]` logits are never materialised.
 """
 
 from __future__ import annotations

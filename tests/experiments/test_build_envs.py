@@ -1,0 +1,50 @@
+"""`python -m experiments.build_envs`: deterministic files, the small-world option, and argument errors."""
+
+from experiments import build_envs
+from ftrl_jax.envs import samples
+from ftrl_jax.envs.stages import SCENARIO_KINDS
+
+SMALL_WORLD = "pool=32,relations=12,fixed_names=1"
+
+
+def test_cli_is_deterministic_byte_for_byte(tmp_path, capsys):
+    paths = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    for path in paths:
+        argv = ["--num=24", "--seed=5", f"--out={path}", "--complexity=low,te=1", "--workers=2", "--no_progress"]
+        assert build_envs.main(argv) == 0
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    printed = capsys.readouterr().out
+    assert "validated envs/min" in printed and "wrote 24 environments" in printed
+    rows, errors = samples.read_samples(paths[0])
+    assert errors == [] and len(rows) == 24
+    assert {r.data_source for r in rows} == set(SCENARIO_KINDS.values())
+    assert all(r.oracle_calls for r in rows)
+
+
+def test_cli_rejects_bad_arguments(tmp_path, capsys):
+    out = f"--out={tmp_path / 'x.jsonl'}"
+    assert build_envs.main(["--num=2", out, "--scenarios=quiz"]) == 2
+    assert build_envs.main(["--num=2", out, "--complexity=pe=9"]) == 2
+    assert build_envs.main(["--num=2", out, "--author=llm"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown kinds ['quiz']" in err and "--complexity" in err and "--base_url" in err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_cli_world_is_deterministic_and_validated(tmp_path, capsys):
+    paths = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    for path in paths:
+        argv = ["--num=24", "--seed=5", f"--out={path}", "--complexity=low", "--workers=2", "--no_progress",
+                f"--world={SMALL_WORLD}"]
+        assert build_envs.main(argv) == 0
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    assert f"world {SMALL_WORLD}" in capsys.readouterr().out
+    rows, errors = samples.read_samples(paths[0])
+    assert errors == [] and len(rows) == 24
+    out = f"--out={tmp_path / 'x.jsonl'}"
+    assert build_envs.main(["--num=2", out, "--world=pool=1"]) == 2
+    assert build_envs.main(["--num=2", out, "--world=relations=capital", "--scenarios=multi_hop"]) == 2
+    err = capsys.readouterr().err
+    assert "--world: " in err and "entity_pool must be an integer >= 2" in err
+    assert "'multi_hop' needs chains of 3 hops" in err and "allows at most 1" in err
+    assert not (tmp_path / "x.jsonl").exists()
