@@ -45,7 +45,7 @@ Not reproduced, on purpose (the tests pin what happens instead):
   `sleep`, `deepcopy`), not `requests`, the transformers classes, func_timeout's names or utils' own functions.
   Error texts come from this interpreter's Python version, FTRL's from its own.
 - An unhashable name (a list or object as `name`) makes FTRL's `compute_solve_*` raise (`unsolved_set.get`
-  outside any `try`); here such a call runs (E1) and solves nothing.
+  outside any `try`); here such a call gets E1's error text and solves nothing.
 - FTRL raises NotImplementedError for `split == "test"`; the split is not looked at here.
 - Truncated turns (cut at `max_new_tokens`): FTRL scores them like any other response. This project does not
   run their calls (see `rewards.step_rewards`): the rules S2-S6 score them.
@@ -100,7 +100,7 @@ def _piece_call(piece: str) -> Call | None:
     body = piece.lstrip(OPEN_TAG).strip()  # P5: a CHARACTER SET, as in FTRL
     try:
         value = json.loads(body)  # P6
-    except ValueError:
+    except (ValueError, RecursionError):  # FTRL catches every Exception here
         return None
     if not isinstance(value, dict) or not value.get("name"):  # P6, P7
         return None
@@ -112,7 +112,7 @@ def _piece_call(piece: str) -> Call | None:
             return None  # json.loads of a list, number, bool or None raises TypeError there
         try:
             arguments = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     return Call(value["name"], arguments)
 

@@ -45,7 +45,7 @@ from typing import Any, Callable
 from ftrl_jax.envs import ftrl_reward
 from ftrl_jax.envs.sandbox import Sandbox, ToolRequest, is_error_output, shared_sandbox
 from ftrl_jax.envs.samples import Sample
-from ftrl_jax.text.tool_calls import ParsedTurn, parse_assistant_turn
+from ftrl_jax.text.tool_calls import ParsedTurn, parse_assistant_turn, split_reasoning
 
 # Rewards of an assistant turn that makes no tool call.
 EMPTY_TURN_REWARD = -0.5
@@ -249,11 +249,13 @@ _END_MARKERS = ("<|im_end|>", "<|endoftext|>")
 
 
 def _strict_text(text: str) -> str:
-    """The text outside a `<think>` block, without trailing end-of-turn tokens."""
-    if "</think>" in text:
-        text = text.split("</think>", 1)[1]
-    elif text.lstrip().startswith("<think>"):
-        text = ""  # cut off while thinking
+    """The text after every `<think>` block (tags inside a call's JSON are not tags; a block never closed,
+    cut off while thinking, leaves nothing), without trailing end-of-turn tokens."""
+    while True:
+        _, rest = split_reasoning(text)
+        if rest == text:
+            break
+        text = rest
     text = text.strip()
     while text.endswith(_END_MARKERS):
         for marker in _END_MARKERS:
@@ -265,7 +267,7 @@ def _strict_call(body: str) -> ftrl_reward.Call | None:
     """A block's JSON: an object with a non-empty string `name` and an `arguments` object (or its JSON text)."""
     try:
         value = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
         return None
@@ -273,7 +275,7 @@ def _strict_call(body: str) -> ftrl_reward.Call | None:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     return ftrl_reward.Call(value["name"], arguments) if isinstance(arguments, dict) else None
 
@@ -492,7 +494,7 @@ def trajectory_metrics(messages: Sequence[Mapping[str, Any]], sample: Mapping[st
     without (or with an unknown id) the earliest call still unanswered, as FTRL's evaluation pairs
     each call with its own response. A call counts as made when a response answers it before the
     next assistant message: the calls of a truncated turn, which evaluation does not run, do not
-    count. With c calls made, s expected answers solved and u expected at the start:
+    count, and a tool message that answers no call solves nothing. With c calls made, s expected answers solved and u expected at the start:
     solve_precision = s/c (1 if c = 0), solve_rate = s/u (1 if u = 0), solve_f1 = 2s/(c+u)
     (1 if both are 0). The counts come back too, as num_calls, num_solved, num_expected.
     """
@@ -507,13 +509,13 @@ def trajectory_metrics(messages: Sequence[Mapping[str, Any]], sample: Mapping[st
         if role == "assistant":
             pending = _assistant_calls(message)
         elif role == "tool":
+            # A tool message that answers no call of the last assistant turn solves nothing: crediting it
+            # (by its `name`) would let solved exceed calls made.
             name = _answered_call(pending, message.get("tool_call_id"))
             if name is not None:
                 num_calls += 1
-            else:
-                name = message.get("name")
-            if isinstance(name, str):
-                pairs.append((name, _message_text(message.get("content"))))
+                if isinstance(name, str):
+                    pairs.append((name, _message_text(message.get("content"))))
     solved, _ = match_outputs(pairs, unsolved)
     expected = sum(len(answers) for answers in unsolved.values())
     return {

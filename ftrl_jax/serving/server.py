@@ -46,7 +46,7 @@ from typing import Any
 from ftrl_jax.text.chat import render_segments
 from ftrl_jax.rollout.episodes import GeneratedTurn, TurnGenerator
 from ftrl_jax.rollout.policy import LocalPolicy
-from ftrl_jax.text.tool_calls import parse_assistant_turn
+from ftrl_jax.text.tool_calls import parse_assistant_turn, split_reasoning
 
 logger = logging.getLogger(__name__)
 
@@ -377,11 +377,14 @@ def parse_chat_request(body: Any, limits: ServerLimits) -> ChatRequest:
 
 
 def _split_think_block(text: str) -> tuple[str | None, str]:
-    """(reasoning, rest) for a turn that opens with a `<think>` block, split as the Qwen3 template does."""
-    if not text.lstrip().startswith("<think>") or "</think>" not in text:
+    """(reasoning, rest) for a turn that opens with a `<think>` block, split as the Qwen3 template does, at the
+    first `</think>` outside a call's JSON (the tool-call parser's rule); a block never closed is no split."""
+    if not text.lstrip().startswith("<think>"):
         return None, text
-    reasoning, rest = text.split("</think>", 1)
-    return reasoning.rstrip("\n").split("<think>")[-1].lstrip("\n"), rest.lstrip("\n")
+    reasoning, rest = split_reasoning(text)
+    if not rest and not text.rstrip().endswith("</think>"):
+        return None, text
+    return reasoning, rest.lstrip("\n")
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

@@ -298,3 +298,39 @@ def test_trajectory_without_calls():
     assert metrics["solve_precision"] == 1.0 and metrics["solve_rate"] == 0.0 and metrics["solve_f1"] == 0.0
     nothing_expected = trajectory_metrics([], make_sample(unsolved={}))
     assert nothing_expected["solve_precision"] == nothing_expected["solve_rate"] == nothing_expected["solve_f1"] == 1.0
+
+
+def test_a_tool_message_that_answers_no_call_solves_nothing():
+    # Crediting an orphan response (by its name) would let solved exceed calls made (precision above 1).
+    sample = make_sample(unsolved={"capital_of": ["Tokyo"], "population_of": ["37400068"]})
+    messages = [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "capital_of", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "Tokyo"},
+        {"role": "tool", "tool_call_id": "c2", "name": "population_of", "content": "37,400,068"},
+    ]
+    metrics = trajectory_metrics(messages, sample)
+    assert (metrics["num_calls"], metrics["num_solved"]) == (1, 1)
+    assert metrics["solve_precision"] == 1.0 and metrics["solve_f1"] == pytest.approx(2 / 3)
+    alone = trajectory_metrics([{"role": "tool", "name": "capital_of", "content": "Tokyo"}], sample)
+    assert (alone["num_calls"], alone["num_solved"], alone["solve_f1"]) == (0, 0, 0.0)
+
+
+@pytest.mark.parametrize("semantics", ["ftrl", "strict", "lenient"])
+def test_json_nested_too_deeply_is_a_dropped_call_not_a_crash(sandbox, semantics):
+    # FTRL's parse_qwen catches every exception while decoding a call: the turn is broken markup (-0.3).
+    deep = "<tool_call>" + "[" * 5000 + "]" * 5000 + "</tool_call>"
+    assert step_reward(deep, make_sample(), sandbox=sandbox, semantics=semantics) == pytest.approx(-0.3)
+    arguments = '{"a": ' + "[" * 5000 + "]" * 5000 + "}"
+    deep_arguments = '<tool_call>{"name": "lake_finder", "arguments": ' + arguments + "}</tool_call>"
+    assert step_reward(deep_arguments, make_sample(), sandbox=sandbox, semantics=semantics) == pytest.approx(-0.3)
+
+
+def test_strict_ignores_think_tags_inside_call_json_and_every_think_block(sandbox):
+    # The call runs (and fails on the unknown argument: 1 call, 0 solved) in every semantics; split at the
+    # `</think>` inside its JSON, strict would see broken markup instead (-0.3).
+    with_tag = calls(("lake_finder", {"shape": "crescent", "note": "</think>"}))
+    for semantics in ("ftrl", "strict", "lenient"):
+        assert step_reward(with_tag, make_sample(), sandbox=sandbox, semantics=semantics) == pytest.approx(0.0)
+    drafted_later = "<think>a</think>x<think>" + calls(("lake_finder", {"shape": "crescent"}), end="") + "</think>"
+    assert step_reward(drafted_later, make_sample(), sandbox=sandbox, semantics="strict") == pytest.approx(-0.5)

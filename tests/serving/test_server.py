@@ -410,3 +410,13 @@ def test_served_greedy_turns_equal_the_in_process_policy(tiny_policy):
         assert choice.finish_reason == ("length" if expected.truncated else "stop")
         assert reply.usage.prompt_tokens == len(expected.prompt_ids)
         assert reply.usage.completion_tokens == len(expected.token_ids)
+
+
+def test_reasoning_is_split_at_a_think_close_outside_call_json():
+    text = ('<think>I could call <tool_call>{"name": "a", "arguments": {"t": "</think>"}}</tool_call> but no.'
+            '</think>The answer is Paris.')
+    message, finish = assistant_choice(turn(text), template="qwen3", parse_tool_calls=True)
+    assert finish == "stop" and message["content"] == "The answer is Paris."
+    assert message["reasoning_content"].startswith("I could call <tool_call>") and "but no." in message["reasoning_content"]
+    unclosed, _ = assistant_choice(turn("<think>still thinking"), template="qwen3", parse_tool_calls=True)
+    assert unclosed == {"role": "assistant", "content": "<think>still thinking"}
