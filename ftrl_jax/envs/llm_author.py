@@ -186,7 +186,9 @@ Write Python code for every tool: a top-level function with the tool's name and 
 keyword arguments (optional ones with defaults), standard library only, deterministic (no
 randomness, clock or network). For each listed call it must return a result whose text contains
 the expected answer; for invalid input it returns an informative error string or
-{{"error": ...}} saying what was wrong and what is allowed.
+{{"error": ...}} saying what was wrong and what is allowed. Never repeat an argument's value in a
+result or an error (name the parameter instead): a wrong call must not return text that contains a
+right answer. A result carries only the field asked for.
 Return JSON: {{"codes": {{tool_name: python_source}}}}"""
 
 
@@ -388,12 +390,41 @@ class LLMAuthor:
         def parse(obj: Any) -> dict[str, str]:
             codes = _as_mapping(_as_mapping(obj, "the reply").get("codes"), "codes")
             codes = {str(name): source for name, source in codes.items()}
-            errors = check_codes(tools, codes, parse=True) or self._answer_errors(tools, codes)
+            errors = (check_codes(tools, codes, parse=True) or self._answer_errors(tools, codes)
+                      or self._leak_errors(tools, codes))
             if errors:
                 raise ValueError("; ".join(errors))
             return codes
 
         return self._ask("deploy", prompt, parse, rng)
+
+    def _leak_errors(self, tools: Sequence[ToolDocument], codes: Mapping[str, str]) -> list[str]:
+        """Wrong calls whose output contains an expected answer (a tool that repeats its arguments).
+
+        Each parameter of each tool is given each expected answer of the environment, over each of the tool's
+        own calls (or no other arguments); a probe equal to one of the tool's own calls is a right call and is
+        skipped. FTRL's reward reads tool outputs, so such a leak would reward a wrong call.
+        """
+        if self.sandbox is None:
+            return []
+        answers = sorted({c.answer for t in tools for c in t.cases if c.sub_question and c.answer.strip()})
+        probes: list[tuple[str, dict[str, Any]]] = []
+        for tool in tools:
+            own = [dict(c.arguments) for c in tool.cases]
+            for base in own or [{}]:
+                for parameter in (tool.parameters.get("properties") or {}):
+                    for answer in answers:
+                        probe = {**base, parameter: answer}
+                        if probe not in own and (tool.name, probe) not in probes:
+                            probes.append((tool.name, probe))
+        outputs = self.sandbox.call_many([sandbox_lib.ToolRequest(codes, name, probe) for name, probe in probes])
+        errors = []
+        for (name, probe), output in zip(probes, outputs):
+            leaked = next((a for a in answers if rewards.answer_matches(output, a)), None)
+            if leaked is not None:
+                errors.append(f"{name}(**{probe}) is a wrong call, yet its output {output[:200]!r} contains the "
+                              f"expected answer {leaked!r}: results and errors must not repeat argument values")
+        return errors[:5]
 
     def _answer_errors(self, tools: Sequence[ToolDocument], codes: Mapping[str, str]) -> list[str]:
         if self.sandbox is None:

@@ -98,14 +98,16 @@ CODE = {
     "book_author_finder": "def book_author_finder(title=None):\n"
                           "    if title != 'The Glass Orchard':\n"
                           "        return {'error': 'Unknown title; pass the exact book title.'}\n"
-                          "    return {'title': title, 'author': 'Mira Tolvane'}\n",
+                          "    return {'author': 'Mira Tolvane'}\n",
     "birth_country_finder": "def birth_country_finder(person=None):\n"
-                            "    return {'person': person, 'country': 'Estravia'} if person == 'Mira Tolvane' "
+                            "    return {'country': 'Estravia'} if person == 'Mira Tolvane' "
                             "else {'error': 'Unknown person.'}\n",
-    "weather_lookup": "def weather_lookup(city=None):\n    return {'city': city, 'weather': 'sunny'}\n",
-    "stock_price_checker": "def stock_price_checker(ticker=None):\n    return {'ticker': ticker, 'price': 12.5}\n",
+    "weather_lookup": "def weather_lookup(city=None):\n    return {'weather': 'sunny'}\n",
+    "stock_price_checker": "def stock_price_checker(ticker=None):\n    return {'price': 12.5}\n",
 }
 WRONG_CODE = dict(CODE, birth_country_finder="def birth_country_finder(person=None):\n    return 'Narnia'\n")
+# Echoes its argument: weather_lookup(city='Estravia') would "solve" the final answer with a wrong call.
+LEAKY_CODE = dict(CODE, weather_lookup="def weather_lookup(city=None):\n    return {'city': city, 'weather': 'sunny'}\n")
 
 
 def _fenced(obj):
@@ -127,10 +129,11 @@ def test_five_stages_over_http_with_repairs_then_the_environment_validates(sandb
         json.dumps({"tools": TOOLS}),                                        # scale: no distractors yet
         json.dumps({"tools": TOOLS + DISTRACTORS}),                          # scale
         json.dumps({"codes": WRONG_CODE}),                                   # deploy: wrong answer
+        json.dumps({"codes": LEAKY_CODE}),                                   # deploy: echoes an argument
         json.dumps({"codes": CODE}),                                         # deploy
     ]
     with _ScriptedServer(replies) as server:
-        author = LLMAuthor(ChatClient(server.base_url, api_key="k-test", model="tiny"), max_retries=2,
+        author = LLMAuthor(ChatClient(server.base_url, api_key="k-test", model="tiny"), max_retries=3,
                            sandbox=sandbox)
         env = construct(author, "multi_hop", Complexity(toolset_extension=1), random.Random(0))
     assert len(server.requests) == len(replies)
@@ -143,6 +146,8 @@ def test_five_stages_over_http_with_repairs_then_the_environment_validates(sandb
     assert "at least 2 distractor tools" in server.requests[5]["messages"][-1]["content"]
     assert "'Narnia'" in server.requests[7]["messages"][-1]["content"]
     assert "expected answer 'Estravia'" in server.requests[7]["messages"][-1]["content"]
+    leak = server.requests[8]["messages"][-1]["content"]
+    assert "weather_lookup(**{'city': 'Estravia'}) is a wrong call" in leak and "must not repeat" in leak
 
     assert env.answer == "Estravia" and env.scenario.kind == "multi_hop"
     assert env.unsolved_set() == {"book_author_finder": ["Mira Tolvane"], "birth_country_finder": ["Estravia"]}
