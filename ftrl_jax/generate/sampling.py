@@ -99,12 +99,13 @@ def _prefill(config: ModelConfig, params: Params, head: jax.Array, tokens: jax.A
              row_active: jax.Array, rng: jax.Array, *, sp: SamplingParams, group_size: int, max_new_bucket: int) -> DecodeState:
     """Runs the distinct left-padded prompts [U, P] through the model once and samples the first new token
     of each of their `group_size` rows (B = U * group_size)."""
-    u, p = tokens.shape
+    u = tokens.shape[0]
     b = u * group_size
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
     prompt_valid = prompt_mask.astype(bool)
-    mask = jnp.tril(jnp.ones((p, p), bool))[None] & prompt_valid[:, None, :]
-    hidden, prefix = prefill(config, params, tokens, positions, mask)
+    # The [U, P] validity (causal over valid tokens), not a [U, P, P] mask: memory stays linear in P and
+    # blockwise attention skips the blocks above the diagonal.
+    hidden, prefix = prefill(config, params, tokens, positions, prompt_valid)
     rng, sub = jax.random.split(rng)
     logits = _logits_at(head, hidden[:, -1])
     token, logp = _select(jnp.repeat(logits, group_size, axis=0), sub, sp)

@@ -175,12 +175,18 @@ def _open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
 
 def load_pretrained(path: str | os.PathLike, dtype: Any = "float32", *, compute_dtype: Any = None,
                     shardings: Callable[[str, tuple[int, ...]], Any] | None = None) -> tuple[ModelConfig, Params]:
-    """Loads a local Hugging Face checkpoint directory into (config, params).
+    """Loads a local Hugging Face checkpoint directory, or a GGUF file, into (config, params).
 
     `dtype` is the parameter dtype; `compute_dtype` the matmul dtype (defaults to `dtype`). `shardings`,
     if given, maps (our path, shape) to a `jax.sharding.Sharding` and each tensor is placed straight there.
+    A file path (`*.gguf`) is read by `ftrl_jax.models.gguf.load_gguf` (needs `pip install gguf`); its
+    tokenizer comes from `models.load_gguf_tokenizer(path)`.
     """
     path = os.fspath(path)
+    if os.path.isfile(path) or path.lower().endswith(".gguf"):
+        from ftrl_jax.models.gguf import load_gguf  # imports this module: kept local
+
+        return load_gguf(path, dtype, compute_dtype=compute_dtype, shardings=shardings)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     dtype_name = jnp.dtype(dtype_from_name(dtype)).name

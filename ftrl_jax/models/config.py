@@ -12,6 +12,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from ftrl_jax.models.attention import DEFAULT_BLOCK_SIZE, IMPLEMENTATIONS
+
 # What distinguishes the supported families, keyed by Hugging Face `model_type`.
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": {"attention_bias": True, "qk_norm": False, "architecture": "Qwen2ForCausalLM"},
@@ -58,6 +60,11 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # How attention is computed (`attention.IMPLEMENTATIONS`): "auto" = cuDNN on GPU where the mask allows,
+    # else "blockwise" (memory linear in length; dense math when one block covers the sequence); "dense".
+    # Block size (queries and keys) of the blockwise form. Not part of the checkpoint's config.json.
+    attention_impl: str = "auto"
+    attention_block_size: int = DEFAULT_BLOCK_SIZE
 
     def __post_init__(self):
         if self.model_type not in _FAMILY_DEFAULTS:
@@ -70,6 +77,10 @@ class ModelConfig:
             )
         dtype_from_name(self.param_dtype)
         dtype_from_name(self.dtype)
+        if self.attention_impl not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; expected one of {IMPLEMENTATIONS}")
+        if self.attention_block_size < 1:
+            raise ValueError(f"attention_block_size must be >= 1, got {self.attention_block_size}")
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:
@@ -150,9 +161,15 @@ def config_from_hf(hf: Mapping[str, Any], *, param_dtype: str = "float32", dtype
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """The `config.json` that transformers 5 reads back into the same architecture."""
+    """The `config.json` that transformers 5 and transformers 4 both read back into the same architecture.
+
+    transformers 5 reads RoPE from `rope_parameters` and the dtype from `dtype`; 4.x (the line older vLLM
+    and sglang releases bundle) reads `rope_theta`, `rope_scaling` (None for plain RoPE) and `torch_dtype`,
+    and ignores the new keys, so both spellings are written.
+    """
     rope = {"rope_theta": config.rope_theta, "rope_type": "default"}
     rope.update(config.rope_scaling_dict)
+    legacy_scaling = dict(config.rope_scaling_dict) or None
     hf: dict[str, Any] = {
         "architectures": [_FAMILY_DEFAULTS[config.model_type]["architecture"]],
         "model_type": config.model_type,
@@ -167,8 +184,11 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "max_position_embeddings": config.max_position_embeddings,
         "rms_norm_eps": config.rms_norm_eps,
         "rope_parameters": rope,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": legacy_scaling,
         "tie_word_embeddings": config.tie_word_embeddings,
         "dtype": config.param_dtype,
+        "torch_dtype": config.param_dtype,
         "use_cache": True,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id,

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ftrl_jax.models.attention import AttentionMask, dot_product_attention
 from ftrl_jax.models.config import ModelConfig, dtype_from_name
 
 Params = Any  # a nested dict of arrays
@@ -125,41 +126,6 @@ def _dense(config: ModelConfig, features: int, use_bias: bool, name: str) -> nn.
     )
 
 
-def _scores(q: jax.Array, k: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """q [B, K, G*T, hd], k [B, K, S, hd], mask [B, T, S] -> float32 scores [B, K, G, T, S]."""
-    b, kv, gt, _ = q.shape
-    t = mask.shape[1]
-    scores = jnp.einsum("bkqh,bksh->bkqs", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-    scores = scores.reshape(b, kv, gt // t, t, -1)
-    # A finite fill keeps fully masked rows (padding queries) free of NaN.
-    return jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-
-
-def _to_groups(x: jax.Array, u: int) -> jax.Array:
-    """[B, K, Q, Z] with rows grouped n = B/u per prefix -> [u, K, n*Q, Z]: a group's queries side by side."""
-    b, kv, q, z = x.shape
-    n = b // u
-    return x.reshape(u, n, kv, q, z).transpose(0, 2, 1, 3, 4).reshape(u, kv, n * q, z)
-
-
-def _from_groups(x: jax.Array, b: int) -> jax.Array:
-    """Inverse of `_to_groups`: [u, K, n*Q, Z] -> [B, K, Q, Z]."""
-    u, kv, nq, z = x.shape
-    n = b // u
-    return x.reshape(u, kv, n, nq // n, z).transpose(0, 2, 1, 3, 4).reshape(b, kv, nq // n, z)
-
-
-def _prefix_scores(q: jax.Array, prefix_k: jax.Array, prefix_mask: jax.Array, t: int, scale: float) -> jax.Array:
-    """Scores against a shared prompt cache: q [B, K, G*T, hd] (rows n per prompt), prefix_k [U, K, P, hd],
-    prefix_mask [U, P] -> float32 [B, K, G, T, P]. Each prompt's keys are read once for its whole group."""
-    b, kv, gt, _ = q.shape
-    u = prefix_k.shape[0]
-    scores = jnp.einsum("ukqh,ukph->ukqp", _to_groups(q, u), prefix_k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(prefix_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    return _from_groups(scores, b).reshape(b, kv, gt // t, t, -1)
-
-
 class Attention(nn.Module):
     config: ModelConfig
 
@@ -167,15 +133,16 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, prefix=None, prefix_mask=None):
         """x [B, T, D]. Returns (output [B, T, D], keys/values).
 
-        Without a cache, `mask` [B, T, T] says which new tokens each may see, and the keys/values returned
-        are the new tokens' ([B, K, T, hd] each). With `cache` = this layer's (k, v) buffers [B, K, S, hd],
-        the new keys/values are first written at slots `cache_index...`, then attention runs over the
-        whole buffer with `mask` [B, T, S]; the updated buffers are returned. Writing before reading lets
-        XLA update the buffers in place inside a decode loop (a read of the old buffer next to a write
-        would force a copy of it at every step).
+        `mask` is an `AttentionMask` or a bool array [B, T, S] (which key slots each new token may see).
+        Without a cache, S = T and the keys/values returned are the new tokens' ([B, K, T, hd] each). With
+        `cache` = this layer's (k, v) buffers [B, K, S, hd], the new keys/values are first written at slots
+        `cache_index...`, then attention runs over the whole buffer; the updated buffers are returned.
+        Writing before reading lets XLA update the buffers in place inside a decode loop (a read of the old
+        buffer next to a write would force a copy of it at every step).
 
         `prefix` = (k, v) [U, K, P, hd] is a read-only prompt cache shared by groups of B/U consecutive rows
         (n samples of one prompt), visible where `prefix_mask` [U, P] is True; it comes before the cache.
+        Attention itself is `attention.dot_product_attention` with `config.attention_impl`.
         """
         c = self.config
         b, t, _ = x.shape
@@ -188,29 +155,17 @@ class Attention(nn.Module):
             k = RMSNorm(c.rms_norm_eps, pdt, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        groups = c.num_heads // c.num_kv_heads
-        # [B, K, G*T, hd]: query heads of one kv group side by side, so each attention is one matmul.
-        q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim).transpose(0, 2, 3, 1, 4)
-        q = q.reshape(b, c.num_kv_heads, groups * t, c.head_dim)
+        q = q.transpose(0, 2, 1, 3)                                 # [B, H, T, hd]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, hd]
         if cache is not None:
             start = (0, 0, jnp.asarray(cache_index, jnp.int32), 0)
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
-        scale = 1.0 / math.sqrt(c.head_dim)
-        scores = _scores(q, k, mask, scale)
-        if prefix is not None:
-            scores = jnp.concatenate([_prefix_scores(q, prefix[0], prefix_mask, t, scale), scores], axis=-1)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        probs = probs.reshape(b, c.num_kv_heads, groups * t, -1)
-        if prefix is not None:
-            p_len, u = prefix[1].shape[2], prefix[1].shape[0]
-            shared = jnp.einsum("ukqp,ukph->ukqh", _to_groups(probs[..., :p_len], u), prefix[1].astype(probs.dtype))
-            out = _from_groups(shared, b) + jnp.einsum("bkqs,bksh->bkqh", probs[..., p_len:], v.astype(probs.dtype))
-        else:
-            out = jnp.einsum("bkqs,bksh->bkqh", probs, v.astype(probs.dtype))
-        out = out.reshape(b, c.num_kv_heads, groups, t, c.head_dim).transpose(0, 3, 1, 2, 4)
-        out = out.reshape(b, t, c.num_heads * c.head_dim)
+        shared = None if prefix is None else (prefix[0], prefix[1], prefix_mask)
+        out = dot_product_attention(q, k, v, mask, prefix=shared, impl=c.attention_impl,
+                                    block_q=c.attention_block_size, block_k=c.attention_block_size,
+                                    scale=1.0 / math.sqrt(c.head_dim))
+        out = out.transpose(0, 2, 1, 3).reshape(b, t, c.num_heads * c.head_dim)
         return _dense(c, c.hidden_size, False, "o_proj")(out), (k, v)
 
 
@@ -258,7 +213,7 @@ class DecoderLayer(nn.Module):
 
 class Decoder(nn.Module):
     """Returns final hidden states (after the last norm) and every layer's new keys/values, stacked:
-    ([B, T, D], (k, v) each [L, B, K, T, hd])."""
+    ([B, T, D], (k, v) each [L, B, K, T, hd]). `mask`: an `AttentionMask` or a bool [B, T, T] array."""
 
     config: ModelConfig
     # Recompute each layer's activations in the backward pass (training memory vs. compute).
@@ -352,7 +307,8 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 def causal_mask(attention_mask: jax.Array) -> jax.Array:
-    """[B, T] validity -> [B, T, T] causal attention mask over valid keys."""
+    """[B, T] validity -> [B, T, T] causal attention mask over valid keys (T x T memory: the model itself uses
+    `AttentionMask.causal_padding(attention_mask)`, the same mask without the array)."""
     t = attention_mask.shape[-1]
     causal = jnp.tril(jnp.ones((t, t), bool))
     return causal[None] & attention_mask.astype(bool)[:, None, :]
@@ -362,11 +318,13 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: jax.Array,
                   attention_mask: jax.Array | None = None, *, remat: bool = False) -> jax.Array:
     """Final hidden states [B, T, D] (after the last norm), without the output head."""
     if attention_mask is None:
-        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        # No padding: cuDNN (where "auto" picks it) then needs no per-row lengths.
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        mask = AttentionMask.causal_padding()
+    else:
+        positions, mask = positions_from_mask(attention_mask), AttentionMask.causal_padding(attention_mask)
     decoder_params = {k: v for k, v in params.items() if k != "lm_head"}
-    h, _ = _decoder(config, remat).apply(
-        {"params": decoder_params}, input_ids, positions_from_mask(attention_mask), causal_mask(attention_mask),
-    )
+    h, _ = _decoder(config, remat).apply({"params": decoder_params}, input_ids, positions, mask)
     return h
 
 
@@ -387,8 +345,9 @@ def shared_prompt_hidden_states(config: ModelConfig, params: Params, prompt_ids:
                           + jnp.maximum(jnp.cumsum(response_mask.astype(jnp.int32), axis=-1) - 1, 0))
     decoder_params = {k: v for k, v in params.items() if k != "lm_head"}
     return SharedPromptDecoder(config, remat=remat).apply(
-        {"params": decoder_params}, prompt_ids, positions_from_mask(prompt_mask), causal_mask(prompt_mask),
-        prompt_valid, response_ids, response_positions, causal_mask(response_mask),
+        {"params": decoder_params}, prompt_ids, positions_from_mask(prompt_mask),
+        AttentionMask.causal_padding(prompt_valid), prompt_valid, response_ids, response_positions,
+        AttentionMask.causal_padding(response_mask),
     )
 
 
@@ -403,13 +362,17 @@ def forward(config: ModelConfig, params: Params, input_ids: jax.Array,
     return logits_from_hidden(config, params, hidden_states(config, params, input_ids, attention_mask))
 
 
-def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, positions: jax.Array, mask: jax.Array
-            ) -> tuple[jax.Array, KVCache]:
-    """Runs prompts [B, T] with nothing cached yet; `mask` [B, T, T] says which prompt tokens each may see.
+def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, positions: jax.Array,
+            mask: jax.Array | AttentionMask) -> tuple[jax.Array, KVCache]:
+    """Runs prompts [B, T] with nothing cached yet; `mask` says which prompt tokens each may see: a bool
+    [B, T, T] array, or (memory linear in T) a [B, T] validity of left-padded prompts, read as causal
+    attention over the valid tokens, or an `AttentionMask`.
 
     Returns final hidden states [B, T, D] and the prompts' cache (T slots, compute dtype), to be passed to
     `decode_step` as its read-only `prefix`.
     """
+    if not isinstance(mask, AttentionMask) and jnp.ndim(mask) == 2:
+        mask = AttentionMask.causal_padding(mask)
     decoder_params = {k: v for k, v in params.items() if k != "lm_head"}
     hidden, (k, v) = _decoder(config).apply({"params": decoder_params}, input_ids, positions, mask)
     dtype = dtype_from_name(config.dtype)
@@ -424,13 +387,14 @@ def split_layers(params: Params) -> tuple[Params, ...]:
 
 
 def decode_step(config: ModelConfig, params: Params, layers: tuple[Params, ...], input_ids: jax.Array,
-                positions: jax.Array, cache: KVCache, cache_index: jax.Array, mask: jax.Array,
+                positions: jax.Array, cache: KVCache, cache_index: jax.Array, mask: jax.Array | AttentionMask,
                 prefix: KVCache | None = None, prefix_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Feeds new tokens input_ids/positions [B, T] against the cache, layer by layer (unrolled).
 
     `layers` is `split_layers(params)`: separate per-layer weights, so nothing is sliced out of a stack at
     each step. The new tokens' keys/values are written at slots `cache_index...` of every layer's buffer, in
-    place; then each new token sees the slots that `mask` [B, T, S] allows (its own slot included), after
+    place; then each new token sees the slots that `mask` allows (its own slot included; a bool [B, T, S] or
+    an `AttentionMask`, e.g. `AttentionMask.causal_padding(key_valid, offset=cache_index)`), after
     the slots of its prompt's read-only `prefix` cache ([U, K, P, hd] per layer, from `prefill`; rows come
     in groups of B/U per prompt) that `prefix_mask` [U, P] allows. Returns final hidden states [B, T, D]
     and the updated cache.
