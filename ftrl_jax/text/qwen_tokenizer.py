@@ -28,8 +28,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import tokenizers
@@ -37,8 +35,8 @@ import transformers
 from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from ftrl_jax.text.tokenizer import (MODEL_MAX_LENGTH, QWEN2_5_CHAT_TEMPLATE, byte_level_pipeline, cache_root,
-                                     load_tokenizer)
+from ftrl_jax.text.tokenizer import (MODEL_MAX_LENGTH, QWEN2_5_CHAT_TEMPLATE, byte_level_pipeline,
+                                     load_cached_build)
 
 # Qwen2.5's added tokens in id order from QWEN_FIRST_ADDED_ID, and whether each is special.
 QWEN_FIRST_ADDED_ID = 151643
@@ -160,19 +158,4 @@ def build_qwen2_5_tokenizer(ranks_path: str | os.PathLike | None = None,
               "tokenizers": tokenizers.__version__, "transformers": transformers.__version__,
               "ranks": hashlib.sha256(path.read_bytes()).hexdigest()}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    target = root / f"qwen2.5-tokenizer-{key}"
-    if not target.is_dir():
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".qwen-tokenizer-building-", dir=root))
-        try:
-            _build(ranks).save_pretrained(str(staging))
-            try:
-                os.rename(staging, target)
-            except OSError:
-                if not target.is_dir():
-                    raise
-                # Another process finished the same build first; its files are identical.
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return load_tokenizer(target)
+    return load_cached_build(f"qwen2.5-tokenizer-{key}", lambda: _build(ranks), cache_dir)

@@ -20,7 +20,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import tokenizers
 import transformers
@@ -413,13 +413,22 @@ def build_default_tokenizer(
     if vocab_size < minimum:
         raise ValueError(f"vocab_size={vocab_size} is too small; byte-level BPE needs at least {minimum}")
     corpus = default_corpus() if texts is None else _checked_texts(texts)
+    name = f"tokenizer-{_build_key(corpus, vocab_size)}"
+    return load_cached_build(name, lambda: _wrap(_train_bpe(corpus, vocab_size)), cache_dir)
+
+
+def load_cached_build(name: str, build: Callable[[], PreTrainedTokenizerBase],
+                      cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer cached as `name` under `cache_dir` (None: `cache_root()`), built with `build()` first if
+    absent. The directory appears only complete (an atomic rename), so concurrent builders are safe; the
+    result is always loaded from the cache, so a fresh build and a cache hit return the same tokenizer."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    target = root / f"tokenizer-{_build_key(corpus, vocab_size)}"
+    target = root / name
     if not target.is_dir():
         root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tokenizer-building-", dir=root))
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-building-", dir=root))
         try:
-            _wrap(_train_bpe(corpus, vocab_size)).save_pretrained(str(staging))
+            build().save_pretrained(str(staging))
             try:
                 os.rename(staging, target)
             except OSError:
