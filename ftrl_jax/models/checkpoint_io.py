@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 from typing import Any, Callable, Iterator
 
@@ -44,6 +45,9 @@ WEIGHT_TABLE: tuple[tuple[str, str, bool], ...] = (
     ("norm/scale", "model.norm.weight", False),
     ("lm_head/kernel", "lm_head.weight", True),
 )
+
+# Checkpoint tensors that carry nothing a model needs: cached RoPE frequencies, and a tied output head's copy.
+_IGNORED_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$|^lm_head\.weight$")
 
 _ST_DTYPES = {
     "F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -193,6 +197,13 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = "float32", *, compute_
     compute_name = jnp.dtype(dtype_from_name(compute_dtype)).name if compute_dtype is not None else dtype_name
     config = load_hf_config(path, param_dtype=dtype_name, dtype=compute_name)
     tensors = _open_checkpoint(path)
+    used = {hf_name for _, hf_name, _, _ in hf_tensor_names(config)}
+    unknown = sorted(name for name in tensors if name not in used and not _IGNORED_TENSORS.search(name))
+    if unknown:
+        raise ValueError(
+            f"the checkpoint in {path!r} holds {len(unknown)} tensor(s) this {config.model_type} model has no place "
+            f"for, e.g. {unknown[:3]}; loading would drop them silently and change the model's outputs (a Llama "
+            "o_proj bias, for one, is not supported)")
     expected = flatten_params(abstract_params(config))
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype_name == "bfloat16" else np.dtype(dtype_name)
 

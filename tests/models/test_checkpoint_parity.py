@@ -139,3 +139,13 @@ def test_presets_have_real_shapes(name):
     abstract = models.checkpoint_io.abstract_params(cfg) if name in ("tiny", "smol-135m") else None
     if abstract is not None:
         assert sum(x.size for x in jax.tree.leaves(abstract)) == cfg.num_params
+
+
+def test_tensors_the_model_has_no_place_for_are_an_error_not_dropped(tmp_path):
+    # A Llama with attention biases carries o_proj.bias, which this decoder has no place for: loading must say so
+    # instead of dropping it (the logits would silently differ).
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=64, attention_bias=True)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"o_proj\.bias"):
+        models.load_pretrained(str(tmp_path))
