@@ -40,6 +40,11 @@ def main() -> int:
     assert got.tokens == ref.tokens, (got.tokens, ref.tokens)
     np.testing.assert_allclose(np.concatenate(got.logprobs), np.concatenate(ref.logprobs), atol=1e-4)
 
+    # Fewer distinct prompts than batch shards (a late rollout round, a small micro-batch): padded, not rejected.
+    few = [[5, 6, 7], [5, 6, 7]]
+    got = generate(config, sharded_params, few, max_new_tokens=6, data_sharding=parallel.batch_sharding(mesh))
+    assert got.tokens == generate(config, params, few, max_new_tokens=6).tokens
+
     try:
         parallel.make_mesh(data=3)
     except ValueError as e:

@@ -164,15 +164,17 @@ def _decode(config: ModelConfig, params: Params, weights: DecodeWeights, state: 
     return jax.lax.while_loop(cond, body, state)
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, *, min_len: int = 16
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, *, min_len: int = 16, rows_multiple: int = 1
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Left-pads to power-of-two length and batch; returns tokens [B, P], mask [B, P], active rows [B]."""
+    """Left-pads to power-of-two length and batch (rounded up to a multiple of `rows_multiple`, e.g. the data
+    shards); returns tokens [B, P], mask [B, P], active rows [B]."""
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
     b = bucket(len(prompts), minimum=1)
+    b = -(-b // rows_multiple) * rows_multiple
     p = bucket(max(len(x) for x in prompts), minimum=min_len)
     tokens = np.full((b, p), pad_id, np.int32)
     mask = np.zeros((b, p), np.int32)
@@ -182,6 +184,15 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, *, min_len: i
     mask[len(prompts):, -1] = 1  # filler rows: one dummy token, marked inactive below
     active = np.arange(b) < len(prompts)
     return tokens, mask, active
+
+
+def _batch_shards(data_sharding: Any) -> int:
+    """How many pieces `data_sharding` cuts the batch (first) dimension into; 1 without a sharding."""
+    if data_sharding is None:
+        return 1
+    rows = 1 << 16  # divisible by any realistic shard count
+    starts = {index[0].start for index in data_sharding.devices_indices_map((rows,)).values()}
+    return len(starts)
 
 
 def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -212,7 +223,9 @@ def generate(config: ModelConfig, params: Params, prompts: Sequence[Sequence[int
     for i, prompt in enumerate(prompts):
         distinct.setdefault(tuple(prompt), []).append(i)
     group_size = bucket(max(len(rows) for rows in distinct.values()), minimum=1)
-    tokens, mask, _ = pad_prompts(list(distinct), pad_id)
+    # A sharded batch needs as many distinct-prompt rows as there are batch shards, whatever few prompts came.
+    shards = _batch_shards(data_sharding)
+    tokens, mask, _ = pad_prompts(list(distinct), pad_id, rows_multiple=shards)
     row_of = np.zeros(len(prompts), np.int64)
     for u, rows in enumerate(distinct.values()):
         row_of[rows] = u * group_size + np.arange(len(rows))
