@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from ftrl_jax.generate import sampling
+from ftrl_jax.models.attention import resolve_implementation
 from ftrl_jax.models.config import ModelConfig, dtype_from_name
 from ftrl_jax.rollout.episodes import Conversation, GeneratedTurn
 from ftrl_jax.text.chat import IM_END, get_template, render_segments
@@ -67,12 +68,17 @@ DEFAULT_HOST_BATCH_BYTES = 4 << 30
 def prefill_attention_bytes(config: ModelConfig, prompts: int, prompt_len: int) -> int:
     """Bytes of the prefill's attention over `prompts` padded prompts of `prompt_len` tokens, one layer at a time.
 
-    Dense attention (what the sampler's prefill runs today): float32 scores [prompts, heads, P, P] and their
-    softmax (two copies), plus the bool [prompts, P, P] mask the sampler builds. Blockwise attention would make
-    this prompts x heads x P x block x 4 x 2 (and no mask if the sampler passes key validity instead): update
-    this function when the sampler's prefill stops materialising P x P.
+    The sampler passes key validity, not a [P, P] mask, so the scores are what counts. Dense attention, and
+    blockwise attention when one tile covers the prompt (it then runs the dense math): float32 scores
+    [prompts, heads, P, P] and their softmax, plus the mask made from validity and causality. Blockwise beyond
+    one tile (`models.attention`): float32 score tiles [prompts, heads, P, block] and their exponentials, at most
+    (conservatively, as if every query block were live at once).
     """
-    return prompts * prompt_len * prompt_len * (2 * config.num_heads * 4 + 1)
+    impl = resolve_implementation(config.attention_impl)
+    block = config.attention_block_size
+    if impl == "dense" or prompt_len * prompt_len <= block * block:
+        return prompts * prompt_len * prompt_len * (2 * config.num_heads * 4 + 1)
+    return prompts * config.num_heads * prompt_len * block * 4 * 2
 
 
 def generate_bytes(config: ModelConfig, num_prompts: int, group_size: int, prompt_len: int,
