@@ -150,12 +150,17 @@ def build_qwen2_5_tokenizer(ranks_path: str | os.PathLike | None = None,
     Raises ValueError when the ranks are not Qwen's 151,643 (the added tokens' ids would be wrong).
     """
     path = Path(ranks_path) if ranks_path is not None else qwen_ranks_path()
-    ranks = read_ranks(path)
-    if len(ranks) != QWEN_NUM_RANKS:
-        raise ValueError(f"{path} holds {len(ranks)} ranks; the Qwen2.5 tokenizer has {QWEN_NUM_RANKS} "
-                         f"(its added tokens start at id {QWEN_FIRST_ADDED_ID})")
     recipe = {"format": _BUILD_FORMAT, "added": QWEN2_5_ADDED_TOKENS, "template": QWEN2_5_CHAT_TEMPLATE,
               "tokenizers": tokenizers.__version__, "transformers": transformers.__version__,
               "ranks": hashlib.sha256(path.read_bytes()).hexdigest()}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    return load_cached_build(f"qwen2.5-tokenizer-{key}", lambda: _build(ranks), cache_dir)
+
+    def build() -> PreTrainedTokenizerFast:
+        # Parsed only when building: a cache hit needs the file's hash, not its 151,643 ranks.
+        ranks = read_ranks(path)
+        if len(ranks) != QWEN_NUM_RANKS:
+            raise ValueError(f"{path} holds {len(ranks)} ranks; the Qwen2.5 tokenizer has {QWEN_NUM_RANKS} "
+                             f"(its added tokens start at id {QWEN_FIRST_ADDED_ID})")
+        return _build(ranks)
+
+    return load_cached_build(f"qwen2.5-tokenizer-{key}", build, cache_dir)
