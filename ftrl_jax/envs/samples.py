@@ -1,4 +1,5 @@
-"""The FTRL sample format: one tool-use environment per row, stored as .jsonl or .parquet.
+"""The FTRL sample format: one tool-use environment per row, stored as .jsonl, .parquet or a
+`datasets` save_to_disk directory.
 
 A row holds FTRL's fields, exactly:
 - `messages`: the chat so far (a user message with the question and FTRL's instruction);
@@ -10,15 +11,20 @@ Generated samples add `oracle_calls`: a list of turns, each a list of `{"name", 
 (stored as a JSON string, like the other nested fields).
 
 `decode_sample` turns a row into a `Sample` with the JSON fields decoded and checked;
-`encode_sample` turns it back into a row. `read_samples` / `write_samples` do files.
+`encode_sample` turns it back into a row. `read_samples` / `write_samples` do files, through
+Hugging Face `datasets`; a .parquet file has FTRL's column names, order and Arrow types.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable
 
@@ -281,43 +287,113 @@ def encode_sample(sample: Sample | Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Files. Readers yield (index, row or the reason the row could not be read).
+# Files, through Hugging Face `datasets`. A sample file is one of three forms:
+#   .jsonl         one JSON object a line;
+#   .parquet       FTRL's own layout (what verl's RLHFDataset reads with load_dataset("parquet"));
+#   a directory    written by `datasets.Dataset.save_to_disk` (any path without a file extension).
+# Readers yield (index, row or the reason the row could not be read).
+
+JSONL, PARQUET, SAVED_DATASET = "jsonl", "parquet", "save_to_disk"
+SAMPLE_FILE_FORMS = "a .jsonl file, a .parquet file, or a datasets save_to_disk directory"
+
+
+def sample_file_form(path: str | os.PathLike) -> str:
+    """Which form a sample-file path names: JSONL, PARQUET or SAVED_DATASET.
+
+    An existing directory, or a path with no file extension, is a save_to_disk directory.
+    Raises ValueError for any other extension.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return SAVED_DATASET
+    ext = os.path.splitext(path.rstrip("/"))[1].lower()
+    forms = {".jsonl": JSONL, ".parquet": PARQUET, "": SAVED_DATASET}
+    if ext not in forms:
+        raise ValueError(f"{path}: unsupported file type {ext!r}; use {SAMPLE_FILE_FORMS}")
+    return forms[ext]
+
+
+@contextlib.contextmanager
+def _datasets_lib() -> Iterator[Any]:
+    """`datasets`, imported on first use (it takes a second), with its progress bars off meanwhile."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield datasets
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _load_file(builder: str, path: str, form: str) -> Any:
+    """The file as an in-memory `datasets.Dataset`, read by the named packaged builder.
+
+    load_dataset prepares an Arrow copy in a cache directory before it hands rows out; a throwaway
+    directory keeps that copy out of ~/.cache (and away from stale entries there), and
+    keep_in_memory lets the directory go as soon as the rows are loaded.
+    """
+    with _datasets_lib() as datasets, tempfile.TemporaryDirectory(prefix="ftrl_samples_") as cache_dir:
+        try:
+            return datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir,
+                                         keep_in_memory=True)
+        except Exception as exc:  # datasets wraps reader failures in several exception types
+            while exc.__cause__ is not None:  # the innermost error names the actual problem
+                exc = exc.__cause__
+            raise ValueError(f"{path}: cannot be read as {form} ({type(exc).__name__}: {exc}); check that the "
+                             f"file is complete and really {form}") from None
+
+
+def _dataset_rows(dataset: Any) -> Iterator[dict[str, Any]]:
+    for batch in dataset.iter(batch_size=256):
+        names = list(batch)
+        for values in zip(*batch.values()):
+            yield dict(zip(names, values))
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if not line.strip():
-                continue  # blank lines carry no row
-            try:
-                yield index, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield index, SampleError(f"line is not valid JSON ({exc})")
+    # The "text" builder, not "json": the json builder unifies all rows into one Arrow schema, so a
+    # key one row lacks comes back as null in that row (tool-call arguments, extra columns), integers
+    # turn into floats next to floats, and one broken line fails the whole file. Reading lines and
+    # parsing each keeps every row exactly as written and names the bad line. Blank lines stay rows
+    # of the text dataset, so an index is the line index.
+    if os.path.getsize(path) == 0:
+        return  # datasets cannot build a split from an empty file; it has no rows
+    for index, line in enumerate(_load_file("text", path, ".jsonl")["text"]):
+        if not line.strip():
+            continue  # blank lines carry no row
+        try:
+            yield index, json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield index, SampleError(f"line is not valid JSON ({exc})")
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[int, Any]]:
-    import pyarrow.parquet as pq  # only parquet needs pyarrow
-
-    index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-        for row in batch.to_pylist():
-            yield index, row
-            index += 1
+    yield from enumerate(_dataset_rows(_load_file("parquet", path, ".parquet")))
 
 
-def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+def _saved_dataset_rows(path: str) -> Iterator[tuple[int, Any]]:
+    with _datasets_lib() as datasets:
+        if not os.path.isfile(os.path.join(path, "state.json")) and not os.path.isfile(
+                os.path.join(path, "dataset_dict.json")):
+            raise ValueError(f"{path}: not a datasets save_to_disk directory (no state.json); pass "
+                             f"{SAMPLE_FILE_FORMS}")
+        dataset = datasets.load_from_disk(path)  # memory-maps the directory's Arrow files; nothing is copied
+        if isinstance(dataset, datasets.DatasetDict):
+            splits = sorted(dataset)
+            raise ValueError(f"{path} holds a DatasetDict with splits {splits}; pass one split's directory, "
+                             f"e.g. {os.path.join(path, splits[0]) if splits else path + '/train'}")
+        yield from enumerate(_dataset_rows(dataset))
 
 
 def _is_plain_chat(messages: list[dict[str, Any]]) -> bool:
     return all(set(m) <= {"role", "content"} and isinstance(m.get("content", ""), str) for m in messages)
 
 
-def _write_parquet(path: str, rows: list[dict[str, Any]]) -> None:
+def _arrow_table(rows: list[dict[str, Any]]) -> Any:
+    """The rows as an Arrow table with FTRL's column types; extra columns get pyarrow's inferred types."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     columns: dict[str, Any] = {}
     if all(_is_plain_chat(row["messages"]) for row in rows):
@@ -336,30 +412,65 @@ def _write_parquet(path: str, rows: list[dict[str, Any]]) -> None:
             columns[name] = pa.array([row.get(name) for row in rows])
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise ValueError(
-                f"column {name!r} cannot be stored in parquet ({exc}); store it as a JSON string or use .jsonl"
+                f"column {name!r} cannot be stored in Arrow columns (.parquet, save_to_disk) ({exc}); store it as "
+                "a JSON string or use .jsonl"
             ) from None
-    pq.write_table(pa.table(columns), path)
+    return pa.table(columns)
 
 
-_READERS: dict[str, Callable[[str], Iterator[tuple[int, Any]]]] = {".jsonl": _jsonl_rows, ".parquet": _parquet_rows}
-_WRITERS: dict[str, Callable[[str, list[dict[str, Any]]], None]] = {".jsonl": _write_jsonl, ".parquet": _write_parquet}
+def _dataset(rows: list[dict[str, Any]]) -> Any:
+    """The rows as a `datasets.Dataset`, fingerprinted by content so a save_to_disk is reproducible."""
+    # Dataset.from_list would take the columns of the first row only and infer messages' type anew;
+    # the explicit table keeps FTRL's types and every column.
+    from datasets.table import InMemoryTable
+
+    with _datasets_lib() as datasets:
+        # default=repr: extra columns read from parquet may hold values JSON has no type for (timestamps).
+        content = "\n".join(json.dumps(row, ensure_ascii=False, sort_keys=True, default=repr) for row in rows)
+        fingerprint = hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
+        return datasets.Dataset(InMemoryTable(_arrow_table(rows)), fingerprint=fingerprint)
 
 
-def _extension(path: str, table: Mapping[str, Any]) -> str:
-    ext = os.path.splitext(os.fspath(path))[1].lower()
-    if ext not in table:
-        raise ValueError(f"{path}: unsupported file type {ext!r}; use one of {sorted(table)}")
-    return ext
+def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
+    # Not Dataset.to_json: it writes through pandas, which rounds floats to 10 significant digits,
+    # escapes "/" as "\/", and writes every struct key of the column into every message (null where a
+    # message had none), so a write -> read -> write would neither keep the values nor give the same
+    # bytes. json.dumps per row writes what FTRL's own JSON strings use: json's default separators,
+    # non-ASCII text as is, floats that read back exactly.
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _write_parquet(path: str, rows: list[dict[str, Any]]) -> None:
+    with _datasets_lib():
+        _dataset(rows).to_parquet(path)
+
+
+def _write_saved_dataset(path: str, rows: list[dict[str, Any]]) -> None:
+    with _datasets_lib():
+        _dataset(rows).save_to_disk(path)
+
+
+_READERS: dict[str, Callable[[str], Iterator[tuple[int, Any]]]] = {
+    JSONL: _jsonl_rows, PARQUET: _parquet_rows, SAVED_DATASET: _saved_dataset_rows,
+}
+_WRITERS: dict[str, Callable[[str, list[dict[str, Any]]], None]] = {
+    JSONL: _write_jsonl, PARQUET: _write_parquet, SAVED_DATASET: _write_saved_dataset,
+}
 
 
 def read_samples(path: str | os.PathLike) -> tuple[list[Sample], list[RowError]]:
-    """Reads a .jsonl or .parquet file of samples.
+    """Reads samples from a .jsonl file, a .parquet file or a datasets save_to_disk directory.
 
-    Returns (samples, errors): a malformed row is skipped, listed in `errors` with its index and
-    the reason, and logged as a warning.
+    Returns (samples, errors): a malformed row is skipped, listed in `errors` with its 0-based index
+    (for .jsonl: the line index) and the reason, and logged as a warning. Raises FileNotFoundError
+    for a missing path and ValueError for an unsupported form or a file that cannot be read at all.
     """
     path = os.fspath(path)
-    reader = _READERS[_extension(path, _READERS)]
+    reader = _READERS[sample_file_form(path)]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"sample file {path!r} does not exist; pass {SAMPLE_FILE_FORMS}")
     samples: list[Sample] = []
     errors: list[RowError] = []
     for index, row in reader(path):
@@ -374,15 +485,32 @@ def read_samples(path: str | os.PathLike) -> tuple[list[Sample], list[RowError]]
     return samples, errors
 
 
-def write_samples(path: str | os.PathLike, samples: Sequence[Sample | Mapping[str, Any]]) -> int:
-    """Writes samples as FTRL rows to .jsonl or .parquet and returns how many were written.
+def _replace(partial: str, path: str) -> None:
+    """Moves the finished `partial` onto `path`; an old save_to_disk directory there is swapped out whole."""
+    if not os.path.isdir(path):
+        os.replace(partial, path)
+        return
+    if not os.path.isfile(os.path.join(path, "state.json")):
+        raise ValueError(f"{path} is a directory but not a datasets save_to_disk directory; remove it or "
+                         "choose another path (only a directory this writer made is replaced)")
+    old = path + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    os.replace(partial, path)
+    shutil.rmtree(old, ignore_errors=True)
 
-    Every sample is checked first (SampleError names the first bad one, and nothing is written).
-    Output is deterministic: the same samples give the same bytes (.jsonl). The file is replaced
-    atomically, so readers never see half a file.
+
+def write_samples(path: str | os.PathLike, samples: Sequence[Sample | Mapping[str, Any]]) -> int:
+    """Writes samples as FTRL rows and returns how many were written.
+
+    The form follows the path (see `sample_file_form`): .jsonl, .parquet, or a save_to_disk directory
+    for a path without extension. Every sample is checked first (SampleError names the first bad one,
+    and nothing is written). Output is deterministic: the same samples give the same bytes, so a file
+    read and written again is unchanged. The file (or directory) is replaced atomically, so readers
+    never see half of it.
     """
-    path = os.fspath(path)
-    writer = _WRITERS[_extension(path, _WRITERS)]
+    path = os.fspath(path).rstrip("/") or os.fspath(path)
+    writer = _WRITERS[sample_file_form(path)]
     rows = []
     for index, sample in enumerate(samples):
         try:
@@ -392,13 +520,20 @@ def write_samples(path: str | os.PathLike, samples: Sequence[Sample | Mapping[st
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     partial = path + ".partial"
+    _remove(partial)
     try:
         writer(partial, rows)
-        os.replace(partial, path)
+        _replace(partial, path)
     finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+        _remove(partial)
     return len(rows)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -155,15 +155,19 @@ def load_tasks(path: str, data_format: str = "auto", scenarios: Sequence[str] = 
     `limit_per_source` keeps the first rows of each data_source, then `limit` the first rows of what is
     left; a task's index is its row's position among the readable rows of the file either way.
     """
-    if not os.path.isfile(path):
-        raise UsageError(f"--data={path!r} does not exist; pass a .jsonl/.parquet sample file or a ToolHop .jsonl")
+    if not os.path.exists(path):  # a file, or a datasets save_to_disk directory
+        raise UsageError(f"--data={path!r} does not exist; pass a sample-format .jsonl file, .parquet file or "
+                         "datasets save_to_disk directory, or a ToolHop .jsonl")
     kind = detect_format(path) if data_format == "auto" else data_format
     if kind not in DATA_KINDS:
         raise UsageError(f"--data_format={data_format!r} is not one of auto, {', '.join(DATA_KINDS)}")
     unknown = [name for name in scenarios if name not in TOOLHOP_SCENARIOS]
     if unknown or not scenarios:
         raise UsageError(f"--scenarios: unknown {unknown or 'empty list'}; use some of {','.join(TOOLHOP_SCENARIOS)}")
-    samples, errors = DATA_KINDS[kind].read(path)
+    try:
+        samples, errors = DATA_KINDS[kind].read(path)
+    except (ValueError, OSError) as exc:  # a form we do not read, or a file unreadable as a whole
+        raise UsageError(f"--data: {exc}") from None
     rows = list(enumerate(samples))
     if limit_per_source is not None:
         rows = first_per_source(rows, limit_per_source)
@@ -178,13 +182,14 @@ def _new_messages(task: Task, episode: Episode) -> list[dict[str, Any]]:
     return episode.messages[len(task.sample.messages):]
 
 
-def final_answer_check(new_messages: Sequence[Mapping[str, Any]], gold: str) -> str | None:
+def final_answer_check(new_messages: Sequence[Mapping[str, Any]], gold: str, tool_format: str = "qwen") -> str | None:
     """Where the gold answer shows: 'final_answer', 'tool_output' (a tool response right before the last
-    assistant turn), or None. The final answer is the last assistant text outside calls and thinking."""
+    assistant turn), or None. The final answer is the last assistant text outside calls (in `tool_format`,
+    the episode's) and thinking."""
     last = next((i for i in range(len(new_messages) - 1, -1, -1) if new_messages[i].get("role") == "assistant"), None)
     if last is None:
         return None
-    final_text = parse_assistant_turn(str(new_messages[last].get("content") or "")).content
+    final_text = parse_assistant_turn(str(new_messages[last].get("content") or ""), tool_format).content
     if answer_matches(final_text, gold):
         return "final_answer"
     before = last - 1
@@ -200,7 +205,7 @@ def _solve_metrics(task: Task, episode: Episode) -> dict[str, Any]:
 
 
 def _toolhop_metrics(task: Task, episode: Episode) -> dict[str, Any]:
-    found = final_answer_check(_new_messages(task, episode), task.sample.answer)
+    found = final_answer_check(_new_messages(task, episode), task.sample.answer, episode.tool_format)
     return {"answer_correctness": float(found is not None), "answered_by": found,
             "num_calls": episode.metrics.get("num_calls", 0)}
 

@@ -215,3 +215,88 @@ def test_reads_all_of_the_ftrl_test_set_and_writes_it_back(tmp_path):
     write_samples(path, samples)
     again, errors = read_samples(path)
     assert errors == [] and again == samples
+
+
+def _file_bytes(path):
+    """A file's bytes, or a directory's {name: bytes}."""
+    if path.is_dir():
+        return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("name", ["s.jsonl", "s.parquet", "s_dataset"])
+def test_every_form_round_trips_byte_for_byte(tmp_path, name):
+    pytest.importorskip("datasets")
+    samples = [decode_sample(make_row(solve_rate=0.1 + 0.2, answer="a/b é")),
+               decode_sample(make_row(oracle_calls=[[{"name": "lake_finder", "arguments": {"shape": "crescent"}}]]))]
+    first, second = tmp_path / "first" / name, tmp_path / "second" / name
+    assert write_samples(first, samples) == 2
+    read, errors = read_samples(first)
+    assert errors == [] and read == samples
+    write_samples(second, read)
+    assert _file_bytes(first) == _file_bytes(second)
+    write_samples(first, read)  # replacing an existing file or directory in place
+    assert _file_bytes(first) == _file_bytes(second)
+    assert sorted(p.name for p in (tmp_path / "first").iterdir()) == [name]  # no .partial or .old left
+
+
+def test_save_to_disk_directory_is_a_datasets_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    path = tmp_path / "envs"
+    write_samples(path, [make_row(), make_row(answer="Lake Crescent")])
+    loaded = datasets.load_from_disk(str(path))
+    assert loaded.column_names == list(FTRL_COLUMNS) and loaded[1]["answer"] == "Lake Crescent"
+    # A DatasetDict (splits in subdirectories) names the split directories to pass instead.
+    datasets.DatasetDict({"train": loaded, "test": loaded}).save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(ValueError, match=r"splits \['test', 'train'\]; pass one split's directory"):
+        read_samples(tmp_path / "splits")
+    read, errors = read_samples(tmp_path / "splits" / "train")
+    assert errors == [] and len(read) == 2
+
+
+def test_directories_that_are_not_datasets_are_refused(tmp_path):
+    pytest.importorskip("datasets")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a datasets save_to_disk directory"):
+        read_samples(plain)
+    with pytest.raises(ValueError, match="not a datasets save_to_disk directory; remove it"):
+        write_samples(plain, [make_row()])
+    assert (plain / "notes.txt").read_text() == "keep me" and not (tmp_path / "plain.partial").exists()
+    with pytest.raises(FileNotFoundError, match="does not exist; pass a .jsonl file, a .parquet file, or a datasets"):
+        read_samples(tmp_path / "absent.parquet")
+
+
+def test_unreadable_files_name_the_form(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "cut.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=r"cut.parquet: cannot be read as \.parquet"):
+        read_samples(tmp_path / "cut.parquet")
+    (tmp_path / "latin.jsonl").write_bytes(b"\xff\xfe{}\n")
+    with pytest.raises(ValueError, match=r"latin.jsonl: cannot be read as \.jsonl \(UnicodeDecodeError"):
+        read_samples(tmp_path / "latin.jsonl")
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert read_samples(tmp_path / "empty.jsonl") == ([], [])
+
+
+def test_jsonl_rows_keep_their_own_keys_and_numbers(tmp_path):
+    # A columnar JSON reader would give every row every key (null where absent) and make 1 into 1.0.
+    pytest.importorskip("datasets")
+    path = tmp_path / "mixed.jsonl"
+    rows = [make_row(extra_note="only here", priority=1), make_row(priority=2.5)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    read, errors = read_samples(path)
+    assert errors == []
+    assert read[0].extra == {"extra_note": "only here", "priority": 1} and read[1].extra == {"priority": 2.5}
+    assert type(read[0].extra["priority"]) is int
+
+
+def test_reading_leaves_the_datasets_cache_alone(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    cache = tmp_path / "hf_cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    for name in ("s.jsonl", "s.parquet", "s_dataset"):
+        write_samples(tmp_path / name, [make_row()])
+        assert len(read_samples(tmp_path / name)[0]) == 1
+    assert not cache.exists() or not any(cache.rglob("*"))
