@@ -1,13 +1,14 @@
-"""Serving: an OpenAI-compatible chat-completions server for a policy (`server`) and a turn generator that
-talks to any such server (`client`)."""
+"""Serving: an OpenAI-compatible chat-completions server for a policy (`server`: requests, batching, replies;
+`app`: the FastAPI app, run by uvicorn) and a turn generator that talks to any such server (`client`)."""
 
-from ftrl_jax.serving.server import (BatchingEngine, LoadedPolicy, PolicyHTTPServer, PolicyService, RequestError,
-                                     SamplingKey, ServerLimits, build_service, load_policy, local_policy_factory,
-                                     make_server, parse_chat_request, resolve_policy_dir, save_random_policy,
-                                     start_in_thread)
+from ftrl_jax.serving.app import ServerThread, create_app, serve, start_server
+from ftrl_jax.serving.server import (BatchingEngine, LoadedPolicy, PolicyService, RequestError, SamplingKey,
+                                     ServedPolicy, ServerLimits, build_service, call_opening, load_policy,
+                                     local_policy_factory, parse_chat_request, resolve_policy_dir,
+                                     save_random_policy)
 
 __all__ = [
-    "BatchingEngine", "LoadedPolicy", "PolicyHTTPServer", "PolicyService", "RequestError", "SamplingKey",
-    "ServerLimits", "build_service", "load_policy", "local_policy_factory", "make_server", "parse_chat_request",
-    "resolve_policy_dir", "save_random_policy", "start_in_thread",
+    "BatchingEngine", "LoadedPolicy", "PolicyService", "RequestError", "SamplingKey", "ServedPolicy", "ServerLimits",
+    "ServerThread", "build_service", "call_opening", "create_app", "load_policy", "local_policy_factory",
+    "parse_chat_request", "resolve_policy_dir", "save_random_policy", "serve", "start_server",
 ]

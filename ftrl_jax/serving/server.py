@@ -1,6 +1,6 @@
-"""An OpenAI-compatible chat-completions server for a policy on the jit sampler (stdlib HTTP only).
+"""An OpenAI-compatible chat-completions service for a policy on the jit sampler (the web app: `app.py`).
 
-Three parts, each testable alone:
+Four parts, each testable alone:
 - `parse_chat_request` (pure): a request body -> `ChatRequest`, or `RequestError` with the OpenAI error
   body and status (400 invalid request, 404 unknown model, 413 body too large, ...);
 - `BatchingEngine`: a worker thread that takes the requests arriving within a short window and
@@ -10,9 +10,10 @@ Three parts, each testable alone:
   (`tool_calls` when calls parsed, `stop`, or `length`). Calls come from
   `ftrl_jax.text.tool_calls.parse_assistant_turn`, the parser rollouts use: JSON-aware, so a tag inside a
   string argument never splits a call, and a complete final call whose `</tool_call>` is missing is still a
-  call (as vLLM's hermes parser gives it).
-`PolicyService.handle` routes a request (`GET /v1/models`, `POST /v1/chat/completions`, `GET /health`)
-and `make_server` puts it behind a `ThreadingHTTPServer`.
+  call (as vLLM's hermes parser gives it). `completion_body` and `completion_chunks` build the
+  `chat.completion` object and the `chat.completion.chunk` stream from those messages;
+- `PolicyService`: the routes' work (key check, parse, submit, reply), which
+  `ftrl_jax.serving.app.create_app` puts behind FastAPI and uvicorn.
 
 Prompts are rendered and encoded by `LocalPolicy`, exactly as in-process rollouts do: an earlier
 assistant turn sent back unchanged (its content and calls re-rendered by the chat template) reuses the
@@ -24,6 +25,23 @@ content is the generated text verbatim. A turn cut by `max_tokens` keeps its tex
 `<think>` block comes back as `reasoning_content`. `stop` strings cut the text after generation (the row
 still decodes to `max_tokens` or its end-of-turn token). `seed` makes a sampled request reproducible: it
 is generated alone with a fresh key from that seed.
+
+`tool_choice`: `"auto"` (the default) parses whatever calls the turn makes; `"none"` renders the prompt
+without the tools and returns the text as content; `"required"` and a named function
+(`{"type": "function", "function": {"name": ...}}`) force a call by construction: the assistant turn starts
+with the call's opening markup and the function's name (`call_opening`: `<tool_call>\n{"name": "NAME",
+"arguments":`; in the Llama 3 format `{"name": "NAME", "parameters":`) and the model generates only the
+arguments. For `"required"` with several tools the name is
+the declared tool whose opening has the highest log-probability after the prompt (`ServedPolicy.choose_tool`),
+so it can only be a declared tool. A forced turn always comes back as a call to that function, whose
+`arguments` are what the model generated (valid JSON or not, as OpenAI documents), with `finish_reason`
+`tool_calls`, or `length` when `max_tokens` cut it. Its `usage.prompt_tokens` counts the forced opening.
+
+Streaming (`stream=true`): the batched sampler returns whole turns, so a streamed reply is sent when its
+turns are complete (time to first token = the turn's latency): per choice a first chunk with the role,
+the content (and `reasoning_content`) as one delta, each tool call as a header delta (index, id, type,
+name, empty arguments) and an arguments delta, a chunk with `finish_reason`; then a `usage` chunk with no
+choices when `stream_options.include_usage` is true, and `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -31,7 +49,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import http.server
+import functools
 import itertools
 import json
 import logging
@@ -43,15 +61,20 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ftrl_jax.text.chat import render_segments
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftrl_jax.generate.sampling import bucket
+from ftrl_jax.models.transformer import logits_from_hidden, shared_prompt_hidden_states
 from ftrl_jax.rollout.episodes import GeneratedTurn, TurnGenerator
 from ftrl_jax.rollout.policy import LocalPolicy
+from ftrl_jax.text.templates import ChatFormat, as_chat_format, resolve_chat_format
 from ftrl_jax.text.tool_calls import parse_assistant_turn, split_reasoning
 
 logger = logging.getLogger(__name__)
 
-# model_type in config.json -> chat template (the only two formats ftrl_jax.text.chat renders).
-TEMPLATE_BY_MODEL_TYPE = {"qwen3": "qwen3", "qwen2": "qwen2.5", "llama": "qwen2.5"}
+# model_type in config.json -> chat template: TEMPLATE_BY_MODEL_TYPE, from ftrl_jax.text.templates.
 MAX_CHOICES = 16
 MAX_STOP_STRINGS = 4
 
@@ -68,7 +91,7 @@ class LoadedPolicy:
     config: Any
     params: Any
     tokenizer: Any
-    template: str
+    template: ChatFormat
 
 
 def resolve_policy_dir(path: str | os.PathLike) -> str:
@@ -86,19 +109,18 @@ def resolve_policy_dir(path: str | os.PathLike) -> str:
 
 def load_policy(path: str | os.PathLike, *, dtype: str = "float32", template: str | None = None,
                 tokenizer_dir: str | os.PathLike | None = None, tensor_parallel: int = 1) -> LoadedPolicy:
-    """Loads a policy directory (or WORKDIR/export) with its tokenizer.
+    """Loads a policy directory (or WORKDIR/export) with its tokenizer and chat format.
 
-    `template` defaults to the model type's (`TEMPLATE_BY_MODEL_TYPE`); `tokenizer_dir` to the policy
+    `template` ("auto", "checkpoint", "qwen2.5", "qwen3"; None: "auto", the model type's by
+    `TEMPLATE_BY_MODEL_TYPE`) is resolved by `templates.resolve_chat_format`; `tokenizer_dir` defaults to the policy
     directory; `tensor_parallel` > 1 shards the weights over that many devices (heads and MLP width).
     """
-    from ftrl_jax import models, parallel  # deferred: JAX start-up is not needed to parse requests
+    from ftrl_jax import models, parallel
     from ftrl_jax.text.tokenizer import load_tokenizer
 
     directory = resolve_policy_dir(path)
     shardings = None
     if tensor_parallel > 1:
-        import jax
-
         mesh = parallel.make_mesh(tensor=tensor_parallel, devices=jax.devices()[:tensor_parallel])
         shardings = parallel.checkpoint_sharding_fn(mesh)
     config, params = models.load_pretrained(directory, dtype=dtype, shardings=shardings)
@@ -107,7 +129,7 @@ def load_policy(path: str | os.PathLike, *, dtype: str = "float32", template: st
         raise ValueError(f"the tokenizer in {os.fspath(tokenizer_dir or directory)!r} has {len(tokenizer)} tokens "
                          f"but the model's vocab_size is {config.vocab_size}; pass the tokenizer the model was "
                          "trained with")
-    chosen = template or TEMPLATE_BY_MODEL_TYPE.get(config.model_type, "qwen2.5")
+    chosen = resolve_chat_format(template, tokenizer, model_type=config.model_type, checkpoint=directory)
     return LoadedPolicy(directory, config, params, tokenizer, chosen)
 
 
@@ -117,8 +139,6 @@ def save_random_policy(directory: str | os.PathLike, preset: str = "tiny", *, se
     `overrides` replace ModelConfig fields (e.g. `num_layers=1`); the vocabulary is the tokenizer's unless
     given. For benchmarks and tests that need a servable policy without training one. Returns the directory.
     """
-    import jax
-
     from ftrl_jax import models
     from ftrl_jax.text.tokenizer import default_tokenizer
 
@@ -164,7 +184,12 @@ class SamplingKey:
 
 @dataclasses.dataclass
 class ChatRequest:
-    """A checked chat-completions request: messages ready for `ftrl_jax.text.chat`, tools, sampling settings."""
+    """A checked chat-completions request: messages ready for `ftrl_jax.text.chat`, tools, sampling settings.
+
+    `tools` are the tools the prompt is rendered with (none under `tool_choice="none"`). `forced_tools` are
+    the names a forced call may take: empty unless `tool_choice` is `"required"` (every declared tool) or a
+    named function (that one). `stream` and `include_usage` say how the reply is sent.
+    """
 
     model: str
     messages: list[dict[str, Any]]
@@ -173,6 +198,11 @@ class ChatRequest:
     key: SamplingKey
     n: int = 1
     stop: tuple[str, ...] = ()
+    tool_choice: str = "auto"
+    forced_tools: tuple[str, ...] = ()
+    tool_format: str = "qwen"  # the served chat format's call format: how a forced call opens
+    stream: bool = False
+    include_usage: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +211,7 @@ class ServerLimits:
 
     model_name: str
     context_length: int
-    template: str = "qwen2.5"
+    template: str | ChatFormat = "qwen2.5"  # a native name, or a resolved ChatFormat
     default_max_tokens: int = 512
     enable_thinking: bool = False
 
@@ -295,7 +325,6 @@ def _must_be(allowed: Callable[[Any], bool], why: str) -> Callable[[Any], None]:
 # Accepted fields that change nothing here, with the values that keep them that way (others are refused,
 # since a client relying on them would silently get something else).
 _NO_OP_FIELDS: dict[str, Callable[[Any], None]] = {
-    "stream": _must_be(lambda v: v in (None, False), "streaming is not supported; send stream=false"),
     "logprobs": _must_be(lambda v: v in (None, False), "log-probs are not returned by this server"),
     "top_logprobs": _must_be(lambda v: v in (None, 0), "log-probs are not returned by this server"),
     "frequency_penalty": _must_be(lambda v: v in (None, 0, 0.0), "penalties are not supported; send 0"),
@@ -307,11 +336,47 @@ _NO_OP_FIELDS: dict[str, Callable[[Any], None]] = {
     "metadata": _must_be(lambda v: True, ""),
     "store": _must_be(lambda v: True, ""),
     "service_tier": _must_be(lambda v: True, ""),
-    "stream_options": _must_be(lambda v: True, ""),
     "parallel_tool_calls": _must_be(lambda v: True, ""),  # several calls per turn are always allowed
 }
 _HANDLED_FIELDS = frozenset({"model", "messages", "tools", "tool_choice", "temperature", "top_p", "top_k", "max_tokens",
-                             "max_completion_tokens", "seed", "stop", "n", "chat_template_kwargs"})
+                             "max_completion_tokens", "seed", "stop", "n", "chat_template_kwargs", "stream",
+                             "stream_options"})
+
+
+def _tool_choice(value: Any, tools: Sequence[Mapping[str, Any]]) -> tuple[str, tuple[str, ...]]:
+    """(mode, names a forced call may take) for a request's `tool_choice`; RequestError names the fault."""
+    declared = list(dict.fromkeys(tool["function"]["name"] for tool in tools))
+    if value is None or value == "auto" or value == "none":
+        return value or "auto", ()
+    if value == "required":
+        if not declared:
+            raise _invalid("tool_choice 'required' needs at least one tool in tools", "tool_choice")
+        return "required", tuple(declared)
+    function = value.get("function") if isinstance(value, Mapping) else None
+    if not isinstance(value, Mapping) or value.get("type") != "function" or not isinstance(function, Mapping) \
+            or not isinstance(function.get("name"), str):
+        raise _invalid(f"tool_choice must be 'auto', 'none', 'required' or {{'type': 'function', 'function': "
+                       f"{{'name': NAME}}}}, got {value!r}", "tool_choice")
+    name = function["name"]
+    if name not in declared:
+        raise _invalid(f"tool_choice names the function {name!r}, which is not among the declared tools "
+                       f"{declared}; name one of them or declare it in tools", "tool_choice")
+    return "function", (name,)
+
+
+def _stream_options(stream: Any, options: Any) -> tuple[bool, bool]:
+    """(stream, include_usage) for the request's `stream` and `stream_options`."""
+    if stream not in (None, True, False):
+        raise _invalid(f"stream must be true or false, got {stream!r}", "stream")
+    if options is None:
+        return bool(stream), False
+    if not stream:
+        raise _invalid("stream_options is only allowed with stream=true", "stream_options")
+    if not isinstance(options, Mapping) or set(options) - {"include_usage", "include_obfuscation"} \
+            or not isinstance(options.get("include_usage", False), bool):
+        raise _invalid(f"stream_options must be an object like {{'include_usage': true}}, got {options!r}",
+                       "stream_options")
+    return True, bool(options.get("include_usage", False))
 
 
 def parse_chat_request(body: Any, limits: ServerLimits) -> ChatRequest:
@@ -339,16 +404,16 @@ def parse_chat_request(body: Any, limits: ServerLimits) -> ChatRequest:
         raise _invalid("messages must be a non-empty list of chat messages", "messages")
     messages = [_message(message, i) for i, message in enumerate(raw_messages)]
     tools = _tools(body.get("tools"))
-    tool_choice = body.get("tool_choice", "auto")
-    if tool_choice not in (None, "auto", "none"):
-        raise _invalid(f"tool_choice {tool_choice!r} is not supported; use 'auto' or 'none'", "tool_choice",
-                       "unsupported_value")
+    tool_choice, forced_tools = _tool_choice(body.get("tool_choice"), tools)
+    if tool_choice == "none":
+        tools = []  # the model is given no tools to call
+    stream, include_usage = _stream_options(body.get("stream"), body.get("stream_options"))
     template_kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(template_kwargs, Mapping) or set(template_kwargs) - {"enable_thinking"}:
         raise _invalid("chat_template_kwargs may only hold enable_thinking", "chat_template_kwargs")
     enable_thinking = bool(template_kwargs.get("enable_thinking", limits.enable_thinking))
     try:
-        render_segments(messages, tools, template=limits.template, enable_thinking=enable_thinking)
+        as_chat_format(limits.template).render(messages, tools, enable_thinking=enable_thinking)
     except ValueError as exc:
         raise _invalid(f"the messages cannot be rendered with the {limits.template} chat template: {exc}",
                        "messages") from None
@@ -367,9 +432,10 @@ def parse_chat_request(body: Any, limits: ServerLimits) -> ChatRequest:
     key = SamplingKey(max_tokens=max_tokens, temperature=temperature,
                       top_p=top_p if temperature > 0 else 1.0, top_k=max(top_k, 0) if temperature > 0 else 0,
                       enable_thinking=enable_thinking, seed=seed if temperature > 0 else None)
-    return ChatRequest(model=model, messages=messages, tools=tools,
-                       parse_tool_calls=bool(tools) and tool_choice != "none", key=key, n=n,
-                       stop=_stop(body.get("stop")))
+    return ChatRequest(model=model, messages=messages, tools=tools, parse_tool_calls=bool(tools), key=key, n=n,
+                       stop=_stop(body.get("stop")), tool_choice=tool_choice, forced_tools=forced_tools,
+                       tool_format=as_chat_format(limits.template).tool_format, stream=stream,
+                       include_usage=include_usage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,48 +458,174 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(positions)], True) if positions else (text, False)
 
 
-def assistant_choice(turn: GeneratedTurn, *, template: str, parse_tool_calls: bool,
-                     stop: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
-    """The OpenAI assistant message and finish_reason of a generated turn (see the module notes)."""
+# Tool-call format -> how a call starts, up to its arguments ({name}: the JSON-quoted function name).
+CALL_OPENINGS = {
+    "qwen": '<tool_call>\n{{"name": {name}, "arguments":',  # <tool_call>\n{"name": ..., "arguments": {...}}
+    "llama3": '{{"name": {name}, "parameters":',  # Llama 3.1 JSON: {"name": ..., "parameters": {...}}
+}
+
+
+def call_opening(name: str, tool_format: str = "qwen") -> str:
+    """The start of a forced assistant turn: the call markup of `tool_format` up to the arguments of `name`.
+
+    Both Qwen templates write a call as `<tool_call>\\n{"name": "NAME", "arguments": {...}}\\n</tool_call>`.
+    The opening stops after `"arguments":` without the space: tokenizers glue that space to the `{` that
+    follows (` {"`), so leaving it to the model keeps the arguments' first token the one it was trained on.
+    Raises ValueError for a format without an entry in `CALL_OPENINGS`.
+    """
+    if tool_format not in CALL_OPENINGS:
+        raise ValueError(f"no forced-call opening for the tool-call format {tool_format!r}; known: "
+                         f"{sorted(CALL_OPENINGS)}")
+    return CALL_OPENINGS[tool_format].format(name=json.dumps(name, ensure_ascii=False))
+
+
+def _new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def _raw_arguments(generated: str) -> str:
+    """The arguments of a forced call that did not parse as a complete call: the JSON object the model
+    generated when there is one, else its text up to `</tool_call>` without the outer object's `}`."""
+    text = generated.split("</tool_call>", 1)[0].strip()
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text)
+    except json.JSONDecodeError:
+        value = None
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False)
+    if text.endswith("}") and text.count("}") > text.count("{"):
+        text = text[:-1].rstrip()
+    return text
+
+
+def _forced_choice(turn: GeneratedTurn, forced_tools: Sequence[str], stop: Sequence[str],
+                   tool_format: str) -> tuple[dict[str, Any], str]:
+    name = max((n for n in forced_tools if turn.text.startswith(call_opening(n, tool_format))), key=len, default=None)
+    if name is None:
+        raise ValueError(f"a forced turn must start with the call opening of one of {list(forced_tools)}, "
+                         f"got {turn.text[:80]!r}")
+    opening = call_opening(name, tool_format)
+    generated, stopped_by_string = _cut_at_stop(turn.text[len(opening):], stop)
+    parsed = parse_assistant_turn(opening + generated, tool_format)
+    calls = list(parsed.tool_calls)
+    if len(forced_tools) == 1:  # a named function: only calls to it
+        calls = [call for call in calls if call.name == name]
+    content = None
+    if calls and calls[0].name == name:
+        entries = [(call.name, json.dumps(call.arguments, ensure_ascii=False)) for call in calls]
+        content = parsed.content or None
+    else:
+        entries = [(name, _raw_arguments(generated))]
+    message = {"role": "assistant", "content": content, "tool_calls": [
+        {"id": _new_call_id(), "type": "function", "function": {"name": call_name, "arguments": arguments}}
+        for call_name, arguments in entries]}
+    return message, "length" if turn.truncated and not stopped_by_string else "tool_calls"
+
+
+def assistant_choice(turn: GeneratedTurn, *, template: str, parse_tool_calls: bool, stop: Sequence[str] = (),
+                     forced_tools: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
+    """The OpenAI assistant message and finish_reason of a generated turn (see the module notes).
+
+    With `forced_tools` the turn's text starts with `call_opening` of one of them (the engine puts it there)
+    and the message is a call to that function whatever the model generated; raises ValueError otherwise.
+    """
+    chat_format = as_chat_format(template)
+    if forced_tools:
+        return _forced_choice(turn, forced_tools, stop, chat_format.tool_format)
     text, stopped_by_string = _cut_at_stop(turn.text, stop)
-    reasoning, rest = _split_think_block(text) if template == "qwen3" else (None, text)
+    reasoning, rest = _split_think_block(text) if chat_format.name == "qwen3" else (None, text)
     message: dict[str, Any] = {"role": "assistant", "content": rest}
     if reasoning is not None:
         message["reasoning_content"] = reasoning
     if turn.truncated and not stopped_by_string:
         return message, "length"
-    parsed = parse_assistant_turn(rest) if parse_tool_calls else None
+    parsed = parse_assistant_turn(rest, chat_format.tool_format) if parse_tool_calls else None
     if parsed is None or not parsed.tool_calls:
         return message, "stop"
     message["content"] = parsed.content or None
     message["tool_calls"] = [
-        {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+        {"id": _new_call_id(), "type": "function",
          "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
         for call in parsed.tool_calls
     ]
     return message, "tool_calls"
 
 
+def _usage(turns: Sequence[GeneratedTurn]) -> dict[str, int]:
+    prompt_tokens = len(turns[0].prompt_ids) if turns else 0
+    completion_tokens = sum(len(turn.token_ids) for turn in turns)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _choices(request: ChatRequest, turns: Sequence[GeneratedTurn], template: str) -> list[tuple[dict[str, Any], str]]:
+    return [assistant_choice(turn, template=template, parse_tool_calls=request.parse_tool_calls, stop=request.stop,
+                             forced_tools=request.forced_tools) for turn in turns]
+
+
 def completion_body(request: ChatRequest, turns: Sequence[GeneratedTurn], *, template: str,
                     completion_id: str | None = None, created: int | None = None) -> dict[str, Any]:
     """The `chat.completion` object for a request's generated turns (one per choice)."""
-    choices = []
-    for index, turn in enumerate(turns):
-        message, finish_reason = assistant_choice(turn, template=template, parse_tool_calls=request.parse_tool_calls,
-                                                  stop=request.stop)
-        choices.append({"index": index, "message": message, "finish_reason": finish_reason, "logprobs": None})
-    prompt_tokens = len(turns[0].prompt_ids) if turns else 0
-    completion_tokens = sum(len(turn.token_ids) for turn in turns)
+    choices = [{"index": index, "message": message, "finish_reason": finish_reason, "logprobs": None}
+               for index, (message, finish_reason) in enumerate(_choices(request, turns, template))]
     return {
         "id": completion_id or "chatcmpl-" + uuid.uuid4().hex,
         "object": "chat.completion",
         "created": int(time.time()) if created is None else created,
         "model": request.model,
         "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": _usage(turns),
         "system_fingerprint": None,
     }
+
+
+def _message_deltas(message: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The deltas that rebuild `message` when concatenated the way OpenAI clients do."""
+    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+    if message.get("reasoning_content"):
+        deltas.append({"reasoning_content": message["reasoning_content"]})
+    if message.get("content"):
+        deltas.append({"content": message["content"]})
+    for index, call in enumerate(message.get("tool_calls") or ()):
+        function = call["function"]
+        deltas.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                       "function": {"name": function["name"], "arguments": ""}}]})
+        if function["arguments"]:
+            deltas.append({"tool_calls": [{"index": index, "function": {"arguments": function["arguments"]}}]})
+    return deltas
+
+
+def completion_chunks(request: ChatRequest, turns: Sequence[GeneratedTurn], *, template: str,
+                      completion_id: str | None = None, created: int | None = None) -> list[dict[str, Any]]:
+    """The `chat.completion.chunk` objects of a streamed reply, in order (see the module notes).
+
+    Each choice's chunks carry its `index`: the role, content and tool-call deltas, then an empty delta with
+    the `finish_reason`. With `request.include_usage` every chunk has `"usage": null` and a last chunk with
+    no choices carries the usage.
+    """
+    base: dict[str, Any] = {"id": completion_id or "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk",
+                            "created": int(time.time()) if created is None else created, "model": request.model,
+                            "system_fingerprint": None}
+    if request.include_usage:
+        base["usage"] = None
+    chunks = []
+    for index, (message, finish_reason) in enumerate(_choices(request, turns, template)):
+        for delta in _message_deltas(message):
+            chunks.append({**base, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                                "finish_reason": None}]})
+        chunks.append({**base, "choices": [{"index": index, "delta": {}, "logprobs": None,
+                                            "finish_reason": finish_reason}]})
+    if request.include_usage:
+        chunks.append({**base, "choices": [], "usage": _usage(turns)})
+    return chunks
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_event(payload: Mapping[str, Any]) -> str:
+    """One server-sent event carrying `payload` as JSON (`data: {...}` and a blank line)."""
+    return "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,21 +635,113 @@ def completion_body(request: ChatRequest, turns: Sequence[GeneratedTurn], *, tem
 GeneratorFactory = Callable[[SamplingKey], TurnGenerator]
 
 
-def local_policy_factory(config: Any, params: Any, tokenizer: Any, *, template: str,
-                         max_prompt_tokens: int | None = None, data_sharding: Any = None) -> GeneratorFactory:
-    """Builds one `LocalPolicy` per sampling key, all sharing the parameters and the compiled sampler.
+class _OpenedMessages(list):
+    """A conversation's messages carrying the text its assistant turn must start with."""
 
-    A request's prompt budget is the context minus its max_tokens, capped at `max_prompt_tokens`.
+    def __init__(self, messages: Sequence[Mapping[str, Any]], opening: str) -> None:
+        super().__init__(messages)
+        self.opening = opening
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def continuation_logprobs(config: Any, params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array,
+                          continuation_ids: jax.Array, continuation_mask: jax.Array) -> jax.Array:
+    """Summed log-probs [K] (float32) of K continuations [K, R] (right-padded, `continuation_mask` True on
+    real tokens) of one prompt [1, P] (left-padded, `prompt_mask`), the prompt run once for all of them."""
+    prompt_h, continuation_h = shared_prompt_hidden_states(config, params, prompt_ids, prompt_mask,
+                                                           continuation_ids, continuation_mask)
+    k, d = continuation_ids.shape[0], prompt_h.shape[-1]
+    # The last prompt position predicts the first continuation token, continuation position j the token j + 1.
+    hidden = jnp.concatenate([jnp.broadcast_to(prompt_h[:, -1:], (k, 1, d)), continuation_h[:, :-1]], axis=1)
+    logprobs = jax.nn.log_softmax(logits_from_hidden(config, params, hidden), axis=-1)  # [K, R, V]
+    picked = jnp.take_along_axis(logprobs, continuation_ids[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(continuation_mask, picked, 0.0), axis=-1)
+
+
+class ServedPolicy(LocalPolicy):
+    """A `LocalPolicy` whose turns may start with given text, and which picks a forced call's function.
+
+    `policy(conversations, openings=[...])` appends each non-empty opening's ids to that prompt, so the
+    model continues it (the returned `GeneratedTurn.text` is what it generated after the opening).
+    `choose_tool` scores the declared tools' call openings. Without openings it is a `LocalPolicy`.
     """
 
-    def policy_for(key: SamplingKey) -> LocalPolicy:
+    def _encode(self, messages: Sequence[Mapping[str, Any]], tools: Any) -> tuple[list[int], str | None]:
+        # LocalPolicy encodes every prompt (`encode` and each call's conversations) through `_encode`:
+        # (prompt ids, rendered text or None). An opened turn's prompt continues with the opening.
+        ids, text = super()._encode(messages, tools)
+        opening = getattr(messages, "opening", "")
+        if not opening:
+            return ids, text
+        return ids + list(self.tokenizer.encode(opening, add_special_tokens=False)), \
+            None if text is None else text + opening
+
+    def __call__(self, conversations: Sequence[Any], openings: Sequence[str] | None = None) -> list[GeneratedTurn]:
+        """The next assistant turn of every conversation; `openings[i]` (if given) starts conversation i's turn."""
+        if openings is not None:
+            if len(openings) != len(conversations):
+                raise ValueError(f"got {len(openings)} openings for {len(conversations)} conversations; pass one "
+                                 "per conversation ('' for none)")
+            conversations = [(_OpenedMessages(messages, opening), tools) if opening else (messages, tools)
+                             for (messages, tools), opening in zip(conversations, openings)]
+        return super().__call__(conversations)
+
+    def score_openings(self, messages: Sequence[Mapping[str, Any]], tools: Any,
+                       openings: Sequence[str]) -> list[float]:
+        """The log-probability (natural log, summed over its tokens) of each opening as the start of the
+        assistant turn, computed in one forward pass over the prompt and the openings (prompt run once).
+
+        Raises ValueError when there are no openings or the prompt is over `max_prompt_tokens`."""
+        if not openings:
+            raise ValueError("score_openings needs at least one opening")
+        prompt = self.encode(messages, tools)
+        if len(prompt) > self.max_prompt_tokens:
+            raise ValueError(f"the prompt has {len(prompt)} tokens, over max_prompt_tokens={self.max_prompt_tokens}")
+        pieces = [list(self.tokenizer.encode(opening, add_special_tokens=False)) for opening in openings]
+        width, rows = bucket(len(prompt)), bucket(len(pieces), minimum=1)
+        prompt_ids = np.full((1, width), self.pad_id, np.int32)
+        prompt_ids[0, width - len(prompt):] = prompt
+        prompt_mask = np.arange(width)[None] >= width - len(prompt)
+        length = bucket(max(map(len, pieces)), minimum=1)
+        continuation_ids = np.full((rows, length), self.pad_id, np.int32)
+        continuation_mask = np.zeros((rows, length), bool)
+        for row, piece in enumerate(pieces):
+            continuation_ids[row, :len(piece)] = piece
+            continuation_mask[row, :len(piece)] = True
+        scores = continuation_logprobs(self.config, self.params, prompt_ids, prompt_mask, continuation_ids,
+                                       continuation_mask)
+        return [float(x) for x in np.asarray(scores)[:len(pieces)]]
+
+    def choose_tool(self, messages: Sequence[Mapping[str, Any]], tools: Any, names: Sequence[str],
+                    tool_format: str = "qwen") -> str:
+        """The name in `names` whose `call_opening(name, tool_format)` is the most likely start of the turn (the
+        first on ties); with one name, that name. A prompt over budget gets the first name (it is refused anyway)."""
+        if len(names) == 1:
+            return names[0]
+        try:
+            scores = self.score_openings(messages, tools, [call_opening(name, tool_format) for name in names])
+        except ValueError:
+            return names[0]
+        return names[max(range(len(names)), key=lambda i: (scores[i], -i))]
+
+
+def local_policy_factory(config: Any, params: Any, tokenizer: Any, *, template: str,
+                         max_prompt_tokens: int | None = None, data_sharding: Any = None,
+                         seed: int = 0) -> GeneratorFactory:
+    """Builds one `ServedPolicy` per sampling key, all sharing the parameters and the compiled sampler.
+
+    A request's prompt budget is the context minus its max_tokens, capped at `max_prompt_tokens`. Sampled
+    requests without a seed of their own draw from `seed`.
+    """
+
+    def policy_for(key: SamplingKey) -> ServedPolicy:
         budget = config.max_position_embeddings - key.max_tokens
         if max_prompt_tokens is not None:
             budget = min(budget, max_prompt_tokens)
-        return LocalPolicy(config, params, tokenizer, template=template, enable_thinking=key.enable_thinking,
+        return ServedPolicy(config, params, tokenizer, template=template, enable_thinking=key.enable_thinking,
                            max_new_tokens=key.max_tokens, max_prompt_tokens=budget, temperature=key.temperature,
                            top_p=key.top_p, top_k=key.top_k, data_sharding=data_sharding,
-                           seed=key.seed if key.seed is not None else 0)
+                           seed=key.seed if key.seed is not None else seed)
 
     return policy_for
 
@@ -477,6 +761,11 @@ class BatchingEngine:
     come from `generator_for(key)` and are kept for the `cached_generators` most recent keys, so a
     conversation's turns meet the same generator (and its memory of sampled ids); a seeded sampled
     request always gets a fresh one. A failing call fails only its group's requests.
+
+    A request with `forced_tools` has its turns started with `call_opening(name)`: the one name, or for
+    several the generator's `choose_tool(messages, tools, names, tool_format)`. The generator is then called as
+    `generator(conversations, openings=[...])` (`ServedPolicy` takes that) and the opening is put back in
+    front of each returned turn's text. Requests without forced tools call `generator(conversations)`.
     """
 
     def __init__(self, generator_for: GeneratorFactory, *, max_batch_size: int = 64, batch_window_s: float = 0.005,
@@ -564,7 +853,15 @@ class BatchingEngine:
             return
         conversations = [(item.request.messages, item.request.tools) for item in live for _ in range(item.request.n)]
         try:
-            turns = self._generator(live[0].request.key)(conversations)
+            generator = self._generator(live[0].request.key)
+            openings = [opening for item in live
+                        for opening in [self._opening(generator, item.request)] * item.request.n]
+            if any(openings):
+                turns = generator(conversations, openings=openings)
+                turns = [dataclasses.replace(turn, text=opening + turn.text) if opening and not turn.prompt_too_long
+                         else turn for turn, opening in zip(turns, openings)]
+            else:
+                turns = generator(conversations)
             if len(turns) != len(conversations):
                 raise RuntimeError(f"the generator returned {len(turns)} turns for {len(conversations)} conversations")
         except Exception as exc:  # noqa: BLE001 - the group's requests get the error; the server goes on
@@ -581,6 +878,22 @@ class BatchingEngine:
         for item in live:
             item.future.set_result(list(turns[position: position + item.request.n]))
             position += item.request.n
+
+    @staticmethod
+    def _opening(generator: TurnGenerator, request: ChatRequest) -> str:
+        names = request.forced_tools
+        if not names:
+            return ""
+        if len(names) == 1:
+            return call_opening(names[0], request.tool_format)
+        choose = getattr(generator, "choose_tool", None)
+        if choose is None:
+            raise TypeError(f"{type(generator).__name__} has no choose_tool(messages, tools, names, tool_format), "
+                            "which tool_choice='required' with several tools needs; serve a ServedPolicy")
+        name = choose(request.messages, request.tools, names, request.tool_format)
+        if name not in names:
+            raise ValueError(f"choose_tool returned {name!r}, which is not among the declared tools {list(names)}")
+        return call_opening(name, request.tool_format)
 
     def _run(self) -> None:
         while True:
@@ -602,11 +915,15 @@ class BatchingEngine:
 
 
 # ---------------------------------------------------------------------------------------------
-# The service: routing and errors, independent of the HTTP plumbing.
+# The service: what a route does, independent of the web framework (`ftrl_jax.serving.app` routes to it).
 
 
 class PolicyService:
-    """Answers OpenAI API requests for one served model; `handle` returns (status, JSON body)."""
+    """Answers OpenAI API requests for one served model: request checks, the batching engine, reply bodies.
+
+    The web app (`ftrl_jax.serving.app.create_app`) calls `check_api_key`, `parse`, `submit` and then
+    `completion` or `stream_events`; `chat_completion` does all of it in one blocking call.
+    """
 
     def __init__(self, engine: BatchingEngine, limits: ServerLimits, *, api_key: str = "",
                  request_timeout_s: float = 600.0) -> None:
@@ -616,52 +933,42 @@ class PolicyService:
         self.request_timeout_s = float(request_timeout_s)
         self.created = int(time.time())
         self._ids = itertools.count()
-        self._routes: dict[tuple[str, str], Callable[[bytes], tuple[int, dict[str, Any]]]] = {
-            ("POST", "/v1/chat/completions"): self._chat_completions,
-            ("GET", "/v1/models"): lambda body: (200, {"object": "list", "data": [self._model_card()]}),
-            ("GET", "/v1/models/" + limits.model_name): lambda body: (200, self._model_card()),
-            ("GET", "/health"): lambda body: (200, {"status": "ok"}),
-        }
 
-    def _model_card(self) -> dict[str, Any]:
+    def model_card(self) -> dict[str, Any]:
+        """The `model` object of the served model (`GET /v1/models/{id}`)."""
         return {"id": self.limits.model_name, "object": "model", "created": self.created, "owned_by": "ftrl_jax",
                 "max_model_len": self.limits.context_length}
 
-    def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
-        """Routes one request; every refusal comes back as an OpenAI error body with its status."""
-        path = path.split("?", 1)[0].rstrip("/") or "/"
-        authorization = next((value for name, value in headers.items() if name.lower() == "authorization"), "")
-        try:
-            if self.api_key and path != "/health" and authorization != f"Bearer {self.api_key}":
-                raise RequestError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
-                                   type="authentication_error", code="invalid_api_key")
-            route = self._routes.get((method, path))
-            if route is None:
-                known = [p for m, p in self._routes if p == path]
-                if known:
-                    raise RequestError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
-                if path.startswith("/v1/models/"):
-                    raise RequestError(404, f"The model {path[len('/v1/models/'):]!r} does not exist; this server "
-                                       f"serves {self.limits.model_name!r}", param="model", code="model_not_found")
-                raise RequestError(404, f"no route {method} {path}; this server answers POST /v1/chat/completions "
-                                   "and GET /v1/models", code="not_found")
-            return route(body)
-        except RequestError as exc:
-            return exc.status, exc.body()
+    def models(self) -> dict[str, Any]:
+        """The `GET /v1/models` list: the one served model."""
+        return {"object": "list", "data": [self.model_card()]}
 
-    def _chat_completions(self, body: bytes) -> tuple[int, dict[str, Any]]:
+    def model(self, name: str) -> dict[str, Any]:
+        """The model card for `GET /v1/models/{name}`; RequestError 404 for any other name."""
+        if name != self.limits.model_name:
+            raise RequestError(404, f"The model {name!r} does not exist; this server serves {self.limits.model_name!r}",
+                               param="model", code="model_not_found")
+        return self.model_card()
+
+    def check_api_key(self, authorization: str | None) -> None:
+        """Raises RequestError 401 unless the `Authorization` header carries the key (no key set: open)."""
+        if self.api_key and authorization != f"Bearer {self.api_key}":
+            raise RequestError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                               type="authentication_error", code="invalid_api_key")
+
+    def parse(self, body: bytes) -> ChatRequest:
+        """A raw `/v1/chat/completions` body (UTF-8 JSON) -> ChatRequest; RequestError 400/404 names the fault."""
         try:
             decoded = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise _invalid(f"the request body is not valid JSON: {exc}") from None
-        request = parse_chat_request(decoded, self.limits)
-        try:
-            turns = self.engine.generate(request, timeout=self.request_timeout_s)
-        except concurrent.futures.TimeoutError:
-            raise RequestError(503, f"generation did not finish within {self.request_timeout_s:g} s; retry later",
-                               type="server_error", code="timeout") from None
-        except Exception as exc:  # noqa: BLE001 - reported to the client as a server error
-            raise RequestError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error") from None
+        return parse_chat_request(decoded, self.limits)
+
+    def submit(self, request: ChatRequest) -> concurrent.futures.Future:
+        """Queues the request on the batching engine; the future resolves to its n turns."""
+        return self.engine.submit(request)
+
+    def _checked(self, request: ChatRequest, turns: Sequence[GeneratedTurn]) -> str:
         too_long = next((turn for turn in turns if turn.prompt_too_long), None)
         if too_long is not None:
             raise _invalid(
@@ -669,120 +976,68 @@ class PolicyService:
                 f"{len(too_long.prompt_ids)} tokens and max_tokens asks for {request.key.max_tokens} more, which is "
                 "over the prompt budget; shorten the messages or lower max_tokens",
                 "messages", "context_length_exceeded")
-        completion_id = f"chatcmpl-{next(self._ids)}-{uuid.uuid4().hex[:12]}"
-        return 200, completion_body(request, turns, template=self.limits.template, completion_id=completion_id)
+        return f"chatcmpl-{next(self._ids)}-{uuid.uuid4().hex[:12]}"
 
+    def completion(self, request: ChatRequest, turns: Sequence[GeneratedTurn]) -> dict[str, Any]:
+        """The `chat.completion` body of generated turns; RequestError 400 when the prompt did not fit."""
+        return completion_body(request, turns, template=self.limits.template,
+                               completion_id=self._checked(request, turns))
 
-# ---------------------------------------------------------------------------------------------
-# HTTP.
+    def stream_events(self, request: ChatRequest, turns: Sequence[GeneratedTurn]) -> list[str]:
+        """The server-sent events of a streamed reply (`completion_chunks`, then `data: [DONE]`)."""
+        chunks = completion_chunks(request, turns, template=self.limits.template,
+                                   completion_id=self._checked(request, turns))
+        return [sse_event(chunk) for chunk in chunks] + [SSE_DONE]
 
+    def generation_error(self, exc: BaseException) -> RequestError:
+        """What a client is told when its turns could not be generated (503 on time-out, else 500)."""
+        if isinstance(exc, RequestError):
+            return exc
+        if isinstance(exc, (concurrent.futures.TimeoutError, TimeoutError)):
+            return RequestError(503, f"generation did not finish within {self.request_timeout_s:g} s; retry later",
+                                type="server_error", code="timeout")
+        return RequestError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as OpenAI clients expect
-    server_version = "ftrl_jax"
+    def chat_completion(self, body: bytes) -> dict[str, Any] | list[str]:
+        """Parses, generates (blocking) and answers one request: the completion body, or the SSE events of a
+        `stream=true` request. Raises RequestError with the status and OpenAI error body to send."""
+        request = self.parse(body)
+        try:
+            turns = self.submit(request).result(self.request_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - reported to the client as a server error
+            raise self.generation_error(exc) from None
+        return self.stream_events(request, turns) if request.stream else self.completion(request, turns)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._dispatch("POST")
-
-    def _dispatch(self, method: str) -> None:
-        server: PolicyHTTPServer = self.server  # type: ignore[assignment]
-        body = b""
-        if method == "POST":
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self.close_connection = True
-                self._send(411, RequestError(411, "send the body with a Content-Length header").body())
-                return
-            if int(length) > server.max_body_bytes:
-                self._discard(int(length))  # read, so closing does not reset the connection under the reply
-                self.close_connection = True
-                self._send(413, RequestError(413, f"the request body has {length} bytes, over this server's limit "
-                                             f"of {server.max_body_bytes}; send fewer or shorter messages",
-                                             code="request_too_large").body())
-                return
-            body = self.rfile.read(int(length))
-        status, payload = server.service.handle(method, self.path, dict(self.headers.items()), body)
-        self._send(status, payload)
-
-    def _discard(self, length: int, chunk: int = 1 << 20) -> None:
-        while length > 0:
-            read = len(self.rfile.read(min(chunk, length)))
-            if not read:
-                return
-            length -= read
-
-    def _send(self, status: int, payload: Mapping[str, Any]) -> None:
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
-        logger.debug("%s - %s", self.address_string(), format % args)
-
-
-class PolicyHTTPServer(http.server.ThreadingHTTPServer):
-    """A threading HTTP server around a `PolicyService` (one thread per connection)."""
-
-    daemon_threads = True
-    request_queue_size = 256  # the listen backlog: socketserver's 5 resets bursts of concurrent clients
-
-    def __init__(self, address: tuple[str, int], service: PolicyService, *, max_body_bytes: int = 32 << 20) -> None:
-        super().__init__(address, _Handler)
-        self.service = service
-        self.max_body_bytes = int(max_body_bytes)
-
-    @property
-    def base_url(self) -> str:
-        """The API root clients use, e.g. http://127.0.0.1:8000/v1."""
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}/v1"
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stops the batching engine once its queued requests are done."""
+        self.engine.close(timeout)
 
 
 def build_service(model: str | os.PathLike, *, served_model_name: str = "", tokenizer_dir: str | os.PathLike | None = None,
                   template: str | None = None, enable_thinking: bool = False, dtype: str = "float32",
                   tensor_parallel: int = 1, max_batch_size: int = 64, batch_window_s: float = 0.005,
                   max_wait_s: float = 0.05, default_max_tokens: int = 512, max_prompt_tokens: int | None = None,
-                  api_key: str = "") -> "PolicyService":
+                  api_key: str = "", request_timeout_s: float = 600.0, seed: int = 0) -> PolicyService:
     """Loads a policy directory (or WORKDIR/export) and wires the batching engine and the service around it.
 
     Raises ValueError when a limit does not fit the model (`default_max_tokens` must be below its context,
     `max_prompt_tokens` at least 1) and what `load_policy` raises for a directory it cannot load.
     """
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(f"--max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+    if request_timeout_s <= 0:
+        raise ValueError(f"--request_timeout_s must be > 0, got {request_timeout_s}")
     policy = load_policy(model, dtype=dtype, template=template, tokenizer_dir=tokenizer_dir,
                          tensor_parallel=tensor_parallel)
     context = policy.config.max_position_embeddings
-    if max_prompt_tokens is not None and max_prompt_tokens < 1:
-        raise ValueError(f"--max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
     if not 1 <= default_max_tokens < context:
         raise ValueError(f"--default_max_tokens={default_max_tokens} must be from 1 to {context - 1} "
                          f"(the model's context is {context} tokens)")
     factory = local_policy_factory(policy.config, policy.params, policy.tokenizer, template=policy.template,
-                                   max_prompt_tokens=max_prompt_tokens)
+                                   max_prompt_tokens=max_prompt_tokens, seed=seed)
     engine = BatchingEngine(factory, max_batch_size=max_batch_size, batch_window_s=batch_window_s,
                             max_wait_s=max_wait_s)
     limits = ServerLimits(model_name=served_model_name or os.fspath(model), context_length=context,
                           template=policy.template, default_max_tokens=default_max_tokens,
                           enable_thinking=enable_thinking)
-    return PolicyService(engine, limits, api_key=api_key)
-
-
-def make_server(service: PolicyService, host: str = "127.0.0.1", port: int = 8000, *,
-                max_body_bytes: int = 32 << 20) -> PolicyHTTPServer:
-    """An HTTP server for `service` bound to host:port (port 0: any free port); call `serve_forever()`."""
-    return PolicyHTTPServer((host, port), service, max_body_bytes=max_body_bytes)
-
-
-def start_in_thread(server: PolicyHTTPServer, poll_interval: float = 0.05) -> threading.Thread:
-    """Runs `server.serve_forever()` on a daemon thread (stop it with `server.shutdown()`)."""
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": poll_interval},
-                              name="policy-http", daemon=True)
-    thread.start()
-    return thread
+    return PolicyService(engine, limits, api_key=api_key, request_timeout_s=request_timeout_s)

@@ -38,7 +38,9 @@ def tiny_policy_dir(path):
 @pytest.mark.parametrize("request_body,status,param,code", [
     ([1, 2], 400, None, None),
     (body(foo=1), 400, "foo", None),
-    (body(stream=True), 400, "stream", "unsupported_value"),
+    (body(stream="yes"), 400, "stream", None),
+    (body(stream_options={"include_usage": True}), 400, "stream_options", None),
+    (body(stream=True, stream_options={"include_usage": 1}), 400, "stream_options", None),
     (body(presence_penalty=0.5), 400, "presence_penalty", "unsupported_value"),
     ({"messages": USER}, 400, "model", None),
     (body(model="other"), 404, "model", "model_not_found"),
@@ -52,7 +54,11 @@ def tiny_policy_dir(path):
      "messages[1].tool_calls[0].function.arguments", None),
     (body(messages=[{"role": "user", "content": None}]), 400, "messages[0].content", None),
     (body(tools=[{"type": "function"}]), 400, "tools[0]", None),
-    (body(tool_choice="required"), 400, "tool_choice", "unsupported_value"),
+    (body(tool_choice="required"), 400, "tool_choice", None),
+    (body(tools=TOOLS, tool_choice="any"), 400, "tool_choice", None),
+    (body(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "triple"}}), 400, "tool_choice", None),
+    (body(tool_choice={"type": "function", "function": {"name": "double"}}), 400, "tool_choice", None),
+    (body(tools=TOOLS, tool_choice={"type": "allowed_tools", "allowed_tools": {}}), 400, "tool_choice", None),
     (body(max_tokens=0), 400, "max_tokens", None),
     (body(max_tokens=4096), 400, "max_tokens", None),
     (body(temperature=3), 400, "temperature", None),
@@ -297,17 +303,13 @@ class ScriptedGenerator:
 def scripted_server():
     engine = BatchingEngine(lambda key: ScriptedGenerator())
     service = PolicyService(engine, LIMITS, api_key="sk-local")
-    server = serving.make_server(service, "127.0.0.1", 0, max_body_bytes=4096)
-    serving.start_in_thread(server)
-    yield server
-    server.shutdown()
-    server.server_close()
-    engine.close()
+    with serving.start_server(service, max_body_bytes=4096) as server:
+        yield server
+    assert not engine._worker.is_alive()  # leaving the block closed the engine
 
 
 def raw_request(server, method, path, payload, headers=None):
-    host, port = server.server_address[:2]
-    connection = http.client.HTTPConnection(host, port, timeout=10)
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=10)
     connection.request(method, path, body=payload, headers={"Authorization": "Bearer sk-local", **(headers or {})})
     response = connection.getresponse()
     data = json.loads(response.read())
@@ -387,8 +389,7 @@ def test_served_greedy_turns_equal_the_in_process_policy(tiny_policy):
     factory = serving.local_policy_factory(config, params, tokenizer, template="qwen2.5")
     engine = BatchingEngine(factory, batch_window_s=2.0, max_batch_size=3)
     service = PolicyService(engine, ServerLimits("tiny", config.max_position_embeddings))
-    server = serving.make_server(service, "127.0.0.1", 0)
-    serving.start_in_thread(server)
+    server = serving.start_server(service)
     try:
         client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
 
@@ -400,9 +401,7 @@ def test_served_greedy_turns_equal_the_in_process_policy(tiny_policy):
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             replies = list(pool.map(ask, conversations))
     finally:
-        server.shutdown()
-        server.server_close()
-        engine.close()
+        server.stop()
     assert engine.stats["largest_batch"] == 3
     for reply, expected in zip(replies, in_process):
         choice = reply.choices[0]
