@@ -1,8 +1,8 @@
 """The LLM author: each of the five stages done by prompting a chat model, as FTRL does.
 
 Any OpenAI-compatible `/v1/chat/completions` endpoint works (vLLM, SGLang, llama.cpp server,
-hosted APIs); the client uses only `urllib.request`. Every answer must be JSON of the stage's
-shape and pass the same checks `construct` applies; a failing answer is sent back with the
+hosted APIs); requests go through the official `openai` SDK. Every answer must be JSON of the
+stage's shape and pass the same checks `construct` applies; a failing answer is sent back with the
 problem appended to the conversation, a bounded number of times, then the stage fails with
 StageError naming the last problem (the environment is dropped). Endpoint failures raise
 ChatError instead, which stops a build: they say nothing about the environment.
@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 import random
 import re
-import time
-import urllib.error
-import urllib.request
 from typing import Any, Callable, Mapping, Sequence, TypeVar
+
+import openai
 
 from ftrl_jax.envs import rewards
 from ftrl_jax.envs import sandbox as sandbox_lib
@@ -25,63 +24,71 @@ from ftrl_jax.envs.stages import (Case, Complexity, Scenario, StageError, SubQue
 
 T = TypeVar("T")
 
+# The SDK refuses to start without a key; servers without auth get this one and no Authorization header.
+_NO_KEY = "no-key"
+
 
 class ChatError(RuntimeError):
     """The chat endpoint could not be reached or answered with an error."""
 
 
 class ChatClient:
-    """Minimal client for an OpenAI-compatible chat-completions endpoint (stdlib only).
+    """Client for an OpenAI-compatible chat-completions endpoint, through the `openai` SDK.
 
-    base_url is the API root, e.g. 'http://127.0.0.1:8000/v1'. Transient failures (connection
-    errors, HTTP 429 and 5xx) are retried `transient_retries` times with exponential backoff.
+    base_url is the API root, e.g. 'http://127.0.0.1:8000/v1'; an empty api_key sends no
+    Authorization header. Each request waits at most `timeout` seconds; connection errors, timeouts,
+    HTTP 408/409/429 and 5xx are retried `transient_retries` times with the SDK's exponential backoff
+    (0.5 s doubling up to 8 s, or the server's Retry-After when it asks for at most two minutes).
+    `http_client` replaces the SDK's connection pool (an `httpx.Client`, e.g. with a mock transport).
+    Raises ValueError for a base_url without http(s):// or a negative setting.
     """
 
     def __init__(self, base_url: str, api_key: str = "", model: str = "", timeout: float = 120.0,
                  temperature: float = 0.7, max_tokens: int | None = 4096, transient_retries: int = 3,
-                 backoff_s: float = 1.0):
+                 http_client: Any = None):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        if transient_retries < 0 or timeout <= 0:
+            raise ValueError(f"need transient_retries >= 0 and timeout > 0; got {transient_retries}, {timeout}")
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.api_key = api_key
         self.model = model
         self.timeout = timeout
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.transient_retries = transient_retries
-        self.backoff_s = backoff_s
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=api_key or _NO_KEY, timeout=timeout,
+                                     max_retries=transient_retries, http_client=http_client)
 
     def complete(self, messages: Sequence[Mapping[str, str]], seed: int | None = None) -> str:
         """The assistant message text for `messages`; raises ChatError."""
-        payload: dict[str, Any] = {"model": self.model, "messages": list(messages),
-                                   "temperature": self.temperature}
+        options: dict[str, Any] = {}
         if self.max_tokens is not None:
-            payload["max_tokens"] = self.max_tokens
+            options["max_tokens"] = self.max_tokens
         if seed is not None:
-            payload["seed"] = seed  # honoured by servers that support it; ignored by the rest
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps(payload).encode("utf-8"),
-                                         headers=headers, method="POST")
-        for attempt in range(self.transient_retries + 1):
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    body = json.loads(response.read().decode("utf-8"))
-                return _message_text(body, self.url)
-            except urllib.error.HTTPError as exc:
-                detail = exc.read().decode("utf-8", "replace")[:300]
-                transient = exc.code == 429 or exc.code >= 500
-                if not transient or attempt == self.transient_retries:
-                    raise ChatError(f"{self.url} answered HTTP {exc.code}: {detail}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-                if attempt == self.transient_retries:
-                    raise ChatError(f"cannot reach {self.url}: {exc}; check --base_url and that the "
-                                    "server is running") from None
-            except json.JSONDecodeError as exc:
-                raise ChatError(f"{self.url} did not answer with JSON ({exc})") from None
-            time.sleep(self.backoff_s * 2 ** attempt)
-        raise AssertionError("unreachable")
+            options["seed"] = seed  # honoured by servers that support it; ignored by the rest
+        if not self.api_key:
+            options["extra_headers"] = {"Authorization": openai.Omit()}
+        tries = self.transient_retries + 1
+        try:
+            completion = self._client.chat.completions.create(model=self.model, messages=list(messages),
+                                                              temperature=self.temperature, **options)
+        except openai.APIStatusError as exc:
+            raise ChatError(f"{self.url} answered HTTP {exc.status_code}: {exc.response.text[:300]}") from None
+        except openai.APITimeoutError:
+            raise ChatError(f"{self.url} did not answer within {self.timeout:g} s ({tries} tries); check that "
+                            "the server is running and not overloaded (fewer --author_threads)") from None
+        except openai.APIConnectionError as exc:
+            cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
+            raise ChatError(f"cannot reach {self.url} ({tries} tries): {exc}{cause}; check --base_url and that "
+                            "the server is running") from None
+        except ValueError as exc:  # a body labelled JSON that is not
+            raise ChatError(f"{self.url} did not answer with JSON ({exc})") from None
+        if not isinstance(completion, openai.BaseModel):  # the SDK hands back other bodies as text
+            raise ChatError(f"{self.url} did not answer with JSON: {str(completion)[:300]!r}; check that "
+                            "--base_url is the API root (it should end in /v1)")
+        return _message_text(completion.to_dict(), self.url)
 
 
 def _message_text(body: Any, url: str) -> str:

@@ -8,33 +8,30 @@ the way the Qwen chat templates render a turn (`turn_text`). So when the policy 
 template's own layout (trained Qwen models do), the text coming back is the text it generated and the
 next prompt the server renders is the prompt an in-process policy would have seen.
 
-Only the standard library is used (`urllib.request`). Each request has a timeout; connection errors,
-timeouts, HTTP 408/409/425/429/5xx and unreadable replies are retried with exponential backoff and jitter
-(honouring `Retry-After`). A prompt the server refuses as longer than its context becomes a
-`prompt_too_long` turn, a real outcome of the episode. Anything else that keeps failing raises
-`EndpointError`; `fatal` marks the answers no retry can fix (401, 403, 404: a wrong key, URL or model name).
+Requests go through the official `openai` SDK, which owns the timeouts and the retries: connection
+errors, timeouts, HTTP 408/409/429 and 5xx are retried with exponential backoff and jitter (0.5 s doubling
+up to 8 s, or the server's `Retry-After` when it asks for at most two minutes). A prompt the server refuses
+as longer than its context becomes a `prompt_too_long` turn, a real outcome of the episode. Anything else
+that keeps failing raises `EndpointError`; `fatal` marks the answers no retry can fix (401, 403, 404: a
+wrong key, URL or model name).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import http.client
 import json
-import random
-import socket
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from typing import Any
+
+import openai
 
 from ftrl_jax.rollout.episodes import Conversation, GeneratedTurn, TurnGenerationError
 from ftrl_jax.text.tool_calls import format_qwen_tool_call, parse_assistant_turn
 
-# Statuses worth another try: the server was busy, restarting or briefly unreachable.
-TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+# Statuses the SDK retries (the server was busy, restarting or briefly unreachable); any 5xx is one too.
+TRANSIENT_STATUSES = frozenset({408, 409, 429})
 # Statuses that say the evaluation itself is set up wrongly -> what to check.
 FATAL_STATUSES: dict[int, str] = {
     401: "the server refused the API key; check --api_key (or $OPENAI_API_KEY)",
@@ -49,14 +46,18 @@ CONTEXT_LENGTH_MARKERS = (
     "prompt is too long",
     "'max_tokens' or 'max_completion_tokens' is too large",
 )
-_NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, socket.timeout, http.client.HTTPException)
+# Body fields that `chat.completions.create` takes by name; every other field travels in `extra_body`.
+_CREATE_FIELDS = ("model", "messages", "max_tokens", "temperature", "top_p", "tools")
+# The SDK refuses to start without a key; servers without auth get this one and no Authorization header.
+_NO_KEY = "no-key"
 
 
 class EndpointError(TurnGenerationError):
     """A chat-completions request failed for good: after its retries, or at once when retrying cannot help.
 
-    `status` is the last HTTP status (None for network errors), `attempts` how many requests were sent,
-    `fatal` whether the setup is wrong (bad key, URL or model name) rather than this one request.
+    `status` is the last HTTP status (None for network errors and unreadable replies), `attempts` how many
+    requests were sent, `fatal` whether the setup is wrong (bad key, URL or model name) rather than this one
+    request.
     """
 
     def __init__(self, message: str, *, status: int | None = None, attempts: int = 1, fatal: bool = False):
@@ -64,6 +65,16 @@ class EndpointError(TurnGenerationError):
         self.status = status
         self.attempts = attempts
         self.fatal = fatal
+
+
+def is_transient(status: int) -> bool:
+    """Whether the SDK retries an answer with this HTTP status."""
+    return status in TRANSIENT_STATUSES or status >= 500
+
+
+def no_key_headers(api_key: str) -> dict[str, Any]:
+    """Per-request headers that drop `Authorization` when there is no key (servers without auth)."""
+    return {} if api_key else {"Authorization": openai.Omit()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,22 +187,25 @@ def is_context_length_error(body: str) -> bool:
 
 
 class OpenAIChatGenerator:
-    """Samples assistant turns from an OpenAI-compatible `/chat/completions` endpoint.
+    """Samples assistant turns from an OpenAI-compatible `/chat/completions` endpoint through the `openai` SDK.
 
-    `base_url` is the API root (e.g. `http://127.0.0.1:8000/v1`), `model` the served model name. One
-    call of the generator sends its conversations concurrently, up to `concurrency` at a time. Every
-    request waits at most `timeout_s` and is retried `max_retries` times on transient failures, the
-    k-th retry after about `backoff_s * 2**k` seconds (at most `max_backoff_s`). `enable_thinking`,
-    when not None, is sent as `chat_template_kwargs` (the vLLM convention for Qwen3's reasoning mode);
-    `extra_body` is merged into every request. Returned turns carry text only: the server's token ids
+    `base_url` is the API root (e.g. `http://127.0.0.1:8000/v1`), `model` the served model name; an empty
+    `api_key` sends no `Authorization` header. One call of the generator sends its conversations
+    concurrently, up to `concurrency` at a time. Every request waits at most `timeout_s` seconds and is
+    retried `max_retries` times on transient failures (the SDK's backoff, see the module docstring).
+    `enable_thinking`, when not None, is sent as `chat_template_kwargs` (the vLLM convention for Qwen3's
+    reasoning mode); `extra_body` is merged into every request body last, so it may also override a
+    field. `http_client` replaces the SDK's own connection pool (an `httpx.Client`, e.g. with a mock
+    transport in tests); it stays open on `close`. Returned turns carry text only: the server's token ids
     are not known here (`stats` counts the usage the server reports).
+
+    Raises ValueError for a base_url without http(s)://, an empty model or a non-positive setting.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key: str = "", max_new_tokens: int = 512,
                  temperature: float = 0.0, top_p: float = 1.0, enable_thinking: bool | None = None,
                  extra_body: Mapping[str, Any] | None = None, concurrency: int = 8, timeout_s: float = 300.0,
-                 max_retries: int = 4, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 max_retries: int = 4, http_client: Any = None) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         if not model:
@@ -211,13 +225,18 @@ class OpenAIChatGenerator:
         self.concurrency = int(concurrency)
         self.timeout_s = float(timeout_s)
         self.max_retries = int(max_retries)
-        self.backoff_s = float(backoff_s)
-        self.max_backoff_s = float(max_backoff_s)
-        self._sleep = sleep
         self._stats: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        # Requests sent by this thread's current call: the SDK retries inside one call and reports no count.
+        self._attempts = threading.local()
+        self._own_http_client = http_client is None
+        if http_client is not None:
+            http_client.event_hooks["request"].append(self._on_request)
+        self._http_client = http_client
+        self._sdk: openai.OpenAI | None = None
+        self._sdk_lock = threading.Lock()
 
     @property
     def stats(self) -> dict[str, int]:
@@ -229,14 +248,30 @@ class OpenAIChatGenerator:
         with self._stats_lock:
             self._stats.update(amounts)
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        return headers
+    def _on_request(self, request: Any) -> None:
+        self._attempts.count = getattr(self._attempts, "count", 0) + 1
+        self._count(requests=1)
+
+    def _attempts_taken(self) -> int:
+        """Requests this thread sent for its last call (retries counted in the stats)."""
+        attempts = max(1, getattr(self._attempts, "count", 0))
+        self._count(retries=attempts - 1)
+        return attempts
+
+    def client(self) -> openai.OpenAI:
+        """The SDK client every request goes through (built on first use, again after `close`)."""
+        with self._sdk_lock:
+            if self._sdk is None:
+                http_client = self._http_client
+                if http_client is None:
+                    http_client = openai.DefaultHttpxClient(event_hooks={"request": [self._on_request]})
+                self._sdk = openai.OpenAI(base_url=self.base_url, api_key=self.api_key or _NO_KEY,
+                                          timeout=self.timeout_s, max_retries=self.max_retries,
+                                          http_client=http_client)
+            return self._sdk
 
     def payload(self, messages: Sequence[Mapping[str, Any]], tools: Any) -> dict[str, Any]:
-        """The request body for one conversation (greedy when temperature is 0)."""
+        """The request body for one conversation (greedy when temperature is 0); `tools` may be a JSON string."""
         body: dict[str, Any] = {
             "model": self.model,
             "messages": wire_messages(messages),
@@ -253,53 +288,54 @@ class OpenAIChatGenerator:
         body.update(self.extra_body)
         return body
 
-    def _delay(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after:
-            try:
-                return min(self.max_backoff_s, max(0.0, float(retry_after)))
-            except ValueError:
-                pass  # an HTTP date: fall back to our own backoff
-        return min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
-
-    def _post(self, body: bytes) -> Any:
-        request = urllib.request.Request(self.url, data=body, headers=self._headers(), method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            return json.loads(response.read().decode("utf-8"))
+    def _failure(self, exc: openai.APIError, attempts: int) -> EndpointError | None:
+        """The EndpointError for an SDK error, or None when the server says the prompt is over the context."""
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            detail = exc.response.text
+            last = f"HTTP {status}: {detail[:500]}"
+            if status in (400, 413) and is_context_length_error(detail):
+                return None
+            if status in FATAL_STATUSES:
+                return EndpointError(f"{self.url} answered {last}; {FATAL_STATUSES[status]}", status=status,
+                                     attempts=attempts, fatal=True)
+            if not is_transient(status):
+                return EndpointError(f"{self.url} refused the request with {last}", status=status,
+                                     attempts=attempts)
+        else:  # APIConnectionError, APITimeoutError: no answer at all
+            status = None
+            cause = exc.__cause__
+            last = f"{type(exc).__name__}: {exc}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
+        return EndpointError(f"{self.url} failed {attempts} times (timeout {self.timeout_s:g} s each); "
+                             f"last error: {last}", status=status, attempts=attempts)
 
     def request(self, payload: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Sends one request with retries; the reply's JSON, or None when the prompt is over the context."""
-        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        last = ""
-        status: int | None = None
-        for attempt in range(self.max_retries + 1):
-            self._count(requests=1, retries=int(attempt > 0))
-            retry_after = None
-            try:
-                return self._post(body)
-            except urllib.error.HTTPError as exc:
-                status = exc.code
-                detail = exc.read().decode("utf-8", "replace")
-                last = f"HTTP {status}: {detail[:500]}"
-                if status in (400, 413) and is_context_length_error(detail):
-                    return None
-                if status in FATAL_STATUSES:
-                    self._count(failures=1)
-                    raise EndpointError(f"{self.url} answered {last}; {FATAL_STATUSES[status]}",
-                                        status=status, attempts=attempt + 1, fatal=True) from None
-                if status not in TRANSIENT_STATUSES:
-                    self._count(failures=1)
-                    raise EndpointError(f"{self.url} refused the request with {last}", status=status,
-                                        attempts=attempt + 1) from None
-                retry_after = exc.headers.get("Retry-After") if exc.headers else None
-            except _NETWORK_ERRORS as exc:
-                status, last = None, f"{type(exc).__name__}: {exc}"
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                status, last = None, f"the reply is not JSON ({exc})"
-            if attempt < self.max_retries:
-                self._sleep(self._delay(attempt, retry_after))
-        self._count(failures=1)
-        raise EndpointError(f"{self.url} failed {self.max_retries + 1} times (timeout {self.timeout_s:g} s each); "
-                            f"last error: {last}", status=status, attempts=self.max_retries + 1)
+        """Sends one request body with the SDK's retries.
+
+        Returns the reply as a dict (the fields the server sent, extra ones included), or None when the
+        server refused the prompt as longer than its context. Raises EndpointError otherwise.
+        """
+        named = {field: payload[field] for field in _CREATE_FIELDS if field in payload}
+        extra = {field: value for field, value in payload.items() if field not in named}
+        self._attempts.count = 0
+        try:
+            completion = self.client().chat.completions.create(
+                **named, extra_body=extra or None, extra_headers=no_key_headers(self.api_key))
+        except openai.APIError as exc:
+            error = self._failure(exc, self._attempts_taken())
+            if error is None:
+                return None
+            self._count(failures=1)
+            raise error from None
+        except ValueError as exc:  # a body labelled JSON that is not
+            completion = exc
+        attempts = self._attempts_taken()
+        if not isinstance(completion, openai.BaseModel):  # the SDK hands back other bodies as text
+            self._count(failures=1)
+            raise EndpointError(f"{self.url} answered with a body that is not a JSON object "
+                                f"({str(completion)[:200]!r}); check that --base_url is the API root of an "
+                                "OpenAI-compatible server (it should end in /v1)", attempts=attempts)
+        return completion.to_dict()
 
     def complete(self, messages: Sequence[Mapping[str, Any]], tools: Any) -> GeneratedTurn:
         """The next assistant turn of one conversation; raises EndpointError when the request keeps failing."""
@@ -336,18 +372,22 @@ class OpenAIChatGenerator:
         return [future.result() for future in futures]
 
     def list_models(self) -> list[str]:
-        """The model ids the server lists at `<base_url>/models` (one request, no retries)."""
-        request = urllib.request.Request(self.base_url + "/models", headers=self._headers(), method="GET")
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            body = json.loads(response.read().decode("utf-8"))
-        return [entry.get("id") for entry in body.get("data", []) if isinstance(entry, Mapping)]
+        """The model ids the server lists at `<base_url>/models` (one request, no retries); raises the SDK's
+        `openai.APIError` subclasses."""
+        listed = self.client().with_options(max_retries=0).models.list(extra_headers=no_key_headers(self.api_key))
+        return [entry.id for entry in listed.data]
 
     def close(self) -> None:
-        """Stops the request threads (requests in flight finish first)."""
+        """Stops the request threads (requests in flight finish first) and closes the connections this
+        generator opened; a later call opens new ones."""
         with self._pool_lock:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+        with self._sdk_lock:
+            if self._sdk is not None and self._own_http_client:
+                self._sdk.close()
+            self._sdk = None
 
     def __enter__(self) -> OpenAIChatGenerator:
         return self
