@@ -3,7 +3,7 @@
 `analysis.layer_deltas` measures where RL moved the parameters; this tests whether those moves matter.
 It evaluates (greedy, multi-turn, as `ftrl_jax.rollout.evaluation.evaluate` with `LocalPolicy`):
 
-    python -m analysis.attribution --base=DIR --tuned=DIR --data=PATH --out=OUT \\
+    python -m analysis.attribution --base=DIR --tuned=DIR --data=PATH --output=OUT \\
         [--limit=N] [--max_turns=T] [--max_new_tokens=K] [--groups=mlp_lower,...] [--tokenizer=DIR]
 
 - `base` and `tuned` themselves;
@@ -34,12 +34,10 @@ any checkpoints `analysis.checkpoints` reads (Hugging Face directories, main-job
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
 import os
-import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -47,9 +45,11 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 
 from analysis.checkpoints import TensorSource, open_checkpoint
 from analysis.layer_deltas import DEPTHS, CheckpointWarning, check_same_architecture, depth_ranges, json_safe
+from experiments import cli
 from ftrl_jax import parallel
 from ftrl_jax.envs.samples import Sample, read_samples
 from ftrl_jax.envs.sandbox import Sandbox
@@ -57,6 +57,7 @@ from ftrl_jax.rollout.evaluation import METRICS, evaluate
 from ftrl_jax.models import ModelConfig
 from ftrl_jax.models.checkpoint_io import flatten_params, unflatten_params
 from ftrl_jax.rollout.policy import LocalPolicy
+from ftrl_jax.text.chat import TEMPLATES
 from ftrl_jax.text.tokenizer import load_tokenizer
 
 CSV_COLUMNS = ("variant", "direction", "group", "layers", "num_params", *METRICS, "gain_kept", "note")
@@ -469,47 +470,54 @@ def run(base_dir: str, tuned_dir: str, data_path: str, out_dir: str, *, limit: i
     return record
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m analysis.attribution", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="base checkpoint (HF directory, orbax step dir or run workdir)")
-    parser.add_argument("--tuned", required=True, help="tuned checkpoint of the same architecture")
-    parser.add_argument("--data", required=True, help="evaluation samples (.jsonl or .parquet, FTRL sample format)")
-    parser.add_argument("--out", required=True, help="output directory (created)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
-    parser.add_argument("--max_turns", type=int, default=20)
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="per assistant turn")
-    parser.add_argument("--max_prompt_tokens", type=int, default=None, help="default: the context minus new tokens")
-    parser.add_argument("--template", default=None, help="chat template (default: from the model type)")
-    parser.add_argument("--enable_thinking", action="store_true", help="Qwen3 thinking mode")
-    parser.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's parameter dtype)")
-    parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, from {','.join(GROUPS)}")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the tuned checkpoint's)")
-    parser.add_argument("--min_gain", type=float, default=DEFAULT_MIN_GAIN,
-                        help="smallest |F1_tuned - F1_base| for which the share of the gain is reported")
-    return parser
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("base", None, "Base checkpoint: HF directory, orbax step dir or run workdir (required).",
+                        required=True, flag_values=fv)
+    flags.DEFINE_string("tuned", None, "Tuned checkpoint of the same architecture (required).", required=True,
+                        flag_values=fv)
+    flags.DEFINE_string("data", None, "Evaluation samples, .jsonl or .parquet in the FTRL sample format (required).",
+                        required=True, flag_values=fv)
+    flags.DEFINE_string("output", None, "Output directory, created (required).", required=True, flag_values=fv)
+    flags.DEFINE_alias("out", "output", flag_values=fv)
+    flags.DEFINE_integer("limit", 0, "Evaluate only the first N samples (0: all).", lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("max_turns", 20, "Assistant turns per episode.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 256, "New tokens per assistant turn.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("max_prompt_tokens", 0, "Prompt budget (0: the context minus --max_new_tokens).",
+                         lower_bound=0, flag_values=fv)
+    flags.DEFINE_enum("template", "auto", ("auto", *TEMPLATES), "Chat template (auto: from the model type).",
+                      flag_values=fv)
+    flags.DEFINE_bool("enable_thinking", False, "Qwen3 thinking mode.", flag_values=fv)
+    flags.DEFINE_string("dtype", "", "Compute dtype (empty: the checkpoint's parameter dtype).", flag_values=fv)
+    flags.DEFINE_string("groups", ",".join(GROUPS), f"Parameter groups, comma-separated, from {','.join(GROUPS)}.",
+                        flag_values=fv)
+    flags.DEFINE_string("tokenizer", "", "Tokenizer directory (empty: the tuned checkpoint's).", flag_values=fv)
+    flags.DEFINE_float("min_gain", DEFAULT_MIN_GAIN,
+                       "Smallest |F1_tuned - F1_base| for which the share of the gain is reported.", lower_bound=0.0,
+                       flag_values=fv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str]) -> int:
+    try:
+        args = cli.parse(argv, define_flags, __doc__)
+    except cli.UsageError as exc:
+        return cli.fail(exc)
     settings = EvalSettings(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                            max_prompt_tokens=args.max_prompt_tokens, template=args.template,
-                            enable_thinking=args.enable_thinking, dtype=args.dtype)
+                            max_prompt_tokens=args.max_prompt_tokens or None,
+                            template=None if args.template == "auto" else args.template,
+                            enable_thinking=args.enable_thinking, dtype=args.dtype or None)
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     log = lambda message: print(message, flush=True)  # noqa: E731
     try:
-        record = run(args.base, args.tuned, args.data, args.out, limit=args.limit, settings=settings, groups=groups,
-                     tokenizer_dir=args.tokenizer, min_gain=args.min_gain, log=log)
+        record = run(args.base, args.tuned, args.data, args.output, limit=args.limit or None, settings=settings,
+                     groups=groups, tokenizer_dir=args.tokenizer or None, min_gain=args.min_gain, log=log)
     except (OSError, KeyError, ValueError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    with open(os.path.join(args.out, "attribution.md")) as f:
+        return cli.fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)  # KeyError's str() adds quotes
+    with open(os.path.join(args.output, "attribution.md")) as f:
         print(f.read())
-    print(f"wrote attribution.csv, attribution.json, attribution.md, attribution.png to {args.out} "
+    print(f"wrote attribution.csv, attribution.json, attribution.md, attribution.png to {args.output} "
           f"({sum(v['seconds'] for v in record['variants']):.0f} s of evaluation)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

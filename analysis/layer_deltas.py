@@ -3,7 +3,7 @@
 The FTRL paper reports that RL gains come from updates to the lower layers' MLP parameters; this
 measures where a tuned checkpoint moved away from its base:
 
-    python -m analysis.layer_deltas --base=DIR --tuned=DIR --out=OUT [--log_scale]
+    python -m analysis.layer_deltas --base=DIR --tuned=DIR --output=OUT [--log_scale]
 
 For every tensor (one row per layer and module) it reports
     rel_change      = ||W_tuned - W_base||_F / ||W_base||_F
@@ -24,7 +24,6 @@ Reads Hugging Face directories only (see `analysis.checkpoints`).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -35,8 +34,10 @@ import warnings
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from absl import flags
 
 from analysis.checkpoints import OUTSIDE_LAYERS, TensorSource, open_checkpoint
+from experiments import cli
 from ftrl_jax.models import ModelConfig
 
 CSV_COLUMNS = ("layer", "module", "rel_change", "mean_abs_change", "num_params")
@@ -433,28 +434,28 @@ def run(base_dir: str, tuned_dir: str, out_dir: str, *, log_scale: bool = False,
     return record
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m analysis.layer_deltas", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="base checkpoint (HF directory, orbax step dir or run workdir)")
-    parser.add_argument("--tuned", required=True, help="tuned checkpoint of the same architecture")
-    parser.add_argument("--out", required=True, help="output directory (created)")
-    parser.add_argument("--log_scale", action="store_true", help="log colour/y scale in the plots")
-    return parser
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("base", None, "Base checkpoint: HF directory, orbax step dir or run workdir (required).",
+                        required=True, flag_values=fv)
+    flags.DEFINE_string("tuned", None, "Tuned checkpoint of the same architecture (required).", required=True,
+                        flag_values=fv)
+    flags.DEFINE_string("output", None, "Output directory, created (required).", required=True, flag_values=fv)
+    flags.DEFINE_alias("out", "output", flag_values=fv)
+    flags.DEFINE_bool("log_scale", False, "Log colour/y scale in the plots.", flag_values=fv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str]) -> int:
     try:
-        record = run(args.base, args.tuned, args.out, log_scale=args.log_scale)
+        args = cli.parse(argv, define_flags, __doc__)
+        record = run(args.base, args.tuned, args.output, log_scale=args.log_scale)
+    except cli.UsageError as exc:
+        return cli.fail(exc)
     except (OSError, KeyError, ValueError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError's str() adds quotes
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return cli.fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)  # KeyError's str() adds quotes
     print(summary_markdown(record, args.base, args.tuned))
-    print(f"wrote layer_deltas.csv, summary.json, summary.md, heatmap.png, by_layer.png to {args.out}")
+    print(f"wrote layer_deltas.csv, summary.json, summary.md, heatmap.png, by_layer.png to {args.output}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -8,21 +8,25 @@ and its resident memory before compiling (parameters and inputs only). Each impl
 process so the peaks are its own. The parent watches each child's RSS and stops it at `--max_rss_gb`
 (reported as "failed: out of memory"), so a dense run that would not fit does not take the machine down.
 
-    python -m benchmarks.bench_attention [--presets smol-135m] [--seq_len 8192] [--batch 2]
-        [--impls dense blockwise] [--block 512] [--dtype float32] [--repeats 1] [--max_rss_gb 16] [--dense_mask]
+    python -m benchmarks.bench_attention [--presets=smol-135m] [--seq_len=8192] [--batch=2]
+        [--impls=dense,blockwise] [--block=512] [--dtype=float32] [--repeats=1] [--max_rss_gb=16] [--dense_mask]
 
-`--seq_len` takes several lengths (e.g. `2048 4096 8192`) to show how each grows. `--dense_mask` passes
+`--seq_len` takes several lengths (e.g. `2048,4096,8192`) to show how each grows. `--dense_mask` passes
 the [B, T, T] bool mask the sampler builds instead of the [B, T] validity (adds B x T^2 bytes).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+
+from absl import flags
+
+from experiments import cli
 
 GB = 1024 ** 3
 
@@ -71,11 +75,11 @@ def run_child(preset: str, seq_len: int, batch: int, impl: str, block: int, dtyp
             "prefill_s": min(times), "finite": finite}
 
 
-def measure(args: argparse.Namespace, preset: str, seq_len: int, impl: str) -> dict:
+def measure(args: flags.FlagValues, preset: str, seq_len: int, impl: str) -> dict:
     """Runs one measurement in a child process, stopping it if its RSS passes --max_rss_gb."""
-    cmd = [sys.executable, "-m", "benchmarks.bench_attention", "--child", "--presets", preset, "--seq_len",
-           str(seq_len), "--batch", str(args.batch), "--impls", impl, "--block", str(args.block), "--dtype", args.dtype,
-           "--repeats", str(args.repeats)] + (["--dense_mask"] if args.dense_mask else [])
+    cmd = [sys.executable, "-m", "benchmarks.bench_attention", "--child", f"--presets={preset}", f"--seq_len={seq_len}",
+           f"--batch={args.batch}", f"--impls={impl}", f"--block={args.block}", f"--dtype={args.dtype}",
+           f"--repeats={args.repeats}", f"--{'' if args.dense_mask else 'no'}dense_mask"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak_seen, killed = 0, False
     while proc.poll() is None:
@@ -102,25 +106,35 @@ def measure(args: argparse.Namespace, preset: str, seq_len: int, impl: str) -> d
     return result
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--presets", nargs="+", default=["smol-135m"])
-    parser.add_argument("--seq_len", nargs="+", type=int, default=[8192])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--impls", nargs="+", default=["dense", "blockwise"])
-    parser.add_argument("--block", type=int, default=512, help="attention_block_size (queries and keys)")
-    parser.add_argument("--dtype", default="float32", help="parameter and compute dtype")
-    parser.add_argument("--repeats", type=int, default=1, help="timed prefills after compiling (best is shown)")
-    parser.add_argument("--max_rss_gb", type=float, default=16.0, help="stop a child whose RSS passes this")
-    parser.add_argument("--dense_mask", action="store_true", help="pass prefill a [B, T, T] mask, as the sampler does")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_list("presets", ["smol-135m"], "Model presets (random init), comma-separated.", flag_values=fv)
+    flags.DEFINE_list("seq_len", ["8192"], "Prompt lengths in tokens, comma-separated.", flag_values=fv)
+    flags.register_validator("seq_len", lambda values: all(v.isdigit() and int(v) > 0 for v in values),
+                             "--seq_len takes positive integers, e.g. --seq_len=2048,4096,8192", flag_values=fv)
+    flags.DEFINE_integer("batch", 2, "Prompts per prefill.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_list("impls", ["dense", "blockwise"], "Attention implementations, comma-separated.", flag_values=fv)
+    flags.DEFINE_integer("block", 512, "attention_block_size (queries and keys).", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("dtype", "float32", "Parameter and compute dtype.", flag_values=fv)
+    flags.DEFINE_integer("repeats", 1, "Timed prefills after compiling (the best is shown).", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_float("max_rss_gb", 16.0, "Stop a child whose RSS passes this many GB.", flag_values=fv)
+    flags.DEFINE_bool("dense_mask", False, "Pass prefill a [B, T, T] mask, as the sampler does.", flag_values=fv)
+    flags.DEFINE_bool("child", False, "Internal: run one measurement (the first preset, length and impl) in this "
+                      "process and print it as JSON.", flag_values=fv)
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        args = cli.parse(argv, define_flags, __doc__)
+    except cli.UsageError as exc:
+        return cli.fail(exc)
+    seq_lens = [int(v) for v in args.seq_len]
 
     if args.child:
-        result = run_child(args.presets[0], args.seq_len[0], args.batch, args.impls[0], args.block, args.dtype,
+        result = run_child(args.presets[0], seq_lens[0], args.batch, args.impls[0], args.block, args.dtype,
                            args.repeats, args.dense_mask)
         print(json.dumps(result))
-        return
+        return 0
 
     print(f"prefill, batch {args.batch}, {args.dtype}, block {args.block}, "
           f"mask {'[B, T, T]' if args.dense_mask else '[B, T] validity'}, one process per row")
@@ -129,7 +143,7 @@ def main(argv=None) -> None:
     print(header)
     print("-" * len(header))
     for preset in args.presets:
-        for seq_len in args.seq_len:
+        for seq_len in seq_lens:
             results = {}
             for impl in args.impls:
                 r = results[impl] = measure(args, preset, seq_len, impl)
@@ -148,7 +162,8 @@ def main(argv=None) -> None:
                       f"{d['prefill_s'] / b['prefill_s']:>8.2f}x {'':>8}  dense / blockwise "
                       f"(above the pre-compile RSS: {(d['peak_rss'] - d['rss_before']) / GB:.2f} vs "
                       f"{(b['peak_rss'] - b['rss_before']) / GB:.2f} GB)", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -9,9 +9,13 @@ sizes that drive the cost (tools, oracle calls and code per environment).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
+from collections.abc import Sequence
+
+from absl import flags
+
+from experiments import cli
 
 from ftrl_jax.envs.build import build_environments, distinct_tool_names
 from ftrl_jax.envs.procedural import ProceduralAuthor
@@ -28,27 +32,39 @@ def _construct_rate(num: int, seed: int, complexity: Complexity) -> float:
     return 60.0 * num / (time.perf_counter() - started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--levels", default="low,medium,high", help="complexity presets or levels, comma-separated")
-    parser.add_argument("--workers", type=int, default=None, help="sandbox workers (default: CPUs)")
-    args = parser.parse_args()
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_integer("num", 2000, "Environments built per complexity level.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the world and of every environment.", flag_values=fv)
+    flags.DEFINE_list("levels", ["low", "medium", "high"], "Complexity presets or levels, comma-separated.",
+                      flag_values=fv)
+    flags.DEFINE_integer("workers", 0, "Sandbox workers (0: one per CPU).", lower_bound=0, flag_values=fv)
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        args = cli.parse(argv, define_flags, __doc__)
+        complexities = {}
+        for level in args.levels:
+            try:
+                complexities[level] = Complexity.parse(level)
+            except ValueError as exc:
+                raise cli.UsageError(f"--levels: {exc}") from None
+    except cli.UsageError as exc:
+        return cli.fail(exc)
 
     print(f"{'level':>8} {'stages/min':>11} {'validated/min':>14} {'tools/env':>10} {'calls/env':>10} "
           f"{'code kB/env':>12} {'names':>7} {'dropped':>8}")
-    for level in args.levels.split(","):
-        complexity = Complexity.parse(level)
+    for level, complexity in complexities.items():
         stages_rate = _construct_rate(min(args.num, 500), args.seed, complexity)
-        with Sandbox(num_workers=args.workers) as sandbox:
+        with Sandbox(num_workers=args.workers or None) as sandbox:
             envs, report = build_environments(args.num, args.seed, complexity=complexity, sandbox=sandbox)
         tools = statistics.mean(len(e.tools) for e in envs)
         calls = statistics.mean(sum(len(t) for t in e.oracle_calls()) for e in envs)
         code_kb = statistics.mean(sum(map(len, e.codes.values())) for e in envs) / 1000
         print(f"{level:>8} {stages_rate:>11,.0f} {report.envs_per_minute:>14,.0f} {tools:>10.2f} {calls:>10.2f} "
               f"{code_kb:>12.1f} {len(distinct_tool_names(envs)):>7} {sum(report.dropped.values()):>8}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -13,12 +13,15 @@ Without --model the policy is a random `tiny` with the embedded tokenizer (it wr
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import os
-import sys
 import tempfile
 import time
+from collections.abc import Sequence
+
+from absl import flags
+
+from experiments import cli
 
 DEFAULT_FTRL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "benchdata", "ftrl_test.parquet")
 DEFAULT_TOOLHOP = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "benchdata", "toolhop_100.jsonl")
@@ -64,8 +67,7 @@ def bench_server(policy, *, clients: list[int], requests_per_client: int, max_to
     engine = serving.BatchingEngine(factory, max_batch_size=max(clients), batch_window_s=batch_window_ms / 1000.0,
                                     max_wait_s=max_wait_ms / 1000.0)
     limits = serving.ServerLimits("bench", policy.config.max_position_embeddings, template=policy.template)
-    server = serving.make_server(serving.PolicyService(engine, limits), "127.0.0.1", 0)
-    serving.start_in_thread(server)
+    server = serving.start_server(serving.PolicyService(engine, limits))
     try:
         # Compile every batch shape the clients can produce (powers of two up to the largest client count).
         warm = factory(SamplingKey(max_tokens=max_tokens))
@@ -97,29 +99,38 @@ def bench_server(policy, *, clients: list[int], requests_per_client: int, max_to
                   f"{total / seconds:7.2f} requests/s ({total / max(calls, 1):.1f} requests per generate call, "
                   f"max_tokens={max_tokens}); sampler alone, batch of {count}: {alone:.2f} turns/s")
     finally:
-        server.shutdown()
-        server.server_close()
-        engine.close()
+        server.stop()  # and the engine
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="", help="policy directory or WORKDIR (default: a random tiny policy)")
-    parser.add_argument("--num_layers", type=int, default=None, help="random policy: layers (default: the preset's)")
-    parser.add_argument("--ftrl", default=DEFAULT_FTRL)
-    parser.add_argument("--toolhop", default=DEFAULT_TOOLHOP)
-    parser.add_argument("--ftrl_per_type", type=int, default=5, help="FTRL test rows per scenario type")
-    parser.add_argument("--toolhop_rows", type=int, default=4, help="ToolHop questions (x3 scenarios)")
-    parser.add_argument("--batch_size", type=int, default=4, help="episodes per in-process batch")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--max_turns", type=int, default=20)
-    parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--requests_per_client", type=int, default=8)
-    parser.add_argument("--batch_window_ms", type=float, default=5.0)
-    parser.add_argument("--max_wait_ms", type=float, default=50.0)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: ftrl, toolhop, server")
-    args = parser.parse_args(argv)
-    skip = set(filter(None, args.skip.split(",")))
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("model", "", "Policy directory or WORKDIR ('': a random tiny policy).", flag_values=fv)
+    flags.DEFINE_integer("num_layers", 0, "Random policy: layers (0: the preset's).", lower_bound=0, flag_values=fv)
+    flags.DEFINE_string("ftrl", DEFAULT_FTRL, "FTRL test set (sample format).", flag_values=fv)
+    flags.DEFINE_string("toolhop", DEFAULT_TOOLHOP, "ToolHop .jsonl.", flag_values=fv)
+    flags.DEFINE_integer("ftrl_per_type", 5, "FTRL test rows per scenario type.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("toolhop_rows", 4, "ToolHop questions (x3 scenarios).", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("batch_size", 4, "Episodes per in-process batch.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 64, "Tokens per turn.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("max_turns", 20, "Turns per episode.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_list("clients", ["1", "8", "32"], "Concurrent server clients, comma-separated.", flag_values=fv)
+    flags.DEFINE_integer("requests_per_client", 8, "Requests each client sends.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_float("batch_window_ms", 5.0, "Server batching window, ms.", lower_bound=0.0, flag_values=fv)
+    flags.DEFINE_float("max_wait_ms", 50.0, "Server longest wait for a batch to fill, ms.", lower_bound=0.0,
+                       flag_values=fv)
+    flags.DEFINE_list("skip", [], "Parts to skip, comma-separated: ftrl, toolhop, server.", flag_values=fv)
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        args = cli.parse(argv, define_flags, __doc__)
+        skip = set(args.skip)
+        if skip - {"ftrl", "toolhop", "server"}:
+            raise cli.UsageError(f"--skip={','.join(args.skip)!r}: parts are ftrl, toolhop, server")
+        clients = [int(c) for c in args.clients]
+    except ValueError:
+        return cli.fail(cli.UsageError(f"--clients={','.join(args.clients)!r} must be comma-separated integers"))
+    except cli.UsageError as exc:
+        return cli.fail(exc)
 
     import jax
 
@@ -143,11 +154,11 @@ def main(argv=None) -> int:
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                              max_turns=args.max_turns, workdir=workdir)
         if "server" not in skip:
-            bench_server(policy, clients=[int(c) for c in args.clients.split(",")],
+            bench_server(policy, clients=clients,
                          requests_per_client=args.requests_per_client, max_tokens=args.max_new_tokens,
                          batch_window_ms=args.batch_window_ms, max_wait_ms=args.max_wait_ms)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -19,19 +19,28 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 
-FLAGS = flags.FLAGS
-flags.DEFINE_list("presets", ["tiny", "smol-135m"], "Model presets to benchmark.")
-flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Parameter and compute dtypes, each run on both sides.")
-flags.DEFINE_integer("batch", 16, "Prompts per batch.")
-flags.DEFINE_integer("prompt_len", 64, "Prompt length in tokens.")
-flags.DEFINE_integer("new_tokens", 128, "New tokens per prompt.")
-flags.DEFINE_integer("repeats", 3, "Timed repetitions of our generate (the best is reported).")
-flags.DEFINE_integer("hf_repeats", 1, "Timed repetitions of transformers generate.")
-flags.DEFINE_integer("groups", 0, "If > 0: group-sampling benchmark with this many distinct prompts.")
-flags.DEFINE_integer("group_size", 8, "Samples per prompt in the group-sampling benchmark.")
+from experiments import cli
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_list("presets", ["tiny", "smol-135m"], "Model presets to benchmark.", flag_values=fv)
+    flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Parameter and compute dtypes, each run on both sides.",
+                      flag_values=fv)
+    flags.DEFINE_integer("batch", 16, "Prompts per batch.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("prompt_len", 64, "Prompt length in tokens.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("new_tokens", 128, "New tokens per prompt.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("repeats", 3, "Timed repetitions of our generate (the best is reported).", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("hf_repeats", 1, "Timed repetitions of transformers generate.", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("groups", 0, "If > 0: group-sampling benchmark with this many distinct prompts.",
+                         lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("group_size", 8, "Samples per prompt in the group-sampling benchmark.", lower_bound=1,
+                         flag_values=fv)
 
 
 def _time_best(fn, repeats: int) -> float:
@@ -110,30 +119,33 @@ def bench_groups(name: str, groups: int, group_size: int, prompt_len: int, new_t
         print(f"  {label}: {seconds:.2f} s ({rows * new_tokens / seconds:.0f} tokens/s)", flush=True)
 
 
-def main(argv):
-    del argv
-    if FLAGS.groups:
-        for name in FLAGS.presets:
-            bench_groups(name, FLAGS.groups, FLAGS.group_size, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.repeats)
-        return
+def main(argv: Sequence[str]) -> int:
+    try:
+        args = cli.parse(argv, define_flags, __doc__)
+    except cli.UsageError as exc:
+        return cli.fail(exc)
+    if args.groups:
+        for name in args.presets:
+            bench_groups(name, args.groups, args.group_size, args.prompt_len, args.new_tokens, args.repeats)
+        return 0
     import jax
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); batch {FLAGS.batch}, prompt {FLAGS.prompt_len}, "
-          f"{FLAGS.new_tokens} new tokens, greedy")
+          f"({torch.get_num_threads()} threads); batch {args.batch}, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, greedy")
     print("| preset | dtype | params (M) | ftrl_jax tok/s | transformers tok/s | ratio | compile s | "
           "greedy rows identical |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in FLAGS.presets:
-        for dtype in FLAGS.dtypes:
-            r = bench_preset(name, dtype, FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.repeats,
-                             FLAGS.hf_repeats)
+    for name in args.presets:
+        for dtype in args.dtypes:
+            r = bench_preset(name, dtype, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.hf_repeats)
             print(f"| {r['preset']} | {r['dtype']} | {r['params_m']:.1f} | {r['ours_tok_s']:.0f} | "
                   f"{r['hf_tok_s']:.0f} | {r['ratio']:.1f}x | {r['compile_s']:.1f} | {r['rows_identical']} |",
                   flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -9,12 +9,11 @@ output may be an error string, what matters is that the tool's code runs). Three
 Each is run for --passes passes over the calls (an RL run calls the same environments many
 times); the sandbox's first pass also compiles every tool, later passes hit its cache.
 
-    python -m benchmarks.bench_sandbox [--data ../shared/benchdata/ftrl_test.parquet] [--passes 3]
+    python -m benchmarks.bench_sandbox [--data=../shared/benchdata/ftrl_test.parquet] [--passes=3]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -22,12 +21,17 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
+from absl import flags
+
+from experiments import cli
 from ftrl_jax.envs.samples import example_arguments, read_samples
 from ftrl_jax.envs.sandbox import Sandbox, ToolRequest, error_message, format_result, is_error_output
 
-DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "benchdata", "ftrl_test.parquet")
+DEFAULT_DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "benchdata",
+                                             "ftrl_test.parquet"))
 
 
 def build_requests(path: str) -> list[ToolRequest]:
@@ -63,14 +67,16 @@ def rate(num_calls: int, seconds: float) -> float:
     return num_calls / seconds if seconds > 0 else float("inf")
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=DEFAULT_DATA, help="FTRL samples (.parquet or .jsonl)")
-    parser.add_argument("--passes", type=int, default=3, help="passes over all calls for each method")
-    parser.add_argument("--workers", type=int, default=None, help="sandbox workers (default: CPU count)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="per-call timeout, seconds")
-    args = parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("data", DEFAULT_DATA, "FTRL samples whose tools are called (.parquet or .jsonl).",
+                        flag_values=fv)
+    flags.DEFINE_integer("passes", 3, "Passes over all calls for each method.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("workers", 0, "Sandbox workers (0: one per CPU).", lower_bound=0, flag_values=fv)
+    flags.DEFINE_float("timeout", 10.0, "Per-call timeout, seconds.", lower_bound=0.0, flag_values=fv)
 
+
+def measure(args: flags.FlagValues) -> dict[str, float]:
+    """Runs the three methods over the calls of --data and prints the table; returns the rates."""
     requests = build_requests(args.data)
     total = len(requests) * args.passes
     print(f"{len(requests)} tool calls from {args.data}, {args.passes} passes, {os.cpu_count()} CPUs")
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         in_process_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    sandbox = Sandbox(num_workers=args.workers, timeout=args.timeout)
+    sandbox = Sandbox(num_workers=args.workers or None, timeout=args.timeout)
     sandbox.call_many(requests[: sandbox.num_workers])  # every worker up and ready
     startup_s = time.perf_counter() - start
     with sandbox:
@@ -127,5 +133,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return results
 
 
+def main(argv: Sequence[str]) -> int:
+    try:
+        args = cli.parse(argv, define_flags, __doc__)
+        if not os.path.exists(args.data):
+            raise cli.UsageError(f"--data={args.data!r} does not exist; pass FTRL samples (.parquet or .jsonl)")
+    except cli.UsageError as exc:
+        return cli.fail(exc)
+    measure(args)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    cli.run(main)

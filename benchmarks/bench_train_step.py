@@ -8,22 +8,25 @@ included: with tied embeddings the output head is the same matrix, and its matmu
 6 = forward + backward matmul FLOPs per parameter and token, 12 L T D = attention scores and
 values (forward + backward; the full T x T square, which is what the dense attention computes).
 Layer remat recomputes the forward pass, so the hardware does ~8 N per token; MFU counts model
-FLOPs only, as is usual. The peak is measured here: the best rate of a jitted `--peak-size`^3 matmul
-in each compute dtype. `--dtypes float32 bfloat16` runs each step with float32 parameters and optimizer
+FLOPs only, as is usual. The peak is measured here: the best rate of a jitted `--peak_size`^3 matmul
+in each compute dtype. `--dtypes=float32,bfloat16` runs each step with float32 parameters and optimizer
 state and that compute dtype (bfloat16 = mixed precision: matmuls in bf16 with f32 accumulation).
 
-    python -m benchmarks.bench_train_step [--presets tiny smol-135m] [--dtypes float32 bfloat16] [--steps 3]
-        [--batch 8] [--seq 256]
+    python -m benchmarks.bench_train_step [--presets=tiny,smol-135m] [--dtypes=float32,bfloat16] [--steps=3]
+        [--batch=8] [--seq=256] [--noremat]
 """
 
 from __future__ import annotations
 
-import argparse
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
+
+from experiments import cli
 
 from ftrl_jax import models, parallel
 from ftrl_jax.training.optim import make_optimizer
@@ -75,7 +78,7 @@ STEP_FACTORIES = {
 }
 
 
-def bench_one(preset: str, kind: str, dtype: str, args, peak: float) -> dict:
+def bench_one(preset: str, kind: str, dtype: str, args: flags.FlagValues, peak: float) -> dict:
     config = models.preset(preset, dtype=dtype)
     devices = jax.devices()
     mesh = parallel.make_mesh(data=len(devices))
@@ -108,22 +111,35 @@ def bench_one(preset: str, kind: str, dtype: str, args, peak: float) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["tiny", "smol-135m"])
-    parser.add_argument("--kinds", nargs="+", default=list(STEP_FACTORIES), choices=list(STEP_FACTORIES))
-    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
-                        help="compute dtypes (parameters and optimizer state stay float32)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the compiling one")
-    parser.add_argument("--microbatches", type=int, default=1)
-    parser.add_argument("--chunk-size", type=int, default=128)
-    parser.add_argument("--no-remat", dest="remat", action="store_false")
-    parser.add_argument("--peak-size", type=int, default=2048)
-    args = parser.parse_args()
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_list("presets", ["tiny", "smol-135m"], "Model presets, comma-separated.", flag_values=fv)
+    flags.DEFINE_list("kinds", list(STEP_FACTORIES), f"Steps to time, from {','.join(STEP_FACTORIES)}.",
+                      flag_values=fv)
+    cli.allow_only(fv, "kinds", list(STEP_FACTORIES))
+    flags.DEFINE_list("dtypes", ["float32"], "Compute dtypes, from float32,bfloat16 (parameters and optimizer state "
+                      "stay float32).", flag_values=fv)
+    cli.allow_only(fv, "dtypes", ["float32", "bfloat16"])
+    flags.DEFINE_integer("batch", 8, "Rows per batch.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("seq", 256, "Tokens per row.", lower_bound=4, flag_values=fv)
+    flags.DEFINE_integer("steps", 3, "Timed steps (the median is reported).", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("warmup", 1, "Untimed steps after the compiling one.", lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("microbatches", 1, "Micro-batches per step (gradient accumulation).", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("chunk_size", 128, "Sequence chunk of the log-prob computation.", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_alias("chunk-size", "chunk_size", flag_values=fv)
+    flags.DEFINE_bool("remat", True, "Rematerialise each layer in the backward pass (--noremat: keep activations).",
+                      flag_values=fv)
+    flags.DEFINE_integer("peak_size", 2048, "Matrix size of the matmul whose best rate is the peak.", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_alias("peak-size", "peak_size", flag_values=fv)
 
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        args = cli.parse(argv, define_flags, __doc__)
+    except cli.UsageError as exc:
+        return cli.fail(exc)
     devices = jax.devices()
     peaks = {dtype: measure_matmul_peak(args.peak_size, dtype=dtype) for dtype in args.dtypes}
     print(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); measured matmul peak "
@@ -139,7 +155,8 @@ def main() -> None:
         print(f"| {r['preset']} | {r['step']} | {r['dtype']} | {r['params_m']:.1f} | {r['compile_s']:.1f} "
               f"| {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['model_gflop']:.0f} | {r['gflops']:.1f} "
               f"| {r['mfu']:.1%} |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,45 +1,56 @@
-"""FTRL's RL data to a file: `python -m experiments.sample --config=configs/qwen.py[:PRESET] --out=FILE`.
+"""FTRL's RL data to a file: `python -m experiments.sample --config=configs/qwen.py[:PRESET] --output=FILE`.
 
-The policy (`--policy=DIR`, else `--config.model.path`, else WORKDIR/export, else WORKDIR/warmstart) plays
+The policy (`--model=DIR`, else `--config.model.path`, else WORKDIR/export, else WORKDIR/warmstart) plays
 the config's training environments multi-turn (built into WORKDIR/envs if not there yet). Every state right
 after a tool-calling turn becomes an RL prompt: the messages so far, the unsolved set reduced by the answers
 already found, and its solve rate; each fresh question is one too. They are written in the sample format
 (`.jsonl` or `.parquet`), which `--config.envs.train_file` and `experiments.evaluate` read.
 
-    python -m experiments.sample --config=configs/qwen.py --config.workdir=runs/tiny --out=prompts.jsonl
+    python -m experiments.sample --config=configs/qwen.py --workdir=runs/tiny --output=prompts.jsonl
 """
 
-import logging
-import sys
+from __future__ import annotations
 
-from absl import app, flags
-from ml_collections import config_flags
+from collections.abc import Sequence
 
+from absl import flags
+
+from experiments import cli
 from ftrl_jax.pipeline.main_job import TrainingError, sample_rl_prompts
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/qwen.py", "Training config file[:preset].",
-                                          lock_config=True)
-flags.DEFINE_string("out", None, "Output file (.jsonl or .parquet).", required=True)
-flags.DEFINE_string("policy", "", "Hugging Face checkpoint directory to sample from (default: see above).")
-flags.DEFINE_integer("num_envs", 0, "Play only the first N training environments (0: all).")
-flags.DEFINE_bool("greedy", False, "Greedy turns instead of sampling at config.rollout.temperature.")
-FLAGS = flags.FLAGS
+CONFIG = "configs/qwen.py"
 
 
-def main(argv):
-    del argv
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("ftrl_jax").setLevel(logging.INFO)
+def define_flags(flag_values: flags.FlagValues) -> None:
+    flags.DEFINE_string("output", None, "Output file, .jsonl or .parquet (required).", required=True,
+                        flag_values=flag_values)
+    flags.DEFINE_alias("out", "output", flag_values=flag_values)
+    flags.DEFINE_string("model", "", "Hugging Face checkpoint directory to sample from (empty: see above).",
+                        flag_values=flag_values)
+    flags.DEFINE_alias("policy", "model", flag_values=flag_values)
+    flags.DEFINE_string("workdir", "", "Run directory whose environments and policy are used "
+                        "(empty: --config.workdir).", flag_values=flag_values)
+    flags.DEFINE_integer("num_envs", 0, "Play only the first N training environments (0: all).", lower_bound=0,
+                         flag_values=flag_values)
+    flags.DEFINE_bool("greedy", False, "Greedy turns instead of sampling at config.rollout.temperature.",
+                      flag_values=flag_values)
+
+
+def main(argv: Sequence[str]) -> int:
     try:
-        stats = sample_rl_prompts(_CONFIG.value, FLAGS.out, policy_dir=FLAGS.policy or None,
-                                  num_envs=FLAGS.num_envs or None, greedy=FLAGS.greedy)
-    except TrainingError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        args = cli.parse(argv, define_flags, __doc__, config=CONFIG)
+        config = args.config
+        if args.workdir:
+            config.workdir = args.workdir
+        stats = sample_rl_prompts(config, args.output, policy_dir=args.model or None,
+                                  num_envs=args.num_envs or None, greedy=args.greedy)
+    except (cli.UsageError, TrainingError) as err:
+        return cli.fail(err)
     print(f"{stats['prompts']} RL prompts ({stats['after_tool_calls']} after tool-calling turns) from "
           f"{stats['episodes']} episodes of {stats['policy']} (mean Solve-F1 {stats['episode_solve_f1']:.3f}) "
-          f"written to {FLAGS.out}")
+          f"written to {args.output}")
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

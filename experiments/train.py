@@ -1,36 +1,41 @@
-"""The main job: `python -m experiments.train --config=configs/qwen.py[:PRESET] [--config.x=...]`.
+"""The main job: `python -m experiments.train --config=configs/qwen.py[:PRESET] [--config.x=...] [--workdir=DIR]`.
 
 On the embedded default (no preset) it builds procedural environments, the project's tokenizer and the
 `tiny` model, warm-starts it on oracle trajectories, evaluates, runs GRPO with the verifiable reward,
 evaluates again and writes WORKDIR/summary.json. See ftrl_jax/pipeline/main_job.py for the stages and files.
 """
 
-import logging
-import sys
+from __future__ import annotations
 
-from absl import app, flags
-from ml_collections import config_flags
+from collections.abc import Sequence
 
+from absl import flags
+
+from experiments import cli
 from ftrl_jax.pipeline.main_job import TrainingError, train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/qwen.py", "Training config file[:preset].",
-                                          lock_config=True)
+CONFIG = "configs/qwen.py"
 
 
-def main(argv):
-    del argv
-    # Our progress messages at INFO; libraries (orbax, jax) only from WARNING up.
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("ftrl_jax").setLevel(logging.INFO)
+def define_flags(flag_values: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", "", "Run directory: environments, checkpoints, export, summary.json "
+                        "(empty: --config.workdir).", flag_values=flag_values)
+
+
+def main(argv: Sequence[str]) -> int:
     try:
-        summary = train_and_evaluate(_CONFIG.value)
-    except TrainingError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"summary written to {_CONFIG.value.workdir}/summary.json")
+        args = cli.parse(argv, define_flags, __doc__, config=CONFIG)
+        config = args.config
+        if args.workdir:
+            config.workdir = args.workdir
+        summary = train_and_evaluate(config)
+    except (cli.UsageError, TrainingError) as err:
+        return cli.fail(err)
+    print(f"summary written to {config.workdir}/summary.json")
     for phase in ("eval_before", "eval_after"):
         print(phase, {k: round(summary[phase][k], 4) for k in ("solve_precision", "solve_rate", "solve_f1")})
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -409,8 +409,8 @@ def read_csv(path):
 def test_command_line_on_a_run(run_dir, tmp_path, capsys):
     root, _, _ = run_dir
     out = tmp_path / "out"
-    argv = [f"--base={root}/warmstart", f"--tuned={root}", f"--data={root}/envs/eval.jsonl", f"--out={out}",
-            "--limit=2", "--max_turns=2", "--max_new_tokens=6", "--groups=mlp_lower,attention_upper"]
+    argv = ["attribution", f"--base={root}/warmstart", f"--tuned={root}", f"--data={root}/envs/eval.jsonl",
+            f"--output={out}", "--limit=2", "--max_turns=2", "--max_new_tokens=6", "--groups=mlp_lower,attention_upper"]
     assert attribution.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| restore:mlp_lower | 0-1 |" in printed
@@ -436,14 +436,20 @@ def test_command_line_on_a_run(run_dir, tmp_path, capsys):
 
 def test_command_line_reports_bad_input(run_dir, tmp_path, capsys):
     root, _, _ = run_dir
-    common = [f"--data={root}/envs/eval.jsonl", f"--out={tmp_path / 'out'}"]
-    assert attribution.main([f"--base={root}/warmstart", f"--tuned={root}", "--groups=mlp_lowr", *common]) == 2
-    assert "unknown parameter groups ['mlp_lowr']" in capsys.readouterr().err
+    common = [f"--data={root}/envs/eval.jsonl", f"--out={tmp_path / 'out'}"]  # --out: the old spelling of --output
+    assert attribution.main(["attribution", f"--base={root}/warmstart", f"--tuned={root}", "--groups=mlp_lowr",
+                             *common]) == 2
+    assert "error: unknown parameter groups ['mlp_lowr']" in capsys.readouterr().err
+    assert attribution.main(["attribution", f"--base={root}/warmstart", *common]) == 2
+    assert capsys.readouterr().err == "error: --tuned is required (see --help)\n"
+    assert attribution.main(["attribution", f"--base={root}/warmstart", f"--tuned={root}", "--template=chatml",
+                             *common]) == 2
+    assert capsys.readouterr().err.startswith("error: flag --template=chatml")
 
     other = models.preset("tiny", vocab_size=CONFIG.vocab_size, num_layers=2, hidden_size=16, intermediate_size=32,
                           num_heads=2, num_kv_heads=1, head_dim=8)
     models.save_pretrained(other, models.init_params(other, jax.random.PRNGKey(0)), str(tmp_path / "other"))
-    assert attribution.main([f"--base={tmp_path / 'other'}", f"--tuned={root}/export", *common]) == 2
+    assert attribution.main(["attribution", f"--base={tmp_path / 'other'}", f"--tuned={root}/export", *common]) == 2
     assert "not the same architecture" in capsys.readouterr().err
 
     with pytest.raises(FileNotFoundError, match="no tokenizer .* pass --tokenizer=DIR"):
@@ -451,8 +457,8 @@ def test_command_line_reports_bad_input(run_dir, tmp_path, capsys):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": 3}\n')
-    assert attribution.main([f"--base={root}/warmstart", f"--tuned={root}/export", f"--data={bad}",
-                             f"--out={tmp_path / 'out'}"]) == 2
+    assert attribution.main(["attribution", f"--base={root}/warmstart", f"--tuned={root}/export", f"--data={bad}",
+                             f"--output={tmp_path / 'out'}"]) == 2
     captured = capsys.readouterr()
     assert "skipping" in captured.out and "no usable samples" in captured.err
     assert not (tmp_path / "out" / "attribution.csv").exists()

@@ -238,7 +238,7 @@ def test_relative_change_of_zero_base():
 def test_command_line_writes_every_output(known_pair, tmp_path, capsys):
     _, base_dir, _, tuned_dir = known_pair
     out = tmp_path / "out"
-    assert layer_deltas.main([f"--base={base_dir}", f"--tuned={tuned_dir}", f"--out={out}"]) == 0
+    assert layer_deltas.main(["layer_deltas", f"--base={base_dir}", f"--tuned={tuned_dir}", f"--output={out}"]) == 0
     printed = capsys.readouterr().out
     assert "| mlp |" in printed and "lower (0-1)" in printed
 
@@ -283,7 +283,8 @@ def test_different_number_of_layers_is_named(base, tmp_path, capsys):
     other = save(CONFIG.replace(num_layers=4), four, tmp_path / "four")
     with pytest.raises(ValueError, match=r"num_layers \(config.json 'num_hidden_layers'\) is 6 in .* but 4 in"):
         compute_layer_deltas(base_dir, other)
-    assert layer_deltas.main([f"--base={base_dir}", f"--tuned={other}", f"--out={tmp_path / 'out'}"]) == 2
+    out = f"--out={tmp_path / 'out'}"  # the old spelling of --output, an alias
+    assert layer_deltas.main(["layer_deltas", f"--base={base_dir}", f"--tuned={other}", out]) == 2
     assert "num_hidden_layers" in capsys.readouterr().err
     assert not (tmp_path / "out" / "layer_deltas.csv").exists()
 

@@ -10,7 +10,8 @@ SMALL_WORLD = "pool=32,relations=12,fixed_names=1"
 def test_cli_is_deterministic_byte_for_byte(tmp_path, capsys):
     paths = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
     for path in paths:
-        argv = ["--num=24", "--seed=5", f"--out={path}", "--complexity=low,te=1", "--workers=2", "--no_progress"]
+        argv = ["build_envs", "--num=24", "--seed=5", f"--output={path}", "--complexity=low,te=1", "--workers=2",
+                "--noprogress"]
         assert build_envs.main(argv) == 0
     assert paths[0].read_bytes() == paths[1].read_bytes()
     printed = capsys.readouterr().out
@@ -22,28 +23,40 @@ def test_cli_is_deterministic_byte_for_byte(tmp_path, capsys):
 
 
 def test_cli_rejects_bad_arguments(tmp_path, capsys):
-    out = f"--out={tmp_path / 'x.jsonl'}"
-    assert build_envs.main(["--num=2", out, "--scenarios=quiz"]) == 2
-    assert build_envs.main(["--num=2", out, "--complexity=pe=9"]) == 2
-    assert build_envs.main(["--num=2", out, "--author=llm"]) == 2
+    out = f"--output={tmp_path / 'x.jsonl'}"
+    assert build_envs.main(["build_envs", "--num=2", out, "--scenarios=quiz"]) == 2
+    assert build_envs.main(["build_envs", "--num=2", out, "--complexity=pe=9"]) == 2
+    assert build_envs.main(["build_envs", "--num=2", out, "--author=llm"]) == 2
     err = capsys.readouterr().err
-    assert "unknown kinds ['quiz']" in err and "--complexity" in err and "--base_url" in err
+    assert "error: --scenarios: unknown kinds ['quiz']" in err and "error: --complexity" in err
+    assert "error: --author=llm needs --base_url" in err
+    # Flag errors (missing, out of range, not a choice, unknown, positional): one `error:` line each, code 2.
+    assert build_envs.main(["build_envs", out]) == 2
+    assert build_envs.main(["build_envs", "--num=0", out]) == 2
+    assert build_envs.main(["build_envs", "--num=2", out, "--author=human"]) == 2
+    assert build_envs.main(["build_envs", "--num=2", out, "--no_progress"]) == 2
+    assert build_envs.main(["build_envs", "--num=2", out, "stray"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 5 and all(line.startswith("error: ") for line in err), err
+    assert err[0] == "error: --num is required (see --help)"
+    assert "--num=0" in err[1] and "procedural|llm" in err[2]
+    assert "'no_progress'" in err[3] and "stray" in err[4]
     assert not (tmp_path / "x.jsonl").exists()
 
 
 def test_cli_world_is_deterministic_and_validated(tmp_path, capsys):
     paths = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
     for path in paths:
-        argv = ["--num=24", "--seed=5", f"--out={path}", "--complexity=low", "--workers=2", "--no_progress",
-                f"--world={SMALL_WORLD}"]
+        argv = ["build_envs", "--num=24", "--seed=5", f"--output={path}", "--complexity=low", "--workers=2",
+                "--noprogress", f"--world={SMALL_WORLD}"]
         assert build_envs.main(argv) == 0
     assert paths[0].read_bytes() == paths[1].read_bytes()
     assert f"world {SMALL_WORLD}" in capsys.readouterr().out
     rows, errors = samples.read_samples(paths[0])
     assert errors == [] and len(rows) == 24
-    out = f"--out={tmp_path / 'x.jsonl'}"
-    assert build_envs.main(["--num=2", out, "--world=pool=1"]) == 2
-    assert build_envs.main(["--num=2", out, "--world=relations=capital", "--scenarios=multi_hop"]) == 2
+    out = f"--out={tmp_path / 'x.jsonl'}"  # the old spelling of --output, an alias
+    assert build_envs.main(["build_envs", "--num=2", out, "--world=pool=1"]) == 2
+    assert build_envs.main(["build_envs", "--num=2", out, "--world=relations=capital", "--scenarios=multi_hop"]) == 2
     err = capsys.readouterr().err
     assert "--world: " in err and "entity_pool must be an integer >= 2" in err
     assert "'multi_hop' needs chains of 3 hops" in err and "allows at most 1" in err

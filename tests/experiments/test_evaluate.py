@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from experiments import evaluate, serve
+from experiments import cli, evaluate, serve
 from ftrl_jax.rollout import harness
 from ftrl_jax import serving
 from ftrl_jax.envs.samples import user_prompt, write_samples
@@ -28,15 +28,13 @@ def sandbox():
 def serve_generator(generator_for, *, context_length=1 << 20):
     """Our HTTP server around any turn-generator factory; returns (server, engine)."""
     engine = BatchingEngine(generator_for, batch_window_s=0.002)
-    server = serving.make_server(PolicyService(engine, ServerLimits("scripted", context_length)), "127.0.0.1", 0)
-    serving.start_in_thread(server)
+    server = serving.start_server(PolicyService(engine, ServerLimits("scripted", context_length)))
     return server, engine
 
 
 def stop(server, engine):
-    server.shutdown()
-    server.server_close()
-    engine.close()
+    server.stop()  # closes the engine too
+    assert not engine._worker.is_alive()
 
 
 def read_lines(path):
@@ -63,10 +61,10 @@ def policy_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served_policy(policy_dir):
     """`experiments.serve`'s service for the policy, on an ephemeral port."""
-    args = serve._parser().parse_args(["--model", policy_dir, "--port", "0", "--served_model_name", "tiny"])
+    args = cli.parse(["serve", "--model", policy_dir, "--port", "0", "--served_model_name", "tiny"],
+                     serve.define_flags, serve.__doc__)
     service = serve.build_service(args)
-    server = serving.make_server(service, "127.0.0.1", 0)
-    serving.start_in_thread(server)
+    server = serving.start_server(service, port=args.port)
     yield server
     stop(server, service.engine)
 
@@ -74,7 +72,7 @@ def served_policy(policy_dir):
 def test_greedy_evaluation_over_http_equals_in_process(tmp_path, policy_dir, served_policy, capsys):
     data = str(tmp_path / "envs.jsonl")
     write_samples(data, solve_samples())
-    common = ["--data", data, "--max_new_tokens", "16", "--no_progress", "--sandbox_workers", "1"]
+    common = ["evaluate", "--data", data, "--max_new_tokens", "16", "--noprogress", "--sandbox_workers", "1"]
     local_out, served_out = str(tmp_path / "local.jsonl"), str(tmp_path / "served.jsonl")
     assert evaluate.main(common + ["--model", policy_dir, "--output", local_out, "--batch_size", "1"]) == 0
     table = capsys.readouterr().out
@@ -103,7 +101,7 @@ def test_greedy_evaluation_over_http_equals_in_process(tmp_path, policy_dir, ser
     before = open(local_out).read()
     assert evaluate.main(common + ["--model", policy_dir, "--output", local_out]) == 0
     assert open(local_out).read() == before and "nothing to play" in capsys.readouterr().err
-    assert evaluate.main(common[:3] + ["17", "--model", policy_dir, "--output", local_out]) == 2
+    assert evaluate.main(common[:4] + ["17", "--model", policy_dir, "--output", local_out]) == 2
     assert "holds episodes of another evaluation" in capsys.readouterr().err
 
 
@@ -163,8 +161,8 @@ def test_failing_requests_are_recorded_as_failed_and_retried_on_resume(tmp_path,
     server, engine = serve_generator(flaky)
 
     def command_for(base_url, model_name="scripted", out=output):
-        return ["--data", data, "--backend", "openai", "--base_url", base_url, "--model_name", model_name,
-                "--output", out, "--max_retries", "1", "--no_progress", "--sandbox_workers", "1"]
+        return ["evaluate", "--data", data, "--backend", "openai", "--base_url", base_url, "--model_name", model_name,
+                "--output", out, "--max_retries", "1", "--noprogress", "--sandbox_workers", "1"]
 
     command = command_for(server.base_url)
     try:
@@ -245,8 +243,9 @@ def test_toolhop_through_the_command_line(tmp_path, capsys):
         f.writelines(json.dumps(row) + "\n" for row in TOOLHOP_ROWS)
     server, engine = serve_generator(lambda key: ScriptedGenerator(toolhop_policy))
     try:
-        assert evaluate.main(["--data", data, "--backend", "openai", "--base_url", server.base_url, "--model_name",
-                              "scripted", "--output", output, "--no_progress", "--sandbox_workers", "1"]) == 0
+        assert evaluate.main(["evaluate", "--data", data, "--backend", "openai", "--base_url", server.base_url,
+                              "--model_name", "scripted", "--output", output, "--noprogress", "--sandbox_workers",
+                              "1"]) == 0
     finally:
         stop(server, engine)
     records = {r["key"]: r for r in read_lines(output)}
@@ -264,12 +263,27 @@ def test_toolhop_through_the_command_line(tmp_path, capsys):
 
 
 def test_command_line_mistakes_are_reported(tmp_path, capsys):
-    assert evaluate.main(["--data", str(tmp_path / "none.jsonl"), "--model", "x", "--output", "o.jsonl"]) == 2
+    missing = str(tmp_path / "none.jsonl")
+    assert evaluate.main(["evaluate", "--data", missing, "--model", "x", "--output", "o.jsonl"]) == 2
     assert "does not exist" in capsys.readouterr().err
     data = str(tmp_path / "envs.jsonl")
     write_samples(data, [toy_sample()])
-    assert evaluate.main(["--data", data, "--backend", "openai", "--output", str(tmp_path / "o.jsonl")]) == 2
+    output = f"--output={tmp_path / 'o.jsonl'}"
+    assert evaluate.main(["evaluate", "--data", data, "--backend", "openai", output]) == 2
     assert "--base_url" in capsys.readouterr().err
-    assert evaluate.main(["--data", data, "--model", str(tmp_path), "--output", str(tmp_path / "o.jsonl"),
-                          "--no_progress"]) == 2
+    assert evaluate.main(["evaluate", "--data", data, "--model", str(tmp_path), output, "--noprogress"]) == 2
     assert "not a policy directory" in capsys.readouterr().err
+    for mistake in ("--limit=-1", "--template=qwen9", "--backend=vllm", "--max_turns=0", "--no_progress"):
+        assert evaluate.main(["evaluate", f"--data={data}", "--model=x", output, mistake]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and mistake.split("=")[0][2:] in err, (mistake, err)
+    assert evaluate.main(["evaluate", f"--model={tmp_path}", output]) == 2
+    assert capsys.readouterr().err == "error: --data is required (see --help)\n"
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("given, sent", [([], None), (["--enable_thinking"], True), (["--noenable_thinking"], False)])
+def test_enable_thinking_is_sent_only_when_given(given, sent):
+    argv = ["evaluate", "--data=d.jsonl", "--output=o.jsonl", *given]
+    args = cli.parse(argv, evaluate.define_flags, evaluate.__doc__)
+    assert evaluate._enable_thinking(args) is sent
