@@ -1,9 +1,10 @@
 """RL algorithm core as pure, jittable JAX functions: advantages and losses (the chunked token log-probs they
-use live in `training.logprobs` and are re-exported here)."""
+use live in `training.logprobs` and are re-exported here), and dynamic sampling's host-side group filter."""
 
 from ftrl_jax.rl.advantages import (
     compute_advantages,
     discounted_returns,
+    dr_grpo_advantages,
     grpo_advantages,
     group_signal,
     masked_mean,
@@ -13,13 +14,18 @@ from ftrl_jax.rl.advantages import (
     registered_advantage_estimators,
     reinforce_pp_advantages,
     reinforce_pp_baseline_advantages,
+    rft_weights,
+    rloo_advantages,
 )
+from ftrl_jax.rl.dynamic_sampling import GroupCollector, informative_groups
 from ftrl_jax.training.logprobs import token_logprobs_and_entropy, token_logprobs_from_logits
 from ftrl_jax.rl.losses import (
     LossConfig,
     aggregate_loss,
     finalize_loss,
     kl_penalty,
+    loss_token_mask,
+    nll_policy_loss,
     policy_loss,
     register_kl_estimator,
     registered_aggregations,
@@ -28,16 +34,21 @@ from ftrl_jax.rl.losses import (
 )
 
 __all__ = [
+    "GroupCollector",
     "LossConfig",
     "aggregate_loss",
     "compute_advantages",
     "discounted_returns",
+    "dr_grpo_advantages",
     "finalize_loss",
     "grpo_advantages",
     "group_signal",
+    "informative_groups",
     "kl_penalty",
+    "loss_token_mask",
     "masked_mean",
     "masked_whiten",
+    "nll_policy_loss",
     "place_on_last_token",
     "policy_loss",
     "register_advantage_estimator",
@@ -47,6 +58,8 @@ __all__ = [
     "registered_kl_estimators",
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",
+    "rft_weights",
+    "rloo_advantages",
     "rl_objective",
     "token_logprobs_and_entropy",
     "token_logprobs_from_logits",

@@ -264,3 +264,61 @@ def reinforce_pp_baseline_advantages(
     group_mean, _, _ = _group_statistics(rewards, group_ids)
     per_token = (rewards - group_mean)[:, None] * mask
     return masked_whiten(per_token, mask) * mask
+
+
+@register_advantage_estimator("dr_grpo", needs_groups=True)
+def dr_grpo_advantages(
+    rewards: jax.Array,
+    mask: jax.Array,
+    *,
+    group_ids: jax.Array,
+) -> jax.Array:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", sec. 3.2): `r - group mean`.
+
+    GRPO without the division by the group's std (which up-weights prompts that are nearly always solved
+    or nearly never). The paper's other half, a loss that does not divide by each response's length, is
+    the `seq-mean-token-sum-norm` aggregation (`rl.losses`). A group of one gets advantage 0, as in `grpo`.
+    """
+    return grpo_advantages(rewards, mask, group_ids=group_ids, scale_by_std=False)
+
+
+@register_advantage_estimator("rloo", needs_groups=True)
+def rloo_advantages(
+    rewards: jax.Array,
+    mask: jax.Array,
+    *,
+    group_ids: jax.Array,
+) -> jax.Array:
+    """RLOO (REINFORCE leave-one-out, Ahmadian et al. 2024): `r_i - mean of the other n - 1 rewards of the group`.
+
+    Equals `(r_i - group mean) * n / (n - 1)`, as verl's `compute_rloo_outcome_advantage` computes it.
+    A group of one has no other sample to form a baseline from and gets advantage 0 (verl keeps its raw
+    reward instead), as in `grpo`.
+    """
+    group_mean, _, group_count = _group_statistics(rewards, group_ids)
+    leave_one_out = (rewards - group_mean) * group_count / jnp.maximum(group_count - 1.0, 1.0)
+    per_sequence = jnp.where(group_count > 1, leave_one_out, 0.0)
+    return per_sequence[:, None] * mask
+
+
+RFT_ESTIMATOR = "rft"
+
+
+@register_advantage_estimator(RFT_ESTIMATOR)
+def rft_weights(
+    rewards: jax.Array,
+    mask: jax.Array,
+    *,
+    group_ids: jax.Array | None = None,
+    success_threshold: float = 1.0,
+) -> jax.Array:
+    """Rejection-sampling fine-tuning's token weights: 1 on the response tokens of a success
+    (`reward >= success_threshold`), 0 elsewhere.
+
+    Not an advantage: the weights select which sampled responses the supervised (`nll`) policy loss trains
+    on (Yuan et al. 2023, "Scaling Relationship on Learning Mathematical Reasoning with LLMs": RFT keeps
+    the correct samples and fine-tunes on them). Groups are not used.
+    """
+    del group_ids
+    success = (rewards >= success_threshold).astype(jnp.float32)
+    return success[:, None] * mask

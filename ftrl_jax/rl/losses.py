@@ -19,6 +19,13 @@ into micro-batches averages exactly as the full batch would:
   token loss, denominator = number of sequences with at least one response token.
 - `seq-mean-token-sum`: weighted_sum = sum over sequences of the summed token losses,
   denominator = number of sequences with at least one response token.
+- `seq-mean-token-sum-norm` (Dr. GRPO, Liu et al. 2025, sec. 3.2): weighted_sum = sum of the token
+  losses, denominator = number of sequences with at least one response token x `norm_length`, a
+  constant (the generation budget), so no response's tokens are down-weighted for its length. Dr. GRPO's
+  reference code divides each sequence's token sum by the maximum generation length and averages over
+  sequences; verl's mode of the same name sums over sequences and divides by the padded length
+  (`loss_mask.shape[-1]`). Here `norm_length=None` falls back to that padded length, which changes with
+  the batch's padding: pass the budget (`LossConfig.norm_length`) for a constant scale.
 
 Sequences without any response token contribute neither to the sum nor to the denominator
 (verl divides seq-mean modes by the full batch size instead).
@@ -101,10 +108,10 @@ def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "l
 
 # ---------------------------------------------------------------- aggregation
 
-AggregateFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+AggregateFn = Callable[[jax.Array, jax.Array, "int | None"], tuple[jax.Array, jax.Array]]
 
 
-def _token_mean(per_token: jax.Array, mask: jax.Array):
+def _token_mean(per_token: jax.Array, mask: jax.Array, norm_length: int | None = None):
     return jnp.sum(per_token * mask), jnp.sum(mask)
 
 
@@ -113,21 +120,28 @@ def _sequences_with_tokens(mask: jax.Array):
     return tokens_per_sequence, jnp.sum((tokens_per_sequence > 0).astype(jnp.float32))
 
 
-def _seq_mean_token_mean(per_token: jax.Array, mask: jax.Array):
+def _seq_mean_token_mean(per_token: jax.Array, mask: jax.Array, norm_length: int | None = None):
     tokens_per_sequence, sequences = _sequences_with_tokens(mask)
     sequence_means = jnp.sum(per_token * mask, axis=-1) / jnp.maximum(tokens_per_sequence, 1.0)
     return jnp.sum(sequence_means), sequences
 
 
-def _seq_mean_token_sum(per_token: jax.Array, mask: jax.Array):
+def _seq_mean_token_sum(per_token: jax.Array, mask: jax.Array, norm_length: int | None = None):
     _, sequences = _sequences_with_tokens(mask)
     return jnp.sum(per_token * mask), sequences
+
+
+def _seq_mean_token_sum_norm(per_token: jax.Array, mask: jax.Array, norm_length: int | None = None):
+    _, sequences = _sequences_with_tokens(mask)
+    length = mask.shape[-1] if norm_length is None else norm_length
+    return jnp.sum(per_token * mask), sequences * length
 
 
 _AGGREGATIONS: dict[str, AggregateFn] = {
     "token-mean": _token_mean,
     "seq-mean-token-mean": _seq_mean_token_mean,
     "seq-mean-token-sum": _seq_mean_token_sum,
+    "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
 }
 
 
@@ -136,12 +150,16 @@ def registered_aggregations() -> tuple[str, ...]:
     return tuple(sorted(_AGGREGATIONS))
 
 
-def aggregate_loss(per_token: jax.Array, mask: jax.Array, mode: str = "seq-mean-token-mean"):
-    """`(weighted_sum, denominator)` scalars for `per_token [B, T]` under `mode` (see the module docstring)."""
+def aggregate_loss(per_token: jax.Array, mask: jax.Array, mode: str = "seq-mean-token-mean", *,
+                   norm_length: int | None = None):
+    """`(weighted_sum, denominator)` scalars for `per_token [B, T]` under `mode` (see the module docstring).
+
+    `norm_length` (tokens) is only read by `seq-mean-token-sum-norm`.
+    """
     fn = _AGGREGATIONS.get(mode)
     if fn is None:
         raise ValueError(f"unknown loss aggregation {mode!r}; registered: {', '.join(registered_aggregations())}")
-    return fn(per_token, jnp.asarray(mask).astype(jnp.float32))
+    return fn(per_token, jnp.asarray(mask).astype(jnp.float32), norm_length)
 
 
 def finalize_loss(weighted_sums, denominators) -> jax.Array:
@@ -200,6 +218,44 @@ def policy_loss(
     return loss * mask, metrics
 
 
+def nll_policy_loss(
+    logprobs: jax.Array,
+    old_logprobs: jax.Array,
+    weights: jax.Array,
+    mask: jax.Array,
+):
+    """Weighted negative log-likelihood `-weight * logprobs`, the supervised (cross-entropy) loss of rejection-
+    sampling fine-tuning; returns `(per_token_loss [B, T], metrics)` like `policy_loss`.
+
+    `weights [B, T]` are constants (`rft_weights`: 1 on the tokens of a successful response). No ratio and no
+    clipping: the sampling policy's `old_logprobs` only feed the `approx_kl` metric; the clip fractions are 0.
+    """
+    mask = jnp.asarray(mask).astype(jnp.float32)
+    counted = mask > 0
+    weights = jnp.where(counted, jax.lax.stop_gradient(weights), 0.0)
+    safe_logprobs = jnp.where(counted, logprobs, 0.0)
+    log_ratio = jnp.where(counted, logprobs - jax.lax.stop_gradient(old_logprobs), 0.0)
+    zero = jnp.zeros((), jnp.float32)
+    metrics = {"clip_fraction": zero, "dual_clip_fraction": zero, "approx_kl": masked_mean(-log_ratio, mask)}
+    return -weights * safe_logprobs * mask, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLoss:
+    """A policy loss by name. `selects_tokens`: the loss trains only on tokens with a positive weight (the
+    `advantages` array), so the aggregation counts only those (`loss_token_mask`)."""
+
+    name: str
+    selects_tokens: bool
+
+
+# ppo_clip: `policy_loss` (verl's `compute_policy_loss`, PPO with dual clip); nll: `nll_policy_loss` (RFT).
+POLICY_LOSSES: dict[str, PolicyLoss] = {
+    "ppo_clip": PolicyLoss("ppo_clip", selects_tokens=False),
+    "nll": PolicyLoss("nll", selects_tokens=True),
+}
+
+
 # ---------------------------------------------------------------- combined objective
 
 
@@ -214,6 +270,10 @@ class LossConfig:
     kl_estimator: str = "low_var_kl"
     entropy_coef: float = 0.001
     aggregation: str = "seq-mean-token-mean"
+    # "ppo_clip" | "nll" (POLICY_LOSSES); nll ignores the clip settings.
+    policy_loss: str = "ppo_clip"
+    # Tokens; the constant of `seq-mean-token-sum-norm` (None: the padded length of the batch).
+    norm_length: int | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.clip_low < 1.0:
@@ -234,6 +294,21 @@ class LossConfig:
                 f"LossConfig.aggregation={self.aggregation!r} is unknown; "
                 f"registered: {', '.join(registered_aggregations())}"
             )
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"LossConfig.policy_loss={self.policy_loss!r} is unknown; use one of "
+                             f"{', '.join(sorted(POLICY_LOSSES))}")
+        if self.norm_length is not None and self.norm_length < 1:
+            raise ValueError(f"LossConfig.norm_length={self.norm_length!r} must be a positive number of tokens "
+                             "(or None for the padded length)")
+
+
+def loss_token_mask(cfg: LossConfig, mask: jax.Array, advantages: jax.Array) -> jax.Array:
+    """Float `[B, T]` mask of the tokens the objective aggregates over: `mask`, and for a policy loss that
+    selects tokens (`nll`) only those with a positive weight, so the loss is a mean over the trained tokens."""
+    mask = jnp.asarray(mask).astype(jnp.float32)
+    if POLICY_LOSSES[cfg.policy_loss].selects_tokens:
+        return mask * (jax.lax.stop_gradient(advantages) > 0)
+    return mask
 
 
 def rl_objective(
@@ -247,6 +322,9 @@ def rl_objective(
 ):
     """Per-token `pg + kl_coef * kl - entropy_coef * entropy`, aggregated: `(weighted_sum, denominator, metrics)`.
 
+    `pg` is `cfg.policy_loss`: the PPO clipped surrogate (`policy_loss`) or, for `nll`, the supervised
+    `nll_policy_loss` over the tokens `loss_token_mask` keeps (every term is then over those tokens only).
+
     `logprobs` (and `entropy`) come from the policy being trained and carry the gradient;
     `old_logprobs` (sampler), `ref_logprobs` (frozen reference) and `advantages` are constants.
     The KL term is skipped when `ref_logprobs` is None or `cfg.kl_coef == 0` (the `kl` metric is
@@ -255,17 +333,20 @@ def rl_objective(
     `clip_fraction`, `dual_clip_fraction`, `approx_kl`; plus `response_tokens` (the mask sum,
     to weight metrics across micro-batches) and `loss` (this batch's weighted_sum / denominator).
     """
-    mask = jnp.asarray(mask).astype(jnp.float32)
+    mask = loss_token_mask(cfg, mask, advantages)
     counted = mask > 0
-    pg_per_token, metrics = policy_loss(
-        logprobs,
-        old_logprobs,
-        advantages,
-        mask,
-        clip_low=cfg.clip_low,
-        clip_high=cfg.clip_high,
-        dual_clip=cfg.dual_clip,
-    )
+    if cfg.policy_loss == "nll":
+        pg_per_token, metrics = nll_policy_loss(logprobs, old_logprobs, advantages, mask)
+    else:
+        pg_per_token, metrics = policy_loss(
+            logprobs,
+            old_logprobs,
+            advantages,
+            mask,
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            dual_clip=cfg.dual_clip,
+        )
     metrics["pg_loss"] = masked_mean(pg_per_token, mask)
     per_token = pg_per_token
 
@@ -283,7 +364,7 @@ def rl_objective(
         if cfg.entropy_coef != 0.0:
             per_token = per_token - cfg.entropy_coef * entropy * mask
 
-    weighted_sum, denominator = aggregate_loss(per_token, mask, cfg.aggregation)
+    weighted_sum, denominator = aggregate_loss(per_token, mask, cfg.aggregation, norm_length=cfg.norm_length)
     metrics["response_tokens"] = jnp.sum(mask)
     metrics["loss"] = finalize_loss(weighted_sum, denominator)
     return weighted_sum, denominator, metrics

@@ -27,7 +27,7 @@ import optax
 from jax.sharding import Mesh
 
 from ftrl_jax import models, parallel
-from ftrl_jax.rl.losses import LossConfig, aggregate_loss, rl_objective
+from ftrl_jax.rl.losses import LossConfig, aggregate_loss, loss_token_mask, rl_objective
 from ftrl_jax.rl.shared_prompt import SHARED_PROMPT_KEYS, response_logprobs
 from ftrl_jax.training.sft import predicted_token_mask, require_keys, shifted_token_logprobs
 from ftrl_jax.training.train_state import (Batch, TrainState, abstract_state, accumulate_gradients, apply_gradients,
@@ -167,8 +167,8 @@ def make_rl_step(
                             microbatch["advantages"], response_mask(microbatch), loss_cfg)
 
     def denominator(microbatch):
-        mask = _rows(response_mask(microbatch))
-        return aggregate_loss(jnp.zeros_like(mask), mask, loss_cfg.aggregation)[1]
+        mask = loss_token_mask(loss_cfg, _rows(response_mask(microbatch)), _rows(microbatch["advantages"]))
+        return aggregate_loss(jnp.zeros_like(mask), mask, loss_cfg.aggregation, norm_length=loss_cfg.norm_length)[1]
 
     def minibatch_update(state: TrainState, minibatch: Batch):
         acc = accumulate_gradients(terms, denominator, state.params, minibatch, num_microbatches=num_microbatches,

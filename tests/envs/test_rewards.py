@@ -116,7 +116,7 @@ def test_step_reward_kinds(sandbox, kind, expected):
 
 def test_default_kind_is_f1(sandbox):
     assert step_reward(ONE_OF_TWO, make_sample(), sandbox=sandbox) == pytest.approx(2 / 3)
-    assert set(REWARD_KINDS) == {"f1", "precision", "rate", "pr"}
+    assert set(REWARD_KINDS) == {"f1", "precision", "rate", "pr", "f1_no_format_penalty"}
 
 
 def test_step_reward_counts_each_expected_answer_once(sandbox):
@@ -159,6 +159,36 @@ def test_failed_and_misattributed_calls_count_but_solve_nothing(sandbox):
 @pytest.mark.parametrize("semantics", ["ftrl", "strict", "lenient"])
 def test_turns_without_calls(sandbox, response, reward, semantics):
     assert step_reward(response, make_sample(), sandbox=sandbox, semantics=semantics) == pytest.approx(reward)
+
+
+@pytest.mark.parametrize("semantics", ["ftrl", "strict", "lenient"])
+def test_f1_no_format_penalty_zeroes_only_the_format_penalties(sandbox, semantics):
+    cases = [
+        ("", -0.5, 0.0),  # empty content
+        ('<tool_call>{"name": "lake_finder", "arguments": </tool_call><|im_end|>', -0.3, 0.0),  # broken markup
+        ("The answer is 3903.<|im_end|>", 1 / (1 + 4), 1 / (1 + 4)),  # the final-answer rule is unchanged
+        ("I do not know.", 0.0, 0.0),
+        (ONE_OF_TWO, 2 / 3, 2 / 3),  # turns with calls score as f1
+    ]
+    responses = [response for response, _, _ in cases]
+    samples = [make_sample()] * len(cases)
+    f1 = step_rewards(responses, samples, "f1", sandbox=sandbox, semantics=semantics)
+    no_penalty = step_rewards(responses, samples, "f1_no_format_penalty", sandbox=sandbox, semantics=semantics)
+    assert f1 == pytest.approx([want for _, want, _ in cases])
+    assert no_penalty == pytest.approx([want for _, _, want in cases])
+    assert step_reward("I do not know.", make_sample(solve_rate=1.0), "f1_no_format_penalty", sandbox=sandbox,
+                       semantics=semantics) == 0.5
+
+
+@pytest.mark.parametrize("semantics", ["ftrl", "strict", "lenient"])
+def test_a_truncated_turn_with_a_solving_call_gets_the_no_call_reward(sandbox, semantics):
+    # Cut at max_new_tokens, its (complete) call is not run, as evaluation does not run it either.
+    solving = calls(("lake_finder", {"shape": "crescent"}), end="")
+    whole = step_rewards([solving], [make_sample()], sandbox=sandbox, semantics=semantics)
+    assert whole == pytest.approx([1.0])
+    for kind, reward in (("f1", -0.3), ("f1_no_format_penalty", 0.0)):
+        got = step_rewards([solving], [make_sample()], kind, sandbox=sandbox, semantics=semantics, truncated=[True])
+        assert got == pytest.approx([reward])
 
 
 @pytest.mark.parametrize(

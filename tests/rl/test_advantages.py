@@ -257,3 +257,49 @@ def test_group_signal_counts_groups_that_carry_advantage():
     assert nonzero_groups.mean() == pytest.approx(stats["groups_mixed"])
     with pytest.raises(ValueError, match="group-major"):
         group_signal(rewards, 5)
+
+
+# ---------------------------------------------------------------- Dr. GRPO, RLOO, RFT weights
+
+
+def test_dr_grpo_hand_computed_centres_without_std():
+    # Groups of 3: [1, 0, 0] (mean 1/3) and [2, 2, 5] (mean 3); GRPO would divide by std 0.577 and 1.732.
+    rewards = jnp.array([1.0, 0.0, 0.0, 2.0, 2.0, 5.0])
+    mask = jnp.asarray(lengths_mask([3, 1, 2, 3, 0, 2], 3))
+    out = np.asarray(compute_advantages("dr_grpo", rewards, mask, group_size=3))
+    expected = np.array([2 / 3, -1 / 3, -1 / 3, -1.0, -1.0, 2.0])
+    np.testing.assert_allclose(out, expected[:, None] * np.asarray(mask), rtol=1e-6, atol=1e-7)
+
+
+def test_rloo_hand_computed_leave_one_out_baseline():
+    rewards = jnp.array([1.0, 0.0, 0.0, 2.0, 2.0, 5.0])
+    out = np.asarray(compute_advantages("rloo", rewards, jnp.ones((6, 2)), group_size=3))
+    # r_i - mean of the other two: 1 - 0, 0 - 0.5, 0 - 0.5; 2 - 3.5, 2 - 3.5, 5 - 2.
+    expected = np.array([1.0, -0.5, -0.5, -1.5, -1.5, 3.0])
+    np.testing.assert_allclose(out, np.repeat(expected[:, None], 2, axis=1), rtol=1e-6)
+    # verl's form: (r - mean) * n / (n - 1).
+    centred = np.asarray(rewards) - np.repeat(np.asarray(rewards).reshape(2, 3).mean(1), 3)
+    np.testing.assert_allclose(out[:, 0], centred * 3 / 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dr_grpo", "rloo"])
+def test_dr_grpo_and_rloo_give_a_group_of_one_zero(name):
+    rewards = jnp.array([3.0, -1.0, 0.5])
+    out = np.asarray(compute_advantages(name, rewards, jnp.ones((3, 2)), group_ids=jnp.array([0, 1, 1])))
+    assert np.all(np.isfinite(out))
+    np.testing.assert_array_equal(out[0], [0.0, 0.0])
+    assert out[1, 0] < 0 < out[2, 0]
+    np.testing.assert_array_equal(np.asarray(compute_advantages(name, rewards, jnp.ones((3, 2)), group_size=1)), 0.0)
+
+
+def test_rft_weights_select_the_successes():
+    rewards = jnp.array([1.0, 0.5, -0.3, 2.0])
+    mask = jnp.asarray(lengths_mask([2, 3, 3, 1], 3))
+    out = np.asarray(adv.compute_advantages("rft", rewards, mask, group_size=2))
+    np.testing.assert_array_equal(out, np.array([1.0, 0.0, 0.0, 1.0])[:, None] * np.asarray(mask))
+    lower = np.asarray(adv.compute_advantages("rft", rewards, mask, group_size=2, success_threshold=0.5))
+    np.testing.assert_array_equal(lower, np.array([1.0, 1.0, 0.0, 1.0])[:, None] * np.asarray(mask))
+
+
+def test_new_estimators_are_registered():
+    assert {"dr_grpo", "rloo", "rft", "grpo", "reinforce_pp"} <= set(registered_advantage_estimators())

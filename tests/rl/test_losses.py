@@ -130,11 +130,23 @@ MASK = jnp.array([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.
         ("token-mean", 1 + 2 + 3 + 4, 4),  # every response token weighs the same
         ("seq-mean-token-mean", 2 + 4, 2),  # row means 2 and 4; the empty row does not count
         ("seq-mean-token-sum", 6 + 4, 2),
+        ("seq-mean-token-sum-norm", 6 + 4, 2 * 4),  # token sums over sequences x the padded length 4
     ],
 )
 def test_aggregation_modes_hand_computed(mode, weighted_sum, denominator):
     total, count = aggregate_loss(PER_TOKEN, MASK, mode)
     assert float(total) == weighted_sum and float(count) == denominator
+
+
+def test_seq_mean_token_sum_norm_divides_by_a_constant_length():
+    total, count = losses.aggregate_loss(PER_TOKEN, MASK, "seq-mean-token-sum-norm", norm_length=16)
+    assert float(total) == 10 and float(count) == 2 * 16
+    # Dr. GRPO: a sequence's weight does not depend on its own length (unlike seq-mean-token-mean), and the
+    # scale does not depend on how far the batch is padded.
+    padded_per_token = jnp.pad(PER_TOKEN, ((0, 0), (0, 60)))
+    padded_mask = jnp.pad(MASK, ((0, 0), (0, 60)))
+    assert losses.aggregate_loss(padded_per_token, padded_mask, "seq-mean-token-sum-norm", norm_length=16) == \
+        (total, count)
 
 
 def test_unknown_aggregation_lists_registered():
@@ -282,9 +294,42 @@ def test_loss_config_rejects_bad_values(kwargs, message):
         LossConfig(**kwargs)
 
 
+def test_nll_policy_loss_trains_only_on_selected_tokens_without_ratio():
+    logprobs = jnp.log(jnp.array([[0.5, 0.25, 0.1], [0.2, 0.2, 0.2], [0.9, 0.8, 0.7]]))
+    old_logprobs = logprobs - 1.0  # far off-policy: PPO would clip, nll does not look at the ratio
+    weights = jnp.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])  # row 1 failed
+    mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    cfg = LossConfig(policy_loss="nll", kl_coef=0.0, entropy_coef=0.0, aggregation="token-mean")
+    weighted_sum, denominator, metrics = losses.rl_objective(logprobs, old_logprobs, None, None, weights, mask, cfg)
+    expected_sum = -(math.log(0.5) + math.log(0.25) + math.log(0.9) + math.log(0.8) + math.log(0.7))
+    assert float(weighted_sum) == pytest.approx(expected_sum, rel=1e-6)
+    assert float(denominator) == 5  # the failed row's 3 tokens do not count
+    assert float(metrics["clip_fraction"]) == 0.0
+    np.testing.assert_array_equal(np.asarray(losses.loss_token_mask(cfg, mask, weights)), np.asarray(mask * weights))
+
+    def loss(lp):
+        total, count, _ = losses.rl_objective(lp, old_logprobs, None, None, weights, mask, cfg)
+        return total / count
+
+    grad = np.asarray(jax.grad(loss)(logprobs))  # cross-entropy: -1/5 on each selected token, 0 elsewhere
+    np.testing.assert_allclose(grad, -np.asarray(mask * weights) / 5, rtol=1e-6)
+    # Nothing selected: zero loss and zero gradient.
+    none = jnp.zeros_like(weights)
+    total, count, _ = losses.rl_objective(logprobs, old_logprobs, None, None, none, mask, cfg)
+    assert float(total) == 0.0 and float(count) == 0.0
+
+
+def test_loss_config_rejects_unknown_policy_loss_and_bad_norm_length():
+    with pytest.raises(ValueError, match="policy_loss='sft' is unknown; use one of nll, ppo_clip"):
+        LossConfig(policy_loss="sft")
+    with pytest.raises(ValueError, match="norm_length=0 must be a positive number of tokens"):
+        LossConfig(norm_length=0)
+
+
 def test_loss_config_defaults():
     cfg = LossConfig()
     assert (cfg.clip_low, cfg.clip_high, cfg.dual_clip) == (0.2, 0.2, 3.0)
     assert (cfg.kl_coef, cfg.kl_estimator, cfg.entropy_coef) == (0.001, "low_var_kl", 0.001)
     assert cfg.aggregation == "seq-mean-token-mean"
+    assert (cfg.policy_loss, cfg.norm_length) == ("ppo_clip", None)
     assert LossConfig(dual_clip=None).dual_clip is None
