@@ -72,7 +72,9 @@ def _base() -> ml_collections.ConfigDict:
     c.rollout.top_k = 0
 
     c.rl = ml_collections.ConfigDict()
-    c.rl.algorithm = "grpo"        # advantage estimator: grpo | reinforce_pp | any registered name
+    # advantage estimator: grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | any registered name;
+    # rft: rejection-sampling fine-tuning (cross-entropy on the successful samples; no ratio, clip, KL)
+    c.rl.algorithm = "grpo"
     c.rl.mode = "step"             # step: FTRL's per-turn prompts; trajectory: whole multi-turn episodes
     c.rl.num_steps = 30
     c.rl.prompts_per_step = 4
@@ -81,7 +83,7 @@ def _base() -> ml_collections.ConfigDict:
     # Step mode: the n turns of a prompt share one copy of it in the log-prob passes and the update (the same
     # update as n full rows, for a fraction of the tokens); prompts_per_step must then divide over the mesh.
     c.rl.shared_prompt = True
-    c.rl.reward_kind = "f1"        # f1 | precision | rate | pr
+    c.rl.reward_kind = "f1"        # f1 | precision | rate | pr | f1_no_format_penalty
     # ftrl: FTRL's reward exactly (ftrl_jax/envs/ftrl_reward.py); strict: its flaws fixed; lenient: this
     # project's earlier reward (the product parser; the README's measured runs used it)
     c.rl.reward_semantics = "ftrl"
@@ -94,7 +96,17 @@ def _base() -> ml_collections.ConfigDict:
     c.rl.kl_coef = 0.01           # the paper's 0.001 let the tiny policy drift into answering without tools
     c.rl.kl_estimator = "low_var_kl"
     c.rl.entropy_coef = 0.001
+    # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm (Dr. GRPO's)
     c.rl.aggregation = "seq-mean-token-mean"
+    # DAPO's dynamic sampling: sample more prompts until prompts_per_step groups have differing rewards (and, with
+    # require_success, a success), at most max_sampling_rounds rounds of prompts_per_step prompts per step.
+    c.rl.dynamic_sampling = False
+    c.rl.dynamic_sampling_require_success = False
+    c.rl.max_sampling_rounds = 4
+    c.rl.success_threshold = 1.0   # a success: reward >= this (RFT's filter, dynamic sampling's require_success)
+    # Parameters that train: all | mlp | lower_mlp (MLPs of the lower third of the layers) | attention | a regex
+    # over per-layer paths such as layers/0/mlp/down_proj/kernel (training/optim.py)
+    c.rl.trainable = "all"
     c.rl.num_minibatches = 1
     c.rl.num_microbatches = 1
     c.rl.chunk_size = 128
@@ -102,6 +114,15 @@ def _base() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.max_turns = 6
     c.eval.max_new_tokens = 96
+    # Besides the greedy headline (every held-out environment once), before and after RL; 0 turns a part off.
+    c.eval.num_samples = 2         # k episodes per held-out environment at the rollout temperature: mean, best of k
+    c.eval.num_train_envs = 16     # greedy Solve-F1 on the first n RL training environments (train/held-out gap)
+    c.eval.curve_every = 10        # held-out greedy Solve-F1 every n RL steps for learning_curves.png
+    c.eval.curve_envs = 16         # ... on the first n held-out environments (a fixed subset)
+    # Paired percentile bootstrap of after - before per held-out environment, within scenario types.
+    c.eval.bootstrap_resamples = 10_000
+    c.eval.bootstrap_seed = 0
+    c.eval.confidence = 0.95
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1

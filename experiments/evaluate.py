@@ -8,7 +8,8 @@
 The policy is a Hugging Face directory or a training WORKDIR (its export/ is used) run in-process on the
 jit sampler (`--model`), or any OpenAI-compatible chat-completions server (`--backend=openai`: vLLM, a
 hosted model, or `python -m experiments.serve`). Episodes are greedy and multi-turn (`--max_turns`).
-Scoring, resume and summaries: `ftrl_jax.rollout.harness`. Run the same command again to resume.
+Scoring, resume and summaries: `ftrl_jax.rollout.harness`. Run the same command again to resume. Next to
+`--output`: `<stem>.summary.json`, `<stem>.summary.md` and `<stem>.scenarios.png` (per-scenario bar chart).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from absl import flags
 
 from experiments import cli
 from ftrl_jax.envs.sandbox import Sandbox
+from ftrl_jax.reporting.plots import plot_evaluate_summary
 from ftrl_jax.rollout.episodes import TurnGenerator
 from ftrl_jax.rollout.harness import (DATA_KINDS, TOOLHOP_SCENARIOS, Player, UsageError, load_tasks, open_run,
-                                      play_concurrently, play_in_batches, run_evaluation, run_settings)
+                                      play_concurrently, play_in_batches, run_evaluation, run_settings, summary_paths)
 from ftrl_jax.serving.client import OpenAIChatGenerator
 from ftrl_jax.text.templates import TEMPLATE_CHOICES
 
@@ -148,11 +150,18 @@ def main(argv: Sequence[str]) -> int:
     except (cli.UsageError, UsageError) as exc:
         return cli.fail(exc)
     build_generator, player = BACKENDS[args.backend]
-    return run_evaluation(tasks, kind, output=args.output, settings=settings, run_id=run_id, records=records,
+    code = run_evaluation(tasks, kind, output=args.output, settings=settings, run_id=run_id, records=records,
                           row_errors=row_errors, build_generator=lambda: build_generator(args),
                           make_player=lambda generator, sandbox: player(generator, args, sandbox),
                           sandbox_workers=args.sandbox_workers or None, tool_timeout=args.tool_timeout,
                           progress=args.progress)
+    json_path, _ = summary_paths(args.output)
+    if os.path.isfile(json_path):
+        with open(json_path, encoding="utf-8") as f:
+            summary = json.load(f)
+        chart = plot_evaluate_summary(summary, json_path[: -len(".summary.json")] + ".scenarios.png")
+        print(f"per-scenario chart: {chart}")
+    return code
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ resumes where it stopped (`config.resume=True`):
   WORKDIR/eval_before.json          held-out evaluation before RL
   WORKDIR/checkpoints/rl/           orbax checkpoints of RL (params, optimizer, step, prompt pool)
   WORKDIR/export/                   the final policy in HF format with its tokenizer
-  WORKDIR/metrics.jsonl, tb/        metrics; WORKDIR/summary.json: eval_before / eval_after
+  WORKDIR/metrics.jsonl, tb/        metrics; WORKDIR/summary.json: eval_before / eval_after, paired_delta
+  WORKDIR/report.md                 before/after tables with intervals, linking learning_curves.png and
+                                    scenario_bars.png
 
 All randomness is derived from (config.seed, phase, step), so resuming gives the same parameters as an
 uninterrupted run.
@@ -22,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from typing import Any, Sequence
 
@@ -37,12 +40,15 @@ from ftrl_jax.training.checkpointing import Checkpointer
 from ftrl_jax.envs import build as env_build
 from ftrl_jax.envs.samples import Sample, decode_sample, encode_sample, read_samples, write_samples
 from ftrl_jax.envs.sandbox import Sandbox
-from ftrl_jax.rollout.evaluation import evaluate
+from ftrl_jax.rollout.evaluation import SCENARIO_TYPES, evaluate, evaluate_sampled, summarize
+from ftrl_jax.reporting import plots, report as run_report, stats
 from ftrl_jax.training.metrics import MetricsLogger
-from ftrl_jax.training.optim import make_optimizer
+from ftrl_jax.training.optim import TRAINABLE_ALL, TRAINABLE_PRESETS, make_optimizer, num_trainable
 from ftrl_jax.rl import batch as rl_batch
-from ftrl_jax.rl.advantages import compute_advantages, group_signal, registered_advantage_estimators
-from ftrl_jax.rl.losses import LossConfig
+from ftrl_jax.rl.advantages import (RFT_ESTIMATOR, compute_advantages, group_signal,
+                                    registered_advantage_estimators)
+from ftrl_jax.rl.dynamic_sampling import GroupCollector
+from ftrl_jax.rl.losses import LossConfig, registered_aggregations
 from ftrl_jax.rl import shared_prompt
 from ftrl_jax.rl.update import make_logprob_fn, make_rl_step, make_shared_prompt_logprob_fn, response_mask
 from ftrl_jax.rollout.episodes import play_episodes, rl_prompts_from_episode
@@ -54,6 +60,10 @@ from ftrl_jax.training import warmstart
 
 log = logging.getLogger(__name__)
 EVAL_KEYS = ("solve_precision", "solve_rate", "solve_f1")
+# The sampled held-out evaluation's seed (plus config.seed): the same before and after RL, apart from RL's
+# rollout seeds (config.seed * 1_000_003 + step).
+SAMPLED_EVAL_SEED = 7_777_777
+LEARNING_CURVES, SCENARIO_BARS, REPORT = "learning_curves.png", "scenario_bars.png", "report.md"
 
 
 class TrainingError(RuntimeError):
@@ -84,6 +94,28 @@ def check_config(config) -> None:
     if config.rl.mode == "trajectory" and config.model.template != "qwen2.5":
         raise TrainingError("config.rl.mode='trajectory' needs config.model.template='qwen2.5' (the Qwen3 template "
                             "rewrites earlier turns, so a trajectory is not one token sequence)")
+    if config.rl.aggregation not in registered_aggregations():
+        raise TrainingError(f"config.rl.aggregation={config.rl.aggregation!r}; use one of "
+                            f"{', '.join(registered_aggregations())}")
+    if config.rl.max_sampling_rounds < 1:
+        raise TrainingError(f"config.rl.max_sampling_rounds={config.rl.max_sampling_rounds}; dynamic sampling needs "
+                            "at least 1 round")
+    if config.rl.trainable != TRAINABLE_ALL and config.rl.trainable not in TRAINABLE_PRESETS:
+        try:
+            re.compile(config.rl.trainable)
+        except re.error as err:
+            raise TrainingError(f"config.rl.trainable={config.rl.trainable!r} is neither {TRAINABLE_ALL}, a preset "
+                                f"({', '.join(TRAINABLE_PRESETS)}) nor a regular expression ({err})") from None
+    ec = config.eval
+    for key in ("num_samples", "num_train_envs", "curve_every", "curve_envs"):
+        if ec[key] < 0:
+            raise TrainingError(f"config.eval.{key}={ec[key]}; use 0 (off) or a positive number")
+    if ec.num_samples > 0 and config.rollout.temperature <= 0:
+        raise TrainingError("config.eval.num_samples > 0 samples at config.rollout.temperature, which is "
+                            f"{config.rollout.temperature}; set a temperature above 0 or eval.num_samples=0")
+    if ec.bootstrap_resamples < 1 or not 0.0 < ec.confidence < 1.0:
+        raise TrainingError(f"config.eval.bootstrap_resamples={ec.bootstrap_resamples} must be >= 1 and "
+                            f"config.eval.confidence={ec.confidence} in (0, 1)")
     mesh_size = config.mesh.data * config.mesh.fsdp * config.mesh.tensor
     if mesh_size != jax.device_count():
         raise TrainingError(
@@ -122,17 +154,19 @@ def prepare_environments(config, workdir: str, sandbox: Sandbox) -> tuple[list[S
     if config.envs.eval_file:
         eval_file = config.envs.eval_file
     for given, path in ((config.envs.train_file, train_file), (config.envs.eval_file, eval_file)):
-        if given and not os.path.isfile(path):
-            raise TrainingError(f"environment file {path!r} does not exist; pass a sample-format .jsonl/.parquet "
-                                "file, or leave the setting empty to build environments")
-    if not (os.path.isfile(train_file) and os.path.isfile(eval_file)):
+        if given and not os.path.exists(path):
+            raise TrainingError(f"environment file {path!r} does not exist; pass a sample-format .jsonl file, "
+                                ".parquet file or datasets save_to_disk directory, or leave the setting empty "
+                                "to build environments")
+    # exists, not isfile: a save_to_disk directory is an environment file too.
+    if not (os.path.exists(train_file) and os.path.exists(eval_file)):
         # Build what is missing; a file the config names is read, never overwritten.
         os.makedirs(env_dir, exist_ok=True)
         started = time.perf_counter()
         built = {}
         for split, num, offset in (("train", config.envs.num_train, 1), ("eval", config.envs.num_eval, 2)):
             path = train_file if split == "train" else eval_file
-            if os.path.isfile(path):
+            if os.path.exists(path):
                 built[split] = _read_split(path)
                 continue
             # Extra eval environments cover the ones dropped for sharing a question with training.
@@ -247,15 +281,140 @@ def _policy(config, model_config, params, tokenizer, mesh, *, greedy: bool, seed
                        if mesh.size > 1 else None, seed=seed)
 
 
-def run_evaluation(config, model_config, params, tokenizer, mesh, samples, sandbox) -> dict[str, Any]:
-    policy = _policy(config, model_config, params, tokenizer, mesh, greedy=True, seed=0,
-                     max_new_tokens=config.eval.max_new_tokens)
-    report = evaluate(policy, samples, max_turns=config.eval.max_turns, sandbox=sandbox)
+def _greedy_figures(report) -> dict[str, Any]:
     # Headline figures as in the paper's table: the average over scenario types of per-type means.
     headline = report.scenario_average or {k: 0.0 for k in EVAL_KEYS}
     return {**{k: float(headline[k]) for k in EVAL_KEYS}, "by_scenario": report.per_source,
             "num_episodes": report.num_episodes, "end_reasons": report.end_reasons,
-            "episodes_per_minute": report.episodes_per_minute}
+            "episodes_per_minute": report.episodes_per_minute, "seconds": report.seconds}
+
+
+def run_evaluation(config, model_config, params, tokenizer, mesh, samples, sandbox,
+                   train_samples: Sequence[Sample] = ()) -> dict[str, Any]:
+    """One policy's evaluation: held-out greedy figures, and the sampled and training-subset ones when configured.
+
+    Greedy Solve-P/R/F1 in [0, 1] averaged over scenario types (the paper's headline), `by_scenario`, and
+    `episodes`: one row per held-out environment in `samples` order (data_source, end_reason, num_turns,
+    Solve-P/R/F1) for paired before/after comparisons. `sampled` (when `eval.num_samples` = k > 0): k episodes
+    per environment at the rollout temperature, all played as one batch with seed `SAMPLED_EVAL_SEED +
+    config.seed` (the same before and after RL); its `solve_f1` is the mean over samples, `best_solve_f1` the
+    best of k, `environments` the per-environment values. `train_subset` (when `train_samples` is given): the
+    greedy figures on those environments. Every part carries its wall time in `seconds`.
+    """
+    ec = config.eval
+    policy = _policy(config, model_config, params, tokenizer, mesh, greedy=True, seed=0,
+                     max_new_tokens=ec.max_new_tokens)
+    report = evaluate(policy, samples, max_turns=ec.max_turns, sandbox=sandbox)
+    result = {**_greedy_figures(report),
+              "episodes": [{k: row[k] for k in ("data_source", "end_reason", "num_turns", *EVAL_KEYS)}
+                           for row in report.episodes]}
+    if ec.num_samples > 0:
+        sampler = _policy(config, model_config, params, tokenizer, mesh, greedy=False,
+                          seed=SAMPLED_EVAL_SEED + config.seed, max_new_tokens=ec.max_new_tokens)
+        sampled = evaluate_sampled(sampler, samples, num_samples=ec.num_samples, max_turns=ec.max_turns,
+                                   sandbox=sandbox)
+        average = sampled.scenario_average
+        result["sampled"] = {"num_samples": sampled.num_samples, "temperature": float(config.rollout.temperature),
+                             **{k: float(average.get(k, 0.0)) for k in (*EVAL_KEYS, "best_solve_f1")},
+                             "by_scenario": sampled.per_source, "num_episodes": sampled.num_episodes,
+                             "end_reasons": sampled.end_reasons, "seconds": sampled.seconds,
+                             "environments": sampled.environments}
+    if train_samples:
+        result["train_subset"] = _greedy_figures(evaluate(policy, train_samples, max_turns=ec.max_turns,
+                                                          sandbox=sandbox))
+    return result
+
+
+def _logged_figures(result: dict[str, Any]) -> dict[str, float]:
+    """The scalars of an evaluation that go to metrics.jsonl and TensorBoard."""
+    scalars = {k: result[k] for k in EVAL_KEYS}
+    if "sampled" in result:
+        scalars.update(sampled_solve_f1=result["sampled"]["solve_f1"],
+                       sampled_best_solve_f1=result["sampled"]["best_solve_f1"])
+    if "train_subset" in result:
+        scalars["train_solve_f1"] = result["train_subset"]["solve_f1"]
+    return scalars
+
+
+def _curve_point(logger, step: int, result: dict[str, Any], num_envs: int) -> None:
+    """Logs the learning curve's point at `step` from a full held-out evaluation's first `num_envs` episodes.
+
+    Greedy tokens do not depend on how conversations are batched, so these episodes score as a run on the
+    curve subset alone would; the point costs nothing.
+    """
+    rows = result.get("episodes") or []
+    if num_envs and len(rows) >= num_envs:
+        _, average, _ = summarize(rows[:num_envs])
+        logger.log(plots.CURVE_PHASE, step, {**{k: average.get(k, 0.0) for k in EVAL_KEYS}, "num_envs": num_envs})
+
+
+def _curve_hook(config, model_config, tokenizer, mesh, envs, sandbox, logger):
+    """`on_step(step, params)` for `rl_train`: greedy held-out Solve-P/R/F1 on `envs` after every
+    `eval.curve_every` RL steps, logged as "eval_curve" records with their wall time; None when disabled.
+    The last step is left to the final evaluation (`_curve_point`)."""
+    every = config.eval.curve_every
+    if every <= 0 or not envs:
+        return None
+
+    def on_step(step: int, params) -> None:
+        if step % every or step >= config.rl.num_steps:
+            return
+        policy = _policy(config, model_config, params, tokenizer, mesh, greedy=True, seed=0,
+                         max_new_tokens=config.eval.max_new_tokens)
+        report = evaluate(policy, envs, max_turns=config.eval.max_turns, sandbox=sandbox)
+        average = report.scenario_average
+        logger.log(plots.CURVE_PHASE, step, {**{k: average.get(k, 0.0) for k in EVAL_KEYS},
+                                             "num_envs": len(envs), "seconds": report.seconds})
+
+    return on_step
+
+
+def paired_deltas(config, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Paired bootstrap intervals of after - before on the same held-out environments (`stats.paired_bootstrap`).
+
+    `greedy_solve_f1`: per-environment greedy Solve-F1; `sampled_solve_f1`: per-environment mean sampled
+    Solve-F1 (when both evaluations sampled). Environments are resampled within their scenario type (the
+    headline's strata; sources outside FTRL's four types are left out when those types are present) with
+    `eval.bootstrap_resamples` resamples, seed `eval.bootstrap_seed`, a `eval.confidence` interval. Without
+    matching per-environment rows (an `eval_before.json` from an older run) a `note` says so instead.
+    """
+    ec = config.eval
+    out: dict[str, Any] = {}
+    for name, rows_before, rows_after in (
+            ("greedy_solve_f1", before.get("episodes"), after.get("episodes")),
+            ("sampled_solve_f1", (before.get("sampled") or {}).get("environments"),
+             (after.get("sampled") or {}).get("environments"))):
+        if not rows_before or not rows_after:
+            continue
+        sources = [r["data_source"] for r in rows_before]
+        if sources != [r["data_source"] for r in rows_after]:
+            out["note"] = f"{name}: before and after evaluations hold different environments; no interval"
+            continue
+        keep = [i for i, s in enumerate(sources) if s in SCENARIO_TYPES] or list(range(len(sources)))
+        out[name] = stats.paired_bootstrap([rows_before[i]["solve_f1"] for i in keep],
+                                           [rows_after[i]["solve_f1"] for i in keep], [sources[i] for i in keep],
+                                           num_resamples=ec.bootstrap_resamples, confidence=ec.confidence,
+                                           seed=ec.bootstrap_seed)
+    if "greedy_solve_f1" not in out and "note" not in out:
+        out["note"] = "the evaluations carry no per-environment rows (an eval_before.json from an older run)"
+    return out
+
+
+def write_figures_and_report(workdir: str, summary: dict[str, Any]) -> dict[str, str]:
+    """Draws WORKDIR/learning_curves.png (from metrics.jsonl) and WORKDIR/scenario_bars.png, writes
+    WORKDIR/report.md linking both; returns {name: file name in workdir}."""
+    records = plots.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    plots.plot_learning_curves(records, os.path.join(workdir, LEARNING_CURVES),
+                               title=f"{summary['preset']} {summary['algorithm']}, seed {summary['seed']}")
+    bars = {label: {"per_source": summary[key]["by_scenario"],
+                    "scenario_average": {k: summary[key][k] for k in EVAL_KEYS}}
+            for label, key in (("before RL", "eval_before"), ("after RL", "eval_after"))}
+    plots.plot_scenario_bars(bars, os.path.join(workdir, SCENARIO_BARS),
+                             title=f"held-out greedy evaluation, {summary['num_eval_envs']} environments")
+    run_report.write_report(summary, os.path.join(workdir, REPORT),
+                            {"RL learning curves": LEARNING_CURVES,
+                             "held-out Solve-P/R/F1 per scenario type, before and after RL": SCENARIO_BARS})
+    return {"learning_curves": LEARNING_CURVES, "scenario_bars": SCENARIO_BARS, "report": REPORT}
 
 
 def _finite_loss(metrics, phase: str, step: int, checkpoint_dir: str, knob: str) -> float:
@@ -380,19 +539,24 @@ def sample_rl_prompts(config, out_path: str, *, policy_dir: str | None = None, n
             "episode_solve_f1": float(np.mean([ep.metrics["solve_f1"] for ep in episodes]))}
 
 
-def _rl_step_batch(config, model_config, state_params, tokenizer, mesh, prompts, sandbox, seed):
-    """Samples n rollouts per prompt, scores them with the verifiable reward, returns (batch arrays, stats)."""
+def _sample_step_groups(config, policy, prompts, sandbox) -> tuple[list[Any], np.ndarray]:
+    """n sampled turns per prompt, group-major, and their verifiable step rewards `[len(prompts) * n]` float32.
+
+    A turn cut at max_new_tokens is scored as evaluation treats it: its calls are not run (`truncated=`).
+    """
     rc = config.rl
     n = rc.num_rollouts
-    policy = _policy(config, model_config, state_params, tokenizer, mesh, greedy=False, seed=seed,
-                     max_new_tokens=config.rollout.max_new_tokens)
-    conversations = [(p.messages, p.tools) for p in prompts for _ in range(n)]
-    turns = policy(conversations)
+    turns = policy([(p.messages, p.tools) for p in prompts for _ in range(n)])
     group_samples = [p for p in prompts for _ in range(n)]
-    texts = [t.text for t in turns]
-    scores = np.asarray(rewards.step_rewards(texts, group_samples, rc.reward_kind, sandbox=sandbox,
+    scores = np.asarray(rewards.step_rewards([t.text for t in turns], group_samples, rc.reward_kind, sandbox=sandbox,
                                              semantics=rc.reward_semantics,
                                              truncated=[t.truncated for t in turns]), np.float32)
+    return turns, scores
+
+
+def _step_arrays(config, turns, scores, tokenizer) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The update's arrays for group-major sampled turns, and the batch's reward statistics."""
+    n = config.rl.num_rollouts
     if _shared_prompt(config):
         arrays = shared_prompt.step_batch(turns, n, _pad_id(tokenizer))
         lengths = arrays["response_mask"].sum(axis=-1)
@@ -402,32 +566,104 @@ def _rl_step_batch(config, model_config, state_params, tokenizer, mesh, prompts,
     stats = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
              **group_signal(scores, n), "response_length": float(lengths.mean()),
              "truncated_fraction": float(np.mean([t.truncated for t in turns]))}
+    return arrays, stats
+
+
+def _rl_step_batch(config, model_config, state_params, tokenizer, mesh, prompts, sandbox, seed):
+    """Samples n rollouts per prompt, scores them with the verifiable reward, returns (batch arrays, scores, stats)."""
+    policy = _policy(config, model_config, state_params, tokenizer, mesh, greedy=False, seed=seed,
+                     max_new_tokens=config.rollout.max_new_tokens)
+    turns, scores = _sample_step_groups(config, policy, prompts, sandbox)
+    arrays, stats = _step_arrays(config, turns, scores, tokenizer)
     return arrays, scores, stats
+
+
+def _sample_trajectory_groups(config, policy, envs, sandbox) -> tuple[list[Any], np.ndarray]:
+    """n episodes per environment, group-major, and their rewards: each episode's Solve-F1, the metric
+    evaluation reports (so a truncated turn's calls, not run, do not count there either)."""
+    n = config.rl.num_rollouts
+    episodes = play_episodes(policy, [e for e in envs for _ in range(n)], max_turns=config.rollout.max_turns,
+                             sandbox=sandbox)
+    return episodes, np.asarray([ep.metrics["solve_f1"] for ep in episodes], np.float32)
+
+
+def _trajectory_arrays(config, episodes, scores, tokenizer) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    arrays = rl_batch.pad_rows(rl_batch.trajectory_rows(episodes, tokenizer, config.model.template),
+                               _pad_id(tokenizer))
+    stats = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
+             **group_signal(scores, config.rl.num_rollouts),
+             "response_length": float(rl_batch.response_lengths(arrays).mean())}
+    return arrays, stats
 
 
 def _trajectory_batch(config, model_config, state_params, tokenizer, mesh, envs, sandbox, seed):
     """Whole-trajectory mode: n episodes per environment; reward = the episode's Solve-F1."""
-    n = config.rl.num_rollouts
     policy = _policy(config, model_config, state_params, tokenizer, mesh, greedy=False, seed=seed,
                      max_new_tokens=config.rollout.max_new_tokens)
-    episodes = play_episodes(policy, [e for e in envs for _ in range(n)], max_turns=config.rollout.max_turns,
-                             sandbox=sandbox)
-    scores = np.asarray([ep.metrics["solve_f1"] for ep in episodes], np.float32)
-    arrays = rl_batch.pad_rows(rl_batch.trajectory_rows(episodes, tokenizer, config.model.template),
-                               _pad_id(tokenizer))
-    stats = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()), **group_signal(scores, n),
-             "response_length": float(rl_batch.response_lengths(arrays).mean())}
+    episodes, scores = _sample_trajectory_groups(config, policy, envs, sandbox)
+    arrays, stats = _trajectory_arrays(config, episodes, scores, tokenizer)
     return arrays, scores, stats
 
 
-def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sandbox, logger) -> Any:
-    """GRPO / Reinforce++ on the verifiable reward with fresh trajectories from the current policy."""
+def _sampling_rounds(config) -> int:
+    return config.rl.max_sampling_rounds if config.rl.dynamic_sampling else 1
+
+
+def _collect_groups(config, draw) -> tuple[list[Any], np.ndarray, dict[str, float]]:
+    """One step's `prompts_per_step` groups from `draw(round) -> (group-major items, rewards)`.
+
+    Without `rl.dynamic_sampling`: one round, as drawn. With it (DAPO, sec. 3.2): rounds of fresh prompts until
+    `prompts_per_step` groups whose rewards differ (and, with `rl.dynamic_sampling_require_success`, that hold a
+    success) are found or `rl.max_sampling_rounds` are spent; rejected groups fill what is left. The stats then
+    count the groups drawn and kept (`rl.dynamic_sampling.GroupCollector.stats`).
+    """
     rc = config.rl
-    optimizer = make_optimizer(rc.learning_rate, weight_decay=rc.weight_decay, max_grad_norm=rc.max_grad_norm)
+    if not rc.dynamic_sampling:
+        items, scores = draw(0)
+        return items, scores, {}
+    collector = GroupCollector(rc.prompts_per_step, rc.num_rollouts,
+                               require_success=rc.dynamic_sampling_require_success,
+                               success_threshold=rc.success_threshold)
+    for round_index in range(rc.max_sampling_rounds):
+        if collector.add(*draw(round_index)):
+            break
+    items, scores = collector.batch()
+    return items, scores, collector.stats()
+
+
+def _loss_config(config) -> LossConfig:
+    """The objective of `rl.algorithm`: PPO-clip with KL and entropy, or for RFT the supervised `nll` loss
+    without ratio, clip, KL or entropy."""
+    rc = config.rl
+    rft = rc.algorithm == RFT_ESTIMATOR
+    # seq-mean-token-sum-norm's constant: the generation budget of one response (Dr. GRPO's max length).
+    budget = config.rollout.max_new_tokens * (config.rollout.max_turns if rc.mode == "trajectory" else 1)
+    return LossConfig(clip_low=rc.clip_low, clip_high=rc.clip_high, dual_clip=rc.dual_clip,
+                      kl_coef=0.0 if rft else rc.kl_coef, kl_estimator=rc.kl_estimator,
+                      entropy_coef=0.0 if rft else rc.entropy_coef, aggregation=rc.aggregation,
+                      policy_loss="nll" if rft else "ppo_clip", norm_length=budget)
+
+
+def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sandbox, logger, on_step=None) -> Any:
+    """RL on the verifiable reward with fresh samples from the current policy: GRPO, Dr. GRPO, RLOO,
+    Reinforce++ (`rl.algorithm`, an advantage estimator) or the RFT baseline (`rl.algorithm="rft"`).
+    `on_step(step, params)`, if given, runs after every step with the steps done so far and the new params."""
+    rc = config.rl
+    try:
+        trainable = num_trainable(params, rc.trainable)
+    except ValueError as err:
+        raise TrainingError(f"config.rl.trainable: {err}") from None
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    log.info("RL trains %d of %d parameters (rl.trainable=%r)", trainable, total, rc.trainable)
+    logger.log("rl_setup", 0, {"trainable_params": trainable, "trainable_fraction": trainable / max(total, 1)})
+    if rc.algorithm == "dr_grpo" and rc.aggregation != "seq-mean-token-sum-norm":
+        log.warning("rl.algorithm='dr_grpo' with rl.aggregation=%r: Dr. GRPO's loss is "
+                    "--config.rl.aggregation=seq-mean-token-sum-norm", rc.aggregation)
+    optimizer = make_optimizer(rc.learning_rate, weight_decay=rc.weight_decay, max_grad_norm=rc.max_grad_norm,
+                               trainable=rc.trainable)
     ref_params = jax.tree.map(jnp.copy, params)  # frozen reference policy (the warm-started one)
     state = shard_state(create_train_state(params, optimizer), mesh)
-    loss_cfg = LossConfig(clip_low=rc.clip_low, clip_high=rc.clip_high, dual_clip=rc.dual_clip, kl_coef=rc.kl_coef,
-                          kl_estimator=rc.kl_estimator, entropy_coef=rc.entropy_coef, aggregation=rc.aggregation)
+    loss_cfg = _loss_config(config)
     step_fn = make_rl_step(model_config, optimizer, mesh, loss_cfg, num_minibatches=rc.num_minibatches,
                            num_microbatches=rc.num_microbatches, chunk_size=rc.chunk_size, remat=config.model.remat,
                            temperature=config.rollout.temperature)
@@ -438,6 +674,7 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
     else:
         flat_fn = make_logprob_fn(model_config, mesh, chunk_size=rc.chunk_size, temperature=config.rollout.temperature)
         logprob_fn = lambda p, b: flat_fn(p, b["tokens"], b["attention_mask"])  # noqa: E731
+    estimator_kw = {"success_threshold": rc.success_threshold} if rc.algorithm == RFT_ESTIMATOR else {}
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "rl"), max_to_keep=config.checkpoint.max_to_keep)
     start, cursor, pool = 0, 0, []
     if ckpt.latest_step() is not None:
@@ -446,32 +683,46 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
         pool = [decode_sample(row) for row in extra["pool"]]
         log.info("RL resumes at step %d", start)
     bar = tqdm(range(start, rc.num_steps), desc=f"RL ({rc.algorithm})", initial=start, total=rc.num_steps)
+    rounds = _sampling_rounds(config)
     for step in bar:
         t0 = time.perf_counter()
         seed = config.seed * 1_000_003 + step
+        if rc.mode == "step" and (step % rc.refresh_every == 0 or not pool):
+            pool, cursor, episodes = collect_prompt_pool(config, model_config, state.params, tokenizer, mesh,
+                                                         train, cursor, sandbox, seed)
+            logger.log("collect", step, {"pool_size": len(pool), "episode_solve_f1": float(np.mean(
+                [ep.metrics["solve_f1"] for ep in episodes]))})
+        # One policy per step: each sampling round's call draws a fresh key from the step's seed.
+        policy = _policy(config, model_config, state.params, tokenizer, mesh, greedy=False, seed=seed,
+                         max_new_tokens=config.rollout.max_new_tokens)
         if rc.mode == "trajectory":
-            envs = [train[(cursor + i) % len(train)] for i in range(rc.prompts_per_step)]
-            cursor = (cursor + rc.prompts_per_step) % len(train)
-            arrays, scores, stats = _trajectory_batch(config, model_config, state.params, tokenizer, mesh, envs,
-                                                      sandbox, seed)
+            def draw(round_index, first=cursor):
+                envs = [train[(first + round_index * rc.prompts_per_step + i) % len(train)]
+                        for i in range(rc.prompts_per_step)]
+                return _sample_trajectory_groups(config, policy, envs, sandbox)
+
+            episodes, scores, sampling = _collect_groups(config, draw)
+            cursor = (cursor + int(sampling.get("sampling_rounds", 1)) * rc.prompts_per_step) % len(train)
+            arrays, stats = _trajectory_arrays(config, episodes, scores, tokenizer)
         else:
-            if step % rc.refresh_every == 0 or not pool:
-                pool, cursor, episodes = collect_prompt_pool(config, model_config, state.params, tokenizer, mesh,
-                                                             train, cursor, sandbox, seed)
-                logger.log("collect", step, {"pool_size": len(pool), "episode_solve_f1": float(np.mean(
-                    [ep.metrics["solve_f1"] for ep in episodes]))})
             k = step % rc.refresh_every
-            prompts = [pool[(k * rc.prompts_per_step + i) % len(pool)] for i in range(rc.prompts_per_step)]
-            arrays, scores, stats = _rl_step_batch(config, model_config, state.params, tokenizer, mesh, prompts,
-                                                   sandbox, seed)
+
+            def draw(round_index):
+                first = (k * rounds + round_index) * rc.prompts_per_step
+                prompts = [pool[(first + i) % len(pool)] for i in range(rc.prompts_per_step)]
+                return _sample_step_groups(config, policy, prompts, sandbox)
+
+            turns, scores, sampling = _collect_groups(config, draw)
+            arrays, stats = _step_arrays(config, turns, scores, tokenizer)
+        stats.update(sampling)
         t_sample = time.perf_counter() - t0
         batch = {k: jnp.asarray(v) for k, v in arrays.items()}
         batch["old_logprobs"] = logprob_fn(state.params, batch)
-        if rc.kl_coef:
+        if loss_cfg.kl_coef:
             batch["ref_logprobs"] = logprob_fn(ref_params, batch)
         mask = response_mask(batch)
         advantages = compute_advantages(rc.algorithm, jnp.asarray(scores), mask.reshape(len(scores), -1),
-                                        group_size=rc.num_rollouts)
+                                        group_size=rc.num_rollouts, **estimator_kw)
         batch["advantages"] = advantages.reshape(mask.shape)
         state, metrics = step_fn(state, batch)
         _finite_loss(metrics, "RL", step, ckpt.directory, "rl.learning_rate")
@@ -484,6 +735,8 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
         if (step + 1) % config.checkpoint.every == 0 or step + 1 == rc.num_steps:
             ckpt.save(step + 1, state, {"rl_step": step + 1, "cursor": cursor,
                                         "pool": [encode_sample(p) for p in pool]})
+        if on_step is not None:
+            on_step(step + 1, state.params)
     ckpt.close()
     return state.params
 
@@ -534,20 +787,27 @@ def train_and_evaluate(config) -> dict[str, Any]:
             models.save_pretrained(model_config, params, warm_dir)
             tokenizer.save_pretrained(warm_dir)
 
+        _, rl_envs = split_train_environments(config, train)
+        # Training-set figures come from the environments RL visits first (its prompts are drawn from them).
+        train_subset = rl_envs[:max(0, config.eval.num_train_envs)]
+        curve_envs = held_out[:max(0, config.eval.curve_envs)] if config.eval.curve_every > 0 else []
         before_file = os.path.join(workdir, "eval_before.json")
         if os.path.isfile(before_file):
             eval_before = _read_json(before_file)
         else:
-            eval_before = run_evaluation(config, model_config, params, tokenizer, mesh, held_out, sandbox)
+            eval_before = run_evaluation(config, model_config, params, tokenizer, mesh, held_out, sandbox,
+                                         train_subset)
             _write_json(before_file, eval_before)
-        logger.log("eval_before", 0, {k: eval_before[k] for k in EVAL_KEYS})
+        logger.log("eval_before", 0, _logged_figures(eval_before))
+        _curve_point(logger, 0, eval_before, len(curve_envs))
         print("eval before RL: " + ", ".join(f"{k}={eval_before[k]:.4f}" for k in EVAL_KEYS), flush=True)
 
-        _, rl_envs = split_train_environments(config, train)
-        params = rl_train(config, workdir, model_config, params, tokenizer, mesh, rl_envs, sandbox, logger)
+        params = rl_train(config, workdir, model_config, params, tokenizer, mesh, rl_envs, sandbox, logger,
+                          on_step=_curve_hook(config, model_config, tokenizer, mesh, curve_envs, sandbox, logger))
 
-        eval_after = run_evaluation(config, model_config, params, tokenizer, mesh, held_out, sandbox)
-        logger.log("eval_after", config.rl.num_steps, {k: eval_after[k] for k in EVAL_KEYS})
+        eval_after = run_evaluation(config, model_config, params, tokenizer, mesh, held_out, sandbox, train_subset)
+        logger.log("eval_after", config.rl.num_steps, _logged_figures(eval_after))
+        _curve_point(logger, config.rl.num_steps, eval_after, len(curve_envs))
         print("eval after RL:  " + ", ".join(f"{k}={eval_after[k]:.4f}" for k in EVAL_KEYS), flush=True)
 
     export_dir = os.path.join(workdir, "export")
@@ -557,6 +817,25 @@ def train_and_evaluate(config) -> dict[str, Any]:
                "rl_steps": config.rl.num_steps, "eval_before": eval_before, "eval_after": eval_after,
                "num_train_envs": len(train), "num_eval_envs": len(held_out),
                "model_params": model_config.num_params, "wall_seconds": time.perf_counter() - started}
+    summary["paired_delta"] = paired_deltas(config, eval_before, eval_after)
+    summary["eval_seconds"] = _eval_seconds(workdir, eval_before, eval_after)
+    drawn = time.perf_counter()
+    summary["files"] = write_figures_and_report(workdir, summary)
+    summary["report_seconds"] = time.perf_counter() - drawn
     _write_json(os.path.join(workdir, "summary.json"), summary)
     logger.close()
+    print(run_report.console_table(summary), flush=True)
+    print(f"report: {os.path.join(workdir, REPORT)}", flush=True)
     return summary
+
+
+def _eval_seconds(workdir: str, before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """Wall time of each kind of evaluation, before and after RL together, and of the learning curve's points."""
+    out = {"greedy": before.get("seconds", 0.0) + after.get("seconds", 0.0)}
+    for part in ("sampled", "train_subset"):
+        if part in before or part in after:
+            out[part] = (before.get(part) or {}).get("seconds", 0.0) + (after.get(part) or {}).get("seconds", 0.0)
+    _, curve = plots.series(plots.read_metrics(os.path.join(workdir, "metrics.jsonl")), plots.CURVE_PHASE, "seconds")
+    if curve.size:
+        out["curve"] = float(curve.sum())
+    return out

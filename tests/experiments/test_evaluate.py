@@ -93,6 +93,8 @@ def test_greedy_evaluation_over_http_equals_in_process(tmp_path, policy_dir, ser
     assert summary["results"]["per_source"]["toy"]["count"] == 3.0 and summary["this_run"]["episodes"] == 3
     assert summary["results"]["missing_types"] == list(harness.evaluation.SCENARIO_TYPES)
     assert "| toy | 3 |" in table and open(str(tmp_path / "local.summary.md")).read() in table
+    with open(str(tmp_path / "local.scenarios.png"), "rb") as f:  # the per-scenario chart beside the summary
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     served_summary = json.load(open(str(tmp_path / "served.summary.json")))
     assert served_summary["results"] == summary["results"]
     assert served_summary["backend_stats"]["prompt_too_long"] == 1
@@ -259,6 +261,7 @@ def test_toolhop_through_the_command_line(tmp_path, capsys):
     assert {name: means["answer_correctness"] for name, means in per_scenario.items()} == \
         {"direct": 0.5, "mandatory": 1.0, "free": 0.0}
     assert summary["results"]["average"] == 0.5
+    assert os.path.getsize(str(tmp_path / "toolhop_eval.scenarios.png")) > 0
     assert "| mandatory | 2 | 100.00 | 0 | 0 |" in capsys.readouterr().out
 
 

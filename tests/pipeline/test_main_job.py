@@ -28,6 +28,11 @@ def micro_config(workdir, **rl):
     c.rollout.max_turns = 2
     c.eval.max_new_tokens = 16
     c.eval.max_turns = 2
+    c.eval.num_samples = 2
+    c.eval.num_train_envs = 2
+    c.eval.curve_every = 2
+    c.eval.curve_envs = 2
+    c.eval.bootstrap_resamples = 500
     c.rl.num_steps = rl.get("num_steps", 4)
     c.rl.prompts_per_step = 2
     c.rl.num_rollouts = 2
@@ -61,15 +66,27 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    for key in ("solve_precision", "solve_rate", "solve_f1", "by_scenario", "end_reasons"):
+    for key in ("solve_precision", "solve_rate", "solve_f1", "by_scenario", "end_reasons", "episodes"):
         assert straight["eval_after"][key] == resumed["eval_after"][key]
+    for key in ("solve_f1", "by_scenario", "end_reasons"):
+        assert straight["eval_after"]["train_subset"][key] == resumed["eval_after"]["train_subset"][key]
+    for key in ("solve_f1", "best_solve_f1", "environments"):  # sampled with a fixed seed
+        assert straight["eval_after"]["sampled"][key] == resumed["eval_after"]["sampled"][key]
+    assert straight["paired_delta"] == resumed["paired_delta"]
 
     # What the run leaves behind.
     summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
     for phase in ("eval_before", "eval_after"):
         assert {"solve_precision", "solve_rate", "solve_f1"} <= summary[phase].keys()
+    _assert_evaluation_extras(tmp_path / "straight", summary)
     lines = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     rl = [l for l in lines if l["phase"] == "rl"]
+    # The held-out curve: before RL and after the last step from the full evaluations, step 2 measured.
+    curve = [l for l in lines if l["phase"] == "eval_curve"]
+    assert [l["step"] for l in curve] == [0, 2, 4] and [l["num_envs"] for l in curve] == [2, 2, 2]
+    assert "seconds" in curve[1] and "seconds" not in curve[0]
+    assert curve[0]["solve_f1"] == _first_envs_f1(summary["eval_before"], 2)
+    assert curve[2]["solve_f1"] == _first_envs_f1(summary["eval_after"], 2)
     assert [l["step"] for l in rl] == [1, 2, 3, 4]
     assert {"reward_mean", "reward_std", "groups_mixed", "reward_positive", "kl", "entropy", "clip_fraction",
             "grad_norm", "response_length", "tokens_per_sec", "step_time"} <= rl[0].keys()
@@ -93,6 +110,39 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
         assert 0.0 <= p.solve_rate <= 1.0 and p.messages[-1]["role"] in ("user", "tool")
 
 
+def _first_envs_f1(evaluation, n):
+    """Solve-F1 averaged over scenario types of the first n held-out episodes."""
+    by_type = {}
+    for row in evaluation["episodes"][:n]:
+        by_type.setdefault(row["data_source"], []).append(row["solve_f1"])
+    return float(np.mean([np.mean(v) for v in by_type.values()]))
+
+
+def _assert_evaluation_extras(workdir, summary):
+    """The summary's sampled, training-subset and paired figures, and the report and PNGs next to it."""
+    for phase in ("eval_before", "eval_after"):
+        evaluation = summary[phase]
+        assert len(evaluation["episodes"]) == summary["num_eval_envs"] == 4
+        sampled = evaluation["sampled"]
+        assert sampled["num_samples"] == 2 and sampled["num_episodes"] == 8 and len(sampled["environments"]) == 4
+        assert 0.0 <= sampled["solve_f1"] <= sampled["best_solve_f1"] <= 1.0
+        assert {"self/single_hop", "self/multi_hop"} == sampled["by_scenario"].keys()
+        assert evaluation["train_subset"]["num_episodes"] == 2 and evaluation["seconds"] > 0
+    delta = summary["paired_delta"]["greedy_solve_f1"]
+    assert delta["num_pairs"] == 4 and delta["pairs_by_stratum"] == {"self/multi_hop": 2, "self/single_hop": 2}
+    assert delta["low"] <= delta["delta"] <= delta["high"] and delta["num_resamples"] == 500
+    assert delta["delta"] == pytest.approx(summary["eval_after"]["solve_f1"] - summary["eval_before"]["solve_f1"])
+    assert summary["paired_delta"]["sampled_solve_f1"]["num_pairs"] == 4
+    assert {"greedy", "sampled", "train_subset", "curve"} == summary["eval_seconds"].keys()
+    assert summary["files"] == {"learning_curves": "learning_curves.png", "scenario_bars": "scenario_bars.png",
+                                "report": "report.md"}
+    for name in ("learning_curves.png", "scenario_bars.png"):
+        assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (workdir / "report.md").read_text()
+    assert "](learning_curves.png)" in text and "](scenario_bars.png)" in text
+    assert "sampled Solve-F1, best of 2" in text and "500 resamples" in text
+
+
 def test_sampling_without_a_policy_says_where_one_comes_from(tmp_path):
     with pytest.raises(TrainingError, match="run the main job first"):
         sample_rl_prompts(micro_config(tmp_path / "empty"), str(tmp_path / "out.jsonl"))
@@ -112,6 +162,16 @@ def test_config_errors_are_clear_before_anything_heavy(tmp_path):
     c.rl.algorithm = "ppo2"
     with pytest.raises(TrainingError, match="grpo"):
         check_config(c)
+    c = micro_config(tmp_path)
+    c.eval.curve_envs = -1
+    with pytest.raises(TrainingError, match="eval.curve_envs=-1"):
+        check_config(c)
+    c = micro_config(tmp_path)
+    c.rollout.temperature = 0.0
+    with pytest.raises(TrainingError, match="eval.num_samples=0"):
+        check_config(c)
+    c.eval.num_samples = 0
+    check_config(c)
 
 
 def test_rl_starts_on_the_environments_the_warm_start_did_not_imitate(tmp_path):

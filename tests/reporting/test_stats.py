@@ -1,0 +1,98 @@
+"""The paired, stratified bootstrap: coverage of a known difference, a null straddling zero, strata, determinism."""
+
+import numpy as np
+import pytest
+
+from ftrl_jax.reporting.stats import paired_bootstrap, stratified_mean
+
+
+def test_a_known_paired_difference_is_covered_and_excludes_zero():
+    rng = np.random.default_rng(1)
+    before = rng.uniform(0.0, 0.6, size=64)
+    after = before + 0.2 + rng.normal(0.0, 0.05, size=64)  # the true gain is 0.2 for every environment
+    result = paired_bootstrap(before, after, num_resamples=4000, seed=0)
+    assert result["delta"] == pytest.approx(np.mean(after - before))
+    assert 0.0 < result["low"] < 0.2 < result["high"]
+    assert result["share_positive"] == 1.0
+    assert result["num_pairs"] == 64 and result["num_strata"] == 1 and result["num_resamples"] == 4000
+
+
+def test_a_null_difference_straddles_zero():
+    before = np.tile([0.0, 1.0], 20)
+    after = np.tile([1.0, 0.0], 20)  # half gain one point, half lose one: no change on average
+    result = paired_bootstrap(before, after, num_resamples=2000, seed=3)
+    assert result["delta"] == 0.0
+    assert result["low"] < 0.0 < result["high"]
+    assert 0.3 < result["share_positive"] < 0.7
+
+
+def test_percentile_intervals_reach_their_nominal_coverage():
+    # 200 simulated evaluations of 64 environments with a true mean gain of 0.1 (noisy per environment).
+    covered = 0
+    for trial in range(200):
+        rng = np.random.default_rng(100 + trial)
+        before = rng.uniform(0.0, 1.0, size=64)
+        after = before + 0.1 + rng.normal(0.0, 0.3, size=64)
+        result = paired_bootstrap(before, after, num_resamples=1000, seed=trial)
+        covered += result["low"] <= 0.1 <= result["high"]
+    assert 0.88 <= covered / 200 <= 0.99
+
+
+def test_strata_weigh_equally_and_are_resampled_within():
+    # 90 environments of one type that did not change, 10 of another that all gained one point.
+    strata = ["a"] * 90 + ["b"] * 10
+    before = np.zeros(100)
+    after = np.r_[np.zeros(90), np.ones(10)]
+    stratified = paired_bootstrap(before, after, strata, num_resamples=500, seed=0)
+    pooled = paired_bootstrap(before, after, None, num_resamples=500, seed=0)
+    # The headline's weighting: each type's mean counts once, so the gain is (0 + 1) / 2.
+    assert stratified["delta"] == 0.5 and stratified["after"] == 0.5 and stratified["before"] == 0.0
+    assert pooled["delta"] == pytest.approx(0.1)
+    # Each resample keeps 90 and 10 environments of the types, whose differences are constant: no spread.
+    assert stratified["low"] == stratified["high"] == 0.5
+    assert pooled["low"] < 0.1 < pooled["high"]  # resampling across types changes their mix
+    assert stratified["pairs_by_stratum"] == {"a": 90, "b": 10} and stratified["num_strata"] == 2
+    assert stratified_mean(after, strata) == 0.5 and stratified_mean(after) == pytest.approx(0.1)
+
+
+def test_the_same_seed_gives_the_same_interval():
+    rng = np.random.default_rng(7)
+    before, after = rng.uniform(size=40), rng.uniform(size=40)
+    strata = ["x", "y"] * 20
+    first = paired_bootstrap(before, after, strata, num_resamples=1000, seed=5)
+    assert paired_bootstrap(before, after, strata, num_resamples=1000, seed=5) == first
+    other = paired_bootstrap(before, after, strata, num_resamples=1000, seed=6)
+    assert other["delta"] == first["delta"] and (other["low"], other["high"]) != (first["low"], first["high"])
+
+
+def test_large_resample_counts_are_drawn_in_chunks_with_the_same_statistic():
+    before, after = np.zeros(3000), np.r_[np.zeros(1500), np.ones(1500)]
+    result = paired_bootstrap(before, after, num_resamples=3000, seed=0)  # 9M draws: several chunks
+    assert result["delta"] == 0.5 and 0.47 < result["low"] < 0.5 < result["high"] < 0.53
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(before=[0.1, 0.2], after=[0.3]), "same environments"),
+    (dict(before=[], after=[]), "no paired scores"),
+    (dict(before=[0.1, float("nan")], after=[0.1, 0.2]), "finite"),
+    (dict(before=[0.1], after=[0.2], num_resamples=0), "num_resamples"),
+    (dict(before=[0.1], after=[0.2], confidence=1.0), "confidence"),
+    (dict(before=[0.1, 0.2], after=[0.2, 0.3], strata=["a"]), "one label per environment"),
+])
+def test_bad_inputs_say_what_is_wrong(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        paired_bootstrap(**kwargs)
+
+
+def test_reporting_imports_nothing_else_of_the_package():
+    import ast
+    import pathlib
+
+    import ftrl_jax.reporting
+
+    for path in pathlib.Path(ftrl_jax.reporting.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith("ftrl_jax") or name.startswith("ftrl_jax.reporting"), (path.name, name)
