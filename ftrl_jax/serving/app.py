@@ -60,6 +60,37 @@ async def _read_body(request: fastapi.Request, max_body_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+class ClientDisconnected(Exception):
+    """The client closed its connection while its request waited for its turns."""
+
+
+async def _disconnected(request: fastapi.Request) -> None:
+    """Returns once the client has gone (the body is already read, so the next ASGI message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _turns_unless_disconnected(request: fastapi.Request, future: Any, timeout_s: float) -> Any:
+    """The result of the engine's `future`; TimeoutError after `timeout_s` seconds, ClientDisconnected as soon
+    as the client closes its connection (a client that timed out and retries must not leave its first request
+    queued), and the future's exception when generation failed."""
+    turns = asyncio.ensure_future(asyncio.wrap_future(future))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({turns, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not gone.done():  # stop listening before the response (a streamed one listens itself) is sent
+            gone.cancel()
+            await asyncio.wait({gone})
+    if turns in done:
+        return turns.result()
+    turns.cancel()
+    if gone in done:
+        gone.exception()  # a receive that failed means the connection is unusable too
+        raise ClientDisconnected()
+    raise TimeoutError(f"no turns within {timeout_s:g} s")
+
+
 def create_app(service: PolicyService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> fastapi.FastAPI:
     """The FastAPI app serving `service` (routes in the module notes); bodies over `max_body_bytes` get 413.
 
@@ -112,9 +143,18 @@ def create_app(service: PolicyService, *, max_body_bytes: int = DEFAULT_MAX_BODY
         chat = service.parse(await _read_body(request, max_body_bytes))
         future = service.submit(chat)
         try:
-            turns = await asyncio.wait_for(asyncio.wrap_future(future), service.request_timeout_s)
-        except Exception as exc:  # noqa: BLE001 - a time-out or a failed generation, told to the client
+            turns = await _turns_unless_disconnected(request, future, service.request_timeout_s)
+        except ClientDisconnected:
             future.cancel()  # a request still queued is dropped rather than generated for nobody
+            logger.info("a client closed its connection before its turns were ready; its request is dropped")
+            return fastapi.Response(status_code=499)  # nobody reads it
+        except asyncio.CancelledError:  # shutdown cancels requests still waiting after the graceful period
+            future.cancel()
+            return _error_response(RequestError(
+                503, "the server shut down before this request's turns were ready; retry when it is serving again",
+                type="server_error", code="shutting_down"))
+        except Exception as exc:  # noqa: BLE001 - a time-out or a failed generation, told to the client
+            future.cancel()
             raise service.generation_error(exc) from None
         if not chat.stream:
             return JSONResponse(service.completion(chat, turns))

@@ -418,7 +418,9 @@ def parse_chat_request(body: Any, limits: ServerLimits) -> ChatRequest:
         raise _invalid(f"the messages cannot be rendered with the {limits.template} chat template: {exc}",
                        "messages") from None
 
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    # Either name, whichever is not null (clients built on both fields send the one they do not use as null).
+    max_tokens = body.get("max_completion_tokens")
+    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
     max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
     max_tokens = _integer(max_tokens, "max_tokens", 1, limits.context_length - 1)
     # OpenAI's default temperature is 1; evaluation clients send 0 for greedy decoding.
@@ -427,7 +429,7 @@ def parse_chat_request(body: Any, limits: ServerLimits) -> ChatRequest:
     top_k = _integer(0 if body.get("top_k") is None else body["top_k"], "top_k", -1, 1 << 30)
     seed = body.get("seed")
     if seed is not None:
-        seed = _integer(seed, "seed", -(1 << 63), (1 << 64) - 1)
+        seed = _integer(seed, "seed", -(1 << 63), (1 << 63) - 1)  # a signed 64-bit integer, as PRNGKey takes
     n = _integer(1 if body.get("n") is None else body["n"], "n", 1, MAX_CHOICES)
     key = SamplingKey(max_tokens=max_tokens, temperature=temperature,
                       top_p=top_p if temperature > 0 else 1.0, top_k=max(top_k, 0) if temperature > 0 else 0,
@@ -962,6 +964,8 @@ class PolicyService:
             decoded = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise _invalid(f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise _invalid("the request body nests arrays or objects too deeply to be a chat request") from None
         return parse_chat_request(decoded, self.limits)
 
     def submit(self, request: ChatRequest) -> concurrent.futures.Future:
