@@ -107,17 +107,23 @@ def measure(args: flags.FlagValues, preset: str, seq_len: int, impl: str) -> dic
 
 
 def define_flags(fv: flags.FlagValues) -> None:
+    from ftrl_jax.models.attention import IMPLEMENTATIONS
+    from ftrl_jax.models.config import PRESETS
+
     flags.DEFINE_list("presets", ["smol-135m"], "Model presets (random init), comma-separated.", flag_values=fv)
+    cli.allow_only(fv, "presets", tuple(PRESETS))
     flags.DEFINE_list("seq_len", ["8192"], "Prompt lengths in tokens, comma-separated.", flag_values=fv)
     flags.register_validator("seq_len", lambda values: all(v.isdigit() and int(v) > 0 for v in values),
                              "--seq_len takes positive integers, e.g. --seq_len=2048,4096,8192", flag_values=fv)
     flags.DEFINE_integer("batch", 2, "Prompts per prefill.", lower_bound=1, flag_values=fv)
     flags.DEFINE_list("impls", ["dense", "blockwise"], "Attention implementations, comma-separated.", flag_values=fv)
+    cli.allow_only(fv, "impls", tuple(IMPLEMENTATIONS))
     flags.DEFINE_integer("block", 512, "attention_block_size (queries and keys).", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("dtype", "float32", "Parameter and compute dtype.", flag_values=fv)
     flags.DEFINE_integer("repeats", 1, "Timed prefills after compiling (the best is shown).", lower_bound=1,
                          flag_values=fv)
-    flags.DEFINE_float("max_rss_gb", 16.0, "Stop a child whose RSS passes this many GB.", flag_values=fv)
+    flags.DEFINE_float("max_rss_gb", 16.0, "Stop a child whose RSS passes this many GB.", lower_bound=0.01,
+                       flag_values=fv)
     flags.DEFINE_bool("dense_mask", False, "Pass prefill a [B, T, T] mask, as the sampler does.", flag_values=fv)
     flags.DEFINE_bool("child", False, "Internal: run one measurement (the first preset, length and impl) in this "
                       "process and print it as JSON.", flag_values=fv)

@@ -27,7 +27,10 @@ from experiments import cli
 
 
 def define_flags(fv: flags.FlagValues) -> None:
+    from ftrl_jax.models.config import PRESETS
+
     flags.DEFINE_list("presets", ["tiny", "smol-135m"], "Model presets to benchmark.", flag_values=fv)
+    cli.allow_only(fv, "presets", tuple(PRESETS))
     flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Parameter and compute dtypes, each run on both sides.",
                       flag_values=fv)
     flags.DEFINE_integer("batch", 16, "Prompts per batch.", lower_bound=1, flag_values=fv)

@@ -112,7 +112,10 @@ def bench_one(preset: str, kind: str, dtype: str, args: flags.FlagValues, peak: 
 
 
 def define_flags(fv: flags.FlagValues) -> None:
+    from ftrl_jax.models.config import PRESETS
+
     flags.DEFINE_list("presets", ["tiny", "smol-135m"], "Model presets, comma-separated.", flag_values=fv)
+    cli.allow_only(fv, "presets", tuple(PRESETS))
     flags.DEFINE_list("kinds", list(STEP_FACTORIES), f"Steps to time, from {','.join(STEP_FACTORIES)}.",
                       flag_values=fv)
     cli.allow_only(fv, "kinds", list(STEP_FACTORIES))

@@ -34,7 +34,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("num", None, "Validated environments to write (required).", required=True, lower_bound=1,
                          flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the world and of every environment.", flag_values=fv)
-    flags.DEFINE_string("output", None, "Output file, .jsonl or .parquet (required).", required=True, flag_values=fv)
+    flags.DEFINE_string("output", None, "Output: a .jsonl or .parquet file, or a path without extension for a datasets "
+                        "save_to_disk directory (required).", required=True, flag_values=fv)
     flags.DEFINE_alias("out", "output", flag_values=fv)
     flags.DEFINE_enum("author", "procedural", ("procedural", "llm"), "Who writes the environments.", flag_values=fv)
     flags.DEFINE_string("scenarios", ",".join(SCENARIO_KINDS),
@@ -75,6 +76,10 @@ def _author(args: flags.FlagValues, world: WorldSpec, sandbox: Sandbox):
 
 def _checked(args: flags.FlagValues) -> tuple[Complexity, list[str], WorldSpec]:
     """The parsed --complexity, --scenarios and --world; raises UsageError naming the flag at fault."""
+    try:
+        samples.check_output_path(args.output)
+    except ValueError as exc:
+        raise cli.UsageError(f"--output: {exc}") from None
     if args.author == "llm" and not args.base_url:
         raise cli.UsageError("--author=llm needs --base_url (and usually --model_name)")
     try:

@@ -60,8 +60,8 @@ def help_text(define: DefineFlags, program: str, doc: str | None, config: str | 
 
 
 def allow_only(fv: flags.FlagValues, name: str, choices: Sequence[str]) -> None:
-    """Validates the DEFINE_list flag `name`: every item is one of `choices`."""
-    flags.register_validator(name, lambda values: set(values) <= set(choices),
+    """Validates the DEFINE_list flag `name`: at least one item, every item one of `choices`."""
+    flags.register_validator(name, lambda values: bool(values) and set(values) <= set(choices),
                              f"--{name} takes a comma-separated list of {','.join(choices)}", flag_values=fv)
 
 
@@ -79,6 +79,31 @@ def _message(error: flags.Error) -> str:
         last = [line.strip() for line in lines if line.strip()][-1]
         return f"--{flag.group(1) if flag else 'config'}: {last}"
     return text
+
+
+def _negation_hint(error: flags.UnrecognizedFlagError, values: flags.FlagValues) -> str | None:
+    """For `--no_X` or `--no-X` where X is a boolean flag: absl's spelling of the negation."""
+    match = re.fullmatch(r"no[-_](\w[\w-]*)", getattr(error, "flagname", "") or "")
+    if not match:
+        return None
+    name = match.group(1)
+    for candidate in (name, name.replace("-", "_")):
+        if candidate in values and isinstance(values[candidate], flags.BooleanFlag):
+            return (f"Unknown command line flag '{error.flagname}': a boolean flag is turned off with "
+                    f"--no{candidate} (or --{candidate}=false)")
+    return None
+
+
+def _missing_field_message(exc: BaseException) -> str:
+    """One line for a --config.FIELD override that names no field (ml_collections raises a KeyError, or an
+    AttributeError wrapping one, whose text may carry a second line with a suggestion)."""
+    while isinstance(exc, AttributeError) and exc.args and isinstance(exc.args[0], BaseException):
+        exc = exc.args[0]
+    text = str(exc.args[0]) if exc.args else "?"
+    field, _, hint = text.partition("\n")
+    field = field.strip().strip("'\"")
+    message = f"--config: the config has no field {field!r}; check the --config.FIELD overrides"
+    return f"{message} ({hint.strip()})" if hint.strip() else message
 
 
 def parse(argv: Sequence[str], define: DefineFlags, doc: str | None, *, config: str | None = None
@@ -99,20 +124,24 @@ def parse(argv: Sequence[str], define: DefineFlags, doc: str | None, *, config: 
     try:
         values = flag_values(define, argv, config)
         rest = values(argv)
+    except flags.UnrecognizedFlagError as exc:
+        raise UsageError(_negation_hint(exc, values) or _message(exc)) from None
     except flags.Error as exc:
         raise UsageError(_message(exc)) from None
     except (KeyError, AttributeError) as exc:  # ml_collections: a --config.FIELD override naming no field
         if config is None:
             raise
-        field = str(exc.args[0]).strip("'\"") if exc.args else "?"
-        raise UsageError(f"--config: the config has no field {field!r}; check the --config.FIELD overrides") from None
+        raise UsageError(_missing_field_message(exc)) from None
     if len(rest) > 1:
         raise UsageError(f"unexpected arguments {rest[1:]}: every argument is a --flag=value (see --help)")
     if config is not None:
         try:
             values.config.keys()  # a file that failed to load is a placeholder that raises on first use
         except OSError as exc:
-            raise UsageError(f"--config: {exc}") from None
+            # ml_collections' message lists every path it tried; its last line is the actual failure.
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise UsageError(f"--config={values['config'].serialize().split('=', 1)[-1]}: "
+                             f"{lines[-1] if lines else exc}") from None
     return values
 
 

@@ -100,6 +100,21 @@ def _check_args(args: flags.FlagValues) -> None:
         raise UsageError("--backend=local needs --model=DIR (a policy directory or a training WORKDIR)")
     if args.backend == "openai" and (not args.base_url or not args.model_name):
         raise UsageError("--backend=openai needs --base_url=URL and --model_name=NAME")
+    if not args.output.endswith(".jsonl") or not os.path.basename(args.output)[:-len(".jsonl")]:
+        raise UsageError(f"--output={args.output!r}: episodes are written as JSON lines; name a .jsonl file "
+                         "(the summaries go next to it)")
+    if args.backend == "openai":
+        _extra_body(args)
+
+
+def _extra_body(args: flags.FlagValues) -> dict:
+    try:
+        extra_body = json.loads(args.extra_body) if args.extra_body else {}
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--extra_body is not valid JSON ({exc})") from None
+    if not isinstance(extra_body, dict):
+        raise UsageError("--extra_body must be a JSON object")
+    return extra_body
 
 
 def _local_generator(args: flags.FlagValues) -> TurnGenerator:
@@ -114,12 +129,7 @@ def _local_generator(args: flags.FlagValues) -> TurnGenerator:
 
 
 def _openai_generator(args: flags.FlagValues) -> TurnGenerator:
-    try:
-        extra_body = json.loads(args.extra_body) if args.extra_body else {}
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--extra_body is not valid JSON ({exc})") from None
-    if not isinstance(extra_body, dict):
-        raise UsageError("--extra_body must be a JSON object")
+    extra_body = _extra_body(args)
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY", "")
     return OpenAIChatGenerator(args.base_url, args.model_name, api_key=api_key, max_new_tokens=args.max_new_tokens,
                                temperature=0.0, enable_thinking=_enable_thinking(args), extra_body=extra_body,
@@ -145,6 +155,9 @@ def main(argv: Sequence[str]) -> int:
                                              args.limit_per_source or None)
         for error in row_errors:
             print(f"skipped: {error}", file=sys.stderr)
+        if not tasks:
+            raise UsageError(f"--data={args.data!r} holds no episodes to play"
+                             + (f" ({len(row_errors)} rows skipped, see above)" if row_errors else ""))
         settings = _settings(args, kind)
         records, run_id = open_run(args.output, settings, overwrite=args.overwrite)
     except (cli.UsageError, UsageError) as exc:
@@ -156,7 +169,7 @@ def main(argv: Sequence[str]) -> int:
                           sandbox_workers=args.sandbox_workers or None, tool_timeout=args.tool_timeout,
                           progress=args.progress)
     json_path, _ = summary_paths(args.output)
-    if os.path.isfile(json_path):
+    if code == 0 and os.path.isfile(json_path):
         with open(json_path, encoding="utf-8") as f:
             summary = json.load(f)
         chart = plot_evaluate_summary(summary, json_path[: -len(".summary.json")] + ".scenarios.png")

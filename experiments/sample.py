@@ -16,13 +16,15 @@ from collections.abc import Sequence
 from absl import flags
 
 from experiments import cli
+from ftrl_jax.envs import samples
 from ftrl_jax.pipeline.main_job import TrainingError, sample_rl_prompts
 
 CONFIG = "configs/qwen.py"
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
-    flags.DEFINE_string("output", None, "Output file, .jsonl or .parquet (required).", required=True,
+    flags.DEFINE_string("output", None, "Output: a .jsonl or .parquet file, or a path without extension for a datasets "
+                        "save_to_disk directory (required).", required=True,
                         flag_values=flag_values)
     flags.DEFINE_alias("out", "output", flag_values=flag_values)
     flags.DEFINE_string("model", "", "Hugging Face checkpoint directory to sample from (empty: see above).",
@@ -39,6 +41,10 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 def main(argv: Sequence[str]) -> int:
     try:
         args = cli.parse(argv, define_flags, __doc__, config=CONFIG)
+        try:
+            samples.check_output_path(args.output)
+        except ValueError as exc:
+            raise cli.UsageError(f"--output: {exc}") from None
         config = args.config
         if args.workdir:
             config.workdir = args.workdir

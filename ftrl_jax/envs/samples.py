@@ -313,6 +313,19 @@ def sample_file_form(path: str | os.PathLike) -> str:
     return forms[ext]
 
 
+def check_output_path(path: str | os.PathLike) -> str:
+    """The form `write_samples` would write at `path`; raises ValueError, before any work, for a path it
+    would refuse: empty, an unsupported extension, or an existing directory that is not a save_to_disk one."""
+    path = os.fspath(path)
+    if not path.strip():
+        raise ValueError(f"the output path is empty; pass {SAMPLE_FILE_FORMS}")
+    form = sample_file_form(path)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "state.json")):
+        raise ValueError(f"{path} is a directory but not a datasets save_to_disk directory; remove it or choose "
+                         "another path (only a directory this writer made is replaced)")
+    return form
+
+
 @contextlib.contextmanager
 def _datasets_lib() -> Iterator[Any]:
     """`datasets`, imported on first use (it takes a second), with its progress bars off meanwhile."""
@@ -361,6 +374,8 @@ def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
     if os.path.getsize(path) == 0:
         return  # datasets cannot build a split from an empty file; it has no rows
     for index, line in enumerate(_load_file("text", path, ".jsonl")["text"]):
+        if index == 0:
+            line = line.removeprefix("\ufeff")  # a byte-order mark some editors write at the start
         if not line.strip():
             continue  # blank lines carry no row
         try:
@@ -510,7 +525,7 @@ def write_samples(path: str | os.PathLike, samples: Sequence[Sample | Mapping[st
     never see half of it.
     """
     path = os.fspath(path).rstrip("/") or os.fspath(path)
-    writer = _WRITERS[sample_file_form(path)]
+    writer = _WRITERS[check_output_path(path)]
     rows = []
     for index, sample in enumerate(samples):
         try:

@@ -203,7 +203,10 @@ def _group_statistics(rewards: jax.Array, group_ids: jax.Array):
     """
     same_group = (group_ids[:, None] == group_ids[None, :]).astype(jnp.float32)  # [B, B]
     group_count = jnp.sum(same_group, axis=1)
-    group_mean = same_group @ rewards / group_count
+    # An elementwise sum, not `same_group @ rewards`: a float32 matmul may run at reduced precision on an
+    # accelerator (TF32 on GPUs, bfloat16 passes on TPUs), and a group of equal rewards would then get a mean
+    # off by ~1e-3, a std of the same size and GRPO advantages of about +-1 instead of 0.
+    group_mean = jnp.sum(same_group * rewards[None, :], axis=1) / group_count
     # Deviations from the row's own group mean: exact, unlike E[r^2] - mean^2 which can go negative.
     squared_deviation = jnp.sum(same_group * jnp.square(rewards[None, :] - group_mean[:, None]), axis=1)
     group_std = jnp.sqrt(squared_deviation / jnp.maximum(group_count - 1.0, 1.0))

@@ -300,3 +300,26 @@ def test_reading_leaves_the_datasets_cache_alone(tmp_path, monkeypatch):
         write_samples(tmp_path / name, [make_row()])
         assert len(read_samples(tmp_path / name)[0]) == 1
     assert not cache.exists() or not any(cache.rglob("*"))
+
+
+def test_check_output_path_refuses_what_write_samples_would_refuse(tmp_path):
+    from ftrl_jax.envs.samples import check_output_path
+
+    assert check_output_path(tmp_path / "a.jsonl") == "jsonl"
+    assert check_output_path(tmp_path / "a.parquet") == "parquet"
+    assert check_output_path(tmp_path / "saved") == "save_to_disk"
+    (tmp_path / "plain").mkdir()
+    for path, message in [(tmp_path / "a.csv", "unsupported file type"), ("", "empty"),
+                          (tmp_path / "plain", "not a datasets save_to_disk directory")]:
+        with pytest.raises(ValueError, match=message):
+            check_output_path(path)
+        with pytest.raises(ValueError, match=message):
+            write_samples(path, [make_row()])
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def test_jsonl_with_a_byte_order_mark_reads_its_first_row(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_text(json.dumps(make_row()) + "\n" + json.dumps(make_row(answer="x")) + "\n", encoding="utf-8-sig")
+    samples, errors = read_samples(path)
+    assert errors == [] and [s.answer for s in samples] == ["2,432", "x"]

@@ -61,3 +61,17 @@ def test_cli_world_is_deterministic_and_validated(tmp_path, capsys):
     assert "--world: " in err and "entity_pool must be an integer >= 2" in err
     assert "'multi_hop' needs chains of 3 hops" in err and "allows at most 1" in err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_cli_rejects_an_output_it_cannot_write_before_building(tmp_path, capsys, monkeypatch):
+    # A bad --output is a usage error at once, not a traceback after every environment was built.
+    built = []
+    monkeypatch.setattr(build_envs, "build_environments", lambda *a, **k: built.append(1))
+    not_saved = tmp_path / "plain_dir"
+    not_saved.mkdir()
+    for output in (tmp_path / "x.csv", "", not_saved):
+        assert build_envs.main(["build_envs", "--num=2", f"--output={output}", "--noprogress"]) == 2, output
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("error: --output: ") for line in err), err
+    assert "'.csv'" in err[0] and "empty" in err[1] and "not a datasets save_to_disk directory" in err[2]
+    assert not built

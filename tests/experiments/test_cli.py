@@ -198,3 +198,49 @@ def test_help_lists_the_config_and_wins_over_other_flags(monkeypatch, capsys):
     assert exit_info.value.code == 0
     blocks = help_blocks(capsys.readouterr().out)
     assert "(default: 'configs/qwen.py')" in blocks["config"] and "(default: '')" in blocks["workdir"]
+
+
+def test_config_mistakes_read_as_one_line(monkeypatch, capsys):
+    from experiments import train
+
+    monkeypatch.chdir(ROOT)
+    assert train.main(["train", "--config.rl.num_stepz=1"]) == 2
+    assert train.main(["train", "--config=configs/missing.py"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith("error: --config: the config has no field 'num_stepz';") and "\\" not in err[0]
+    assert "num_steps" in err[0]  # ml_collections' suggestion is kept
+    assert err[1].startswith("error: --config=configs/missing.py: ") and "No such file" in err[1]
+
+
+def test_sample_rejects_an_output_it_cannot_write_before_sampling(tmp_path, monkeypatch, capsys):
+    from experiments import sample
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sample, "sample_rl_prompts", lambda *a, **k: pytest.fail("sampled before checking --output"))
+    assert sample.main(["sample", f"--output={tmp_path / 'prompts.csv'}", f"--workdir={tmp_path}"]) == 2
+    assert sample.main(["sample", "--output=", f"--workdir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("error: --output: ") for line in err), err
+
+
+def test_a_misspelt_boolean_negation_names_absls_spelling(monkeypatch, capsys):
+    from experiments import build_envs
+
+    for spelling in ("--no_progress", "--no-progress"):
+        assert build_envs.main(["build_envs", "--num=1", "--output=x.jsonl", spelling]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("--noprogress" in line and line.startswith("error: ") for line in err), err
+
+
+@pytest.mark.parametrize("name, mistake", [("benchmarks.bench_sampler", "--presets=tiny,no-such-preset"),
+                                           ("benchmarks.bench_train_step", "--presets=no-such-preset"),
+                                           ("benchmarks.bench_attention", "--presets=no-such-preset"),
+                                           ("benchmarks.bench_attention", "--impls=dense,no-such-impl"),
+                                           ("benchmarks.bench_attention", "--max_rss_gb=-1"),
+                                           ("benchmarks.bench_train_step", "--kinds=")])
+def test_benchmark_choices_are_checked_before_any_run(name, mistake, capsys):
+    module = importlib.import_module(name)
+    assert module.main([name, mistake]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: flag {mistake.split('=')[0]}="), err

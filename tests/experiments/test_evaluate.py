@@ -285,6 +285,34 @@ def test_command_line_mistakes_are_reported(tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_output_and_extra_body_mistakes_stop_before_any_work(tmp_path, capsys, monkeypatch):
+    data = str(tmp_path / "envs.jsonl")
+    write_samples(data, [toy_sample()])
+    monkeypatch.setattr(evaluate, "load_tasks", lambda *a, **k: pytest.fail("data read before the flags were checked"))
+    openai = ["--backend=openai", "--base_url=http://127.0.0.1:9/v1", "--model_name=m"]
+    for mistakes in ([f"--output={tmp_path / 'o.parquet'}", "--model=x"], ["--output=", "--model=x"],
+                     [f"--output={tmp_path / '.jsonl'}", "--model=x"],
+                     [f"--output={tmp_path / 'o.jsonl'}", "--extra_body={bad", *openai],
+                     [f"--output={tmp_path / 'o.jsonl'}", "--extra_body=[1]", *openai]):
+        assert evaluate.main(["evaluate", f"--data={data}", *mistakes]) == 2, mistakes
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 5 and all(line.startswith("error: ") for line in err), err
+    assert all("name a .jsonl file" in line for line in err[:3])
+    assert "not valid JSON" in err[3] and "JSON object" in err[4]
+    assert os.listdir(tmp_path) == ["envs.jsonl"]
+
+
+def test_data_without_rows_is_a_usage_error(tmp_path, capsys):
+    empty, broken = tmp_path / "empty.jsonl", tmp_path / "broken.jsonl"
+    empty.write_text("")
+    broken.write_text("{not json\n")
+    for data in (empty, broken):
+        assert evaluate.main(["evaluate", f"--data={data}", "--model=x", f"--output={tmp_path / 'o.jsonl'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("holds no episodes to play") == 2 and "1 rows skipped" in err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 @pytest.mark.parametrize("given, sent", [([], None), (["--enable_thinking"], True), (["--noenable_thinking"], False)])
 def test_enable_thinking_is_sent_only_when_given(given, sent):
     argv = ["evaluate", "--data=d.jsonl", "--output=o.jsonl", *given]

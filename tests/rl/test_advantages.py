@@ -303,3 +303,13 @@ def test_rft_weights_select_the_successes():
 
 def test_new_estimators_are_registered():
     assert {"dr_grpo", "rloo", "rft", "grpo", "reinforce_pp"} <= set(registered_advantage_estimators())
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
+def test_group_statistics_use_no_matmul(name):
+    # A float32 matmul may run at reduced precision on accelerators (TF32, bfloat16 passes); a group of
+    # equal rewards would then get nonzero advantages. The group sums are elementwise reductions instead.
+    rewards, mask = jnp.full((8,), 0.7), jnp.ones((8, 3))
+    jaxpr = jax.make_jaxpr(lambda r, m: compute_advantages(name, r, m, group_size=4))(rewards, mask)
+    assert "dot_general" not in str(jaxpr)
+    np.testing.assert_array_equal(np.asarray(compute_advantages(name, rewards, mask, group_size=4)), 0.0)
