@@ -106,6 +106,10 @@ def check_config(config) -> None:
         except re.error as err:
             raise TrainingError(f"config.rl.trainable={config.rl.trainable!r} is neither {TRAINABLE_ALL}, a preset "
                                 f"({', '.join(TRAINABLE_PRESETS)}) nor a regular expression ({err})") from None
+    try:
+        _loss_config(config)  # clip, KL estimator, aggregation: refused now, not after the warm start
+    except ValueError as err:
+        raise TrainingError(f"config.rl: {err}") from None
     ec = config.eval
     for key in ("num_samples", "num_train_envs", "curve_every", "curve_envs"):
         if ec[key] < 0:

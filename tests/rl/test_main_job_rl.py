@@ -113,7 +113,9 @@ def test_rft_selects_the_supervised_loss_without_kl_or_entropy():
 def test_check_config_rejects_bad_new_options():
     for key, value, message in (("max_sampling_rounds", 0, "max_sampling_rounds=0"),
                                 ("trainable", "[", "config.rl.trainable='\\['"),
-                                ("aggregation", "seq-sum", "config.rl.aggregation='seq-sum'")):
+                                ("aggregation", "seq-sum", "config.rl.aggregation='seq-sum'"),
+                                ("kl_estimator", "bogus", "kl_estimator='bogus' is unknown"),
+                                ("clip_low", -0.1, "clip_low")):
         config = _config(**{key: value})
         with pytest.raises(main_job.TrainingError, match=message):
             main_job.check_config(config)
