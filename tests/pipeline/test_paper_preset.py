@@ -52,7 +52,10 @@ def run_train(checkpoint, train_file, workdir, *extra):
                "--config.rl.num_minibatches=1", "--config.rl.num_microbatches=1",
                "--config.rollout.max_new_tokens=12", "--config.rollout.max_turns=2",
                "--config.rollout.max_prompt_tokens=2048", "--config.eval.max_new_tokens=8",
-               "--config.eval.max_turns=1", "--config.checkpoint.every=1", *extra]
+               "--config.eval.max_turns=1", "--config.checkpoint.every=1",
+               # The sampled, training-subset and curve evaluations are tested on the tiny job; here they would
+               # only add compilations of the same path.
+               "--config.eval.num_samples=0", "--config.eval.num_train_envs=0", "--config.eval.curve_every=0", *extra]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
