@@ -30,8 +30,21 @@ METRICS = ("solve_precision", "solve_rate", "solve_f1")
 SAMPLED_METRICS = METRICS + ("best_solve_f1",)
 
 
+class _TimedReport:
+    """What both reports share: episodes per minute and a JSON form (subclasses are dataclasses with
+    `num_episodes` and `seconds`)."""
+
+    @property
+    def episodes_per_minute(self) -> float:
+        return 60.0 * self.num_episodes / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as plain JSON-ready data (episodes_per_minute included)."""
+        return {**dataclasses.asdict(self), "episodes_per_minute": self.episodes_per_minute}
+
+
 @dataclasses.dataclass
-class EvalReport:
+class EvalReport(_TimedReport):
     """What an evaluation measured.
 
     `episodes`: one dict per sample, in order (data_source, end_reason, num_turns and the trajectory
@@ -48,14 +61,6 @@ class EvalReport:
     num_episodes: int
     num_turns: int
     seconds: float
-
-    @property
-    def episodes_per_minute(self) -> float:
-        return 60.0 * self.num_episodes / self.seconds if self.seconds > 0 else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        """The report as plain JSON-ready data (episodes_per_minute included)."""
-        return {**dataclasses.asdict(self), "episodes_per_minute": self.episodes_per_minute}
 
     def summary(self) -> str:
         """A table in percent, like the paper's: Solve-P / Solve-R / Solve-F1 per source and averaged."""
@@ -132,7 +137,7 @@ def evaluate(generator: TurnGenerator, samples: Sequence[Sample | Mapping[str, A
 
 
 @dataclasses.dataclass
-class SampledReport:
+class SampledReport(_TimedReport):
     """What a sampled evaluation (k episodes per environment) measured.
 
     `environments`: one dict per sample, in order: data_source, the means over its k episodes of METRICS
@@ -151,14 +156,6 @@ class SampledReport:
     num_episodes: int
     num_turns: int
     seconds: float
-
-    @property
-    def episodes_per_minute(self) -> float:
-        return 60.0 * self.num_episodes / self.seconds if self.seconds > 0 else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        """The report as plain JSON-ready data (episodes_per_minute included)."""
-        return {**dataclasses.asdict(self), "episodes_per_minute": self.episodes_per_minute}
 
 
 def summarize_sampled(rows: Sequence[Mapping[str, Any]], num_samples: int
