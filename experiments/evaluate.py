@@ -169,7 +169,7 @@ def main(argv: Sequence[str]) -> int:
                           sandbox_workers=args.sandbox_workers or None, tool_timeout=args.tool_timeout,
                           progress=args.progress)
     json_path, _ = summary_paths(args.output)
-    if code == 0 and os.path.isfile(json_path):
+    if code in (0, 1) and os.path.isfile(json_path):  # 1: some episodes failed; the summary holds the rest
         with open(json_path, encoding="utf-8") as f:
             summary = json.load(f)
         chart = plot_evaluate_summary(summary, json_path[: -len(".summary.json")] + ".scenarios.png")

@@ -379,7 +379,11 @@ def markdown_report(summary: Mapping[str, Any]) -> str:
               "did not fit the context, so no turn was generated), "
               f"{episodes['failed']} failed (left out of the means), {episodes['not_run']} not run"]
     if episodes["failed"]:
-        lines.append("Failed episodes are tried again when the same command runs again.")
+        first = summary["failures"][:3]
+        lines += [f"failed {f['key']}: {f['error']}" for f in first]
+        more = episodes["failed"] - len(first)
+        lines.append((f"({more} more in the summary JSON.) " if more > 0 else "")
+                     + "Failed episodes are tried again when the same command runs again.")
     if summary["row_errors"]:
         lines.append(f"{len(summary['row_errors'])} data rows could not be read and were skipped "
                      "(see the summary JSON).")
