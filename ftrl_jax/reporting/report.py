@@ -24,6 +24,18 @@ def _signed(value: Any) -> str:
     return "" if value is None else f"{100 * float(value):+.2f}"
 
 
+def _level(confidence: Any) -> str:
+    """'95%' for 0.95, '29%' for 0.29 (not the 28 that int(100 * 0.29) gives), '99.5%' for 0.995."""
+    return f"{round(100 * float(confidence), 6):g}%"
+
+
+def interval_label(summary: Mapping[str, Any]) -> str:
+    """The change column's heading, with the confidence level of the summary's intervals (95% when none)."""
+    deltas = summary.get("paired_delta") or {}
+    result = deltas.get("greedy_solve_f1") or deltas.get("sampled_solve_f1") or {}
+    return f"after - before [{_level(result.get('confidence', 0.95))} interval]"
+
+
 def interval_text(result: Mapping[str, Any] | None) -> str:
     """'+1.23 [-0.50, +3.10]' in percentage points, or '' when there is no interval."""
     if not result:
@@ -61,11 +73,17 @@ def _interval_note(summary: Mapping[str, Any]) -> str:
         return deltas.get("note", "No paired interval: the before and after evaluations do not hold the same "
                                   "environments' episodes.")
     strata = ", ".join(f"{name} {count}" for name, count in result["pairs_by_stratum"].items())
+    changed = ""
+    if "num_increased" in result:
+        up, down = result["num_increased"], result["num_decreased"]
+        changed = (f" Greedy Solve-F1 changed on {up + down} of the {result['num_pairs']} environments ({up} up, "
+                   f"{down} down); the interval rests on those.")
     return (f"Intervals: paired percentile bootstrap of the per-environment difference (after - before, same "
-            f"environments), {int(100 * result['confidence'])}% interval from {result['num_resamples']:,} resamples "
+            f"environments), {_level(result['confidence'])} interval from {result['num_resamples']:,} resamples "
             f"(seed {result['seed']}) of the {result['num_pairs']} held-out environments drawn within each scenario "
             f"type ({strata}), the statistic averaged over scenario types as the headline is; "
-            f"{100 * result['share_positive']:.1f}% of resamples show a gain in greedy Solve-F1. Percentage points.")
+            f"{100 * result['share_positive']:.1f}% of resamples show a gain in greedy Solve-F1.{changed} "
+            "Percentage points.")
 
 
 def _scenario_table(summary: Mapping[str, Any]) -> list[str]:
@@ -112,7 +130,7 @@ def render_report(summary: Mapping[str, Any], figures: Mapping[str, str] | None 
              f"{summary.get('algorithm', '')} for {summary.get('rl_steps', '')} RL steps; "
              f"{summary.get('num_eval_envs', '')} held-out and {summary.get('num_train_envs', '')} training "
              "environments. Figures in percent; the headline averages the scenario types' means as FTRL's table does.",
-             "", "| figure | before RL | after RL | after - before [95% interval] |", "|---|---|---|---|"]
+             "", f"| figure | before RL | after RL | {interval_label(summary)} |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in headline_rows(summary)]
     lines += ["", _interval_note(summary), "", "## Per scenario type (held-out)", ""]
     lines += _scenario_table(summary)
@@ -138,6 +156,6 @@ def console_table(summary: Mapping[str, Any]) -> str:
     """The before/after rows as fixed-width text for the console (percent, interval in points)."""
     rows: Sequence[tuple[str, str, str, str]] = headline_rows(summary)
     width = max(len(r[0]) for r in rows)
-    lines = [f"{'':<{width}}  {'before':>8}  {'after':>8}  after - before [95% interval]"]
+    lines = [f"{'':<{width}}  {'before':>8}  {'after':>8}  {interval_label(summary)}"]
     lines += [f"{name:<{width}}  {b:>8}  {a:>8}  {change}" for name, b, a, change in rows]
     return "\n".join(lines)

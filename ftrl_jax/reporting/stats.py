@@ -18,6 +18,9 @@ import numpy as np
 DEFAULT_RESAMPLES = 10_000
 # Resampled indices are drawn in chunks of at most this many entries (int64), bounding memory at ~32 MB.
 _CHUNK_ENTRIES = 1 << 22
+# Statistics within this fraction of the largest |difference| of zero are rounding of an exact zero (e.g.
+# (0.1 + 0.2 - 0.3) / 3 is 1.9e-17 in floating point), and are set to zero.
+_ZERO_TOLERANCE = 1e-12
 
 
 def _strata_indices(strata: Sequence[Hashable] | None, n: int) -> list[tuple[Hashable, np.ndarray]]:
@@ -50,8 +53,10 @@ def paired_bootstrap(before: Sequence[float] | np.ndarray, after: Sequence[float
 
     Returns a JSON-ready dict, scores in the inputs' units: `delta` (the statistic on the data), `low` and
     `high` (the `confidence` percentile interval), `before` and `after` (their stratified means),
-    `share_positive` (share of resamples with a difference above zero), `num_pairs`, `num_strata`,
-    `pairs_by_stratum`, `num_resamples`, `confidence`, `seed`.
+    `share_positive` (share of resamples with a difference above zero; a statistic that is zero up to
+    floating-point rounding counts as zero), `num_increased` and `num_decreased` (environments whose score rose
+    or fell: with few of them the interval rests on those few), `num_pairs`, `num_strata`, `pairs_by_stratum`,
+    `num_resamples`, `confidence`, `seed`.
 
     Raises ValueError on different lengths, no pairs, non-finite scores, `num_resamples` < 1 or a
     `confidence` outside (0, 1).
@@ -81,10 +86,16 @@ def paired_bootstrap(before: Sequence[float] | np.ndarray, after: Sequence[float
             means.append(values[rng.integers(0, values.size, size=(rows, values.size))].mean(axis=1))
         resampled += np.concatenate(means)
     resampled /= len(groups)
+    tolerance = _ZERO_TOLERANCE * float(np.abs(diff).max())
+    resampled[np.abs(resampled) <= tolerance] = 0.0
+    delta = stratified_mean(diff, strata)
+    if abs(delta) <= tolerance:
+        delta = 0.0
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(resampled, [tail, 1.0 - tail])
-    return {"delta": stratified_mean(diff, strata), "low": float(low), "high": float(high),
+    return {"delta": delta, "low": float(low), "high": float(high),
             "before": stratified_mean(before, strata), "after": stratified_mean(after, strata),
-            "share_positive": float((resampled > 0).mean()), "num_pairs": int(diff.size),
+            "share_positive": float((resampled > 0).mean()), "num_increased": int((diff > 0).sum()),
+            "num_decreased": int((diff < 0).sum()), "num_pairs": int(diff.size),
             "num_strata": len(groups), "pairs_by_stratum": {str(label): int(idx.size) for label, idx in groups},
             "num_resamples": int(num_resamples), "confidence": float(confidence), "seed": int(seed)}

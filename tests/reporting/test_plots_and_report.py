@@ -133,3 +133,16 @@ def test_report_tables_the_run_and_links_its_figures(tmp_path):
     text = report.render_report(summary)
     assert "No paired interval" in text and "![" not in text
     assert not os.path.exists(str(tmp_path / "report.md.tmp"))
+
+
+def test_the_report_names_the_intervals_confidence_and_the_environments_that_changed():
+    summary = _main_job_summary()
+    delta = dict(summary["paired_delta"]["greedy_solve_f1"], confidence=0.29, num_increased=3, num_decreased=1)
+    summary["paired_delta"] = {"greedy_solve_f1": delta}
+    text = report.render_report(summary)
+    assert "after - before [29% interval]" in text and "29% interval from" in text and "28%" not in text
+    assert "changed on 4 of the " in text and "(3 up, 1 down)" in text
+    assert "after - before [29% interval]" in report.console_table(summary)
+    # A summary without intervals keeps the usual heading.
+    summary["paired_delta"] = {}
+    assert "after - before [95% interval]" in report.render_report(summary)

@@ -96,3 +96,26 @@ def test_reporting_imports_nothing_else_of_the_package():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert not name.startswith("ftrl_jax") or name.startswith("ftrl_jax.reporting"), (path.name, name)
+
+
+def test_a_zero_difference_that_floating_point_rounds_is_not_a_gain():
+    # Differences 0.1, 0.2 and -0.3 average to zero, but (0.1 + 0.2 - 0.3) / 3 is 1.9e-17 in floating point:
+    # resamples that draw each environment once must not count as gains.
+    before, after = [0.0, 0.0, 0.3], [0.1, 0.2, 0.0]
+    result = paired_bootstrap(before, after, num_resamples=20_000, seed=0)
+    assert result["delta"] == 0.0
+    rng = np.random.default_rng(0)
+    draws = np.sort(rng.integers(0, 3, size=(20_000, 3)), axis=1)
+    diff = np.array([0.1, 0.2, -0.3])
+    exact_positive = np.mean([(diff[row].sum() > 1e-9) for row in draws])  # gains in exact arithmetic
+    assert result["share_positive"] == pytest.approx(exact_positive)
+    assert result["num_increased"] == 2 and result["num_decreased"] == 1
+
+
+def test_the_environments_that_changed_are_counted():
+    before = np.zeros(64)
+    after = np.zeros(64)
+    after[[6, 10, 58]] = [0.4, 0.1, 0.3]
+    after[20] = -0.2
+    result = paired_bootstrap(before, after, num_resamples=100, seed=0)
+    assert result["num_increased"] == 3 and result["num_decreased"] == 1 and result["num_pairs"] == 64
