@@ -558,6 +558,12 @@ def _sample_step_groups(config, policy, prompts, sandbox) -> tuple[list[Any], np
     return turns, scores
 
 
+def _reward_stats(scores: np.ndarray, group_size: int, lengths: np.ndarray) -> dict[str, float]:
+    """A batch's logged reward statistics: mean, spread, group signal and mean response length (tokens)."""
+    return {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
+            **group_signal(scores, group_size), "response_length": float(np.mean(lengths))}
+
+
 def _step_arrays(config, turns, scores, tokenizer) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The update's arrays for group-major sampled turns, and the batch's reward statistics."""
     n = config.rl.num_rollouts
@@ -567,9 +573,7 @@ def _step_arrays(config, turns, scores, tokenizer) -> tuple[dict[str, np.ndarray
     else:
         arrays = rl_batch.pad_rows(rl_batch.step_rows(turns), _pad_id(tokenizer))
         lengths = rl_batch.response_lengths(arrays)
-    stats = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
-             **group_signal(scores, n), "response_length": float(lengths.mean()),
-             "truncated_fraction": float(np.mean([t.truncated for t in turns]))}
+    stats = {**_reward_stats(scores, n, lengths), "truncated_fraction": float(np.mean([t.truncated for t in turns]))}
     return arrays, stats
 
 
@@ -594,10 +598,7 @@ def _sample_trajectory_groups(config, policy, envs, sandbox) -> tuple[list[Any],
 def _trajectory_arrays(config, episodes, scores, tokenizer) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     arrays = rl_batch.pad_rows(rl_batch.trajectory_rows(episodes, tokenizer, config.model.template),
                                _pad_id(tokenizer))
-    stats = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
-             **group_signal(scores, config.rl.num_rollouts),
-             "response_length": float(rl_batch.response_lengths(arrays).mean())}
-    return arrays, stats
+    return arrays, _reward_stats(scores, config.rl.num_rollouts, rl_batch.response_lengths(arrays))
 
 
 def _trajectory_batch(config, model_config, state_params, tokenizer, mesh, envs, sandbox, seed):
