@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from ftrl_jax.envs.world import TINY_WORLD
+
 # Paper presets: (model preset whose shape the checkpoint must have, chat template, thinking mode).
 PAPER_PRESETS = {
     "qwen2.5-7b": ("qwen2.5-7b", "qwen2.5", False),
@@ -52,7 +54,7 @@ def _base() -> ml_collections.ConfigDict:
     c.envs.complexity = "low"
     # A small world (recurring names, 12 relations, one tool name per relation) that a 3M-parameter model can
     # learn on a CPU in minutes; "" is the full world (FTRL-like variety).
-    c.envs.world = "pool=32,relations=12,fixed_names=1"
+    c.envs.world = TINY_WORLD
     c.envs.train_file = ""         # optional sample-format file instead of building
     c.envs.eval_file = ""
 

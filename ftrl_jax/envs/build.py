@@ -33,6 +33,7 @@ DROP_REASONS: dict[str, str] = {
     "final_answer_missing": "the outputs of the last hops do not contain the final answer",
     "sub_answer_missing": "an unsolved_set answer is not in the output of its tool's oracle call",
     "argument_not_grounded": "an oracle argument appears neither in the question nor in an earlier output",
+    "filtered": "valid, but left out by the build's `keep` filter (e.g. a held-out question in a training build)",
 }
 
 
@@ -240,17 +241,21 @@ def build_environments(
     max_attempts: int | None = None,
     on_kept: Callable[[BuiltEnvironment], None] | None = None,
     world: WorldSpec | str | None = None,
+    keep: Callable[[Environment], bool] | None = None,
 ) -> tuple[list[Environment], BuildReport]:
     """The first `num` validated environments under `seed`, and a report of the build.
 
     world: size of the default procedural author's world (see `iter_environments`).
+    keep: a filter on validated environments (e.g. `splits.is_held_out` of the question); the others are
+        counted in the report as dropped for "filtered" and do not count towards `num`.
 
-    Stops early (fewer than `num` kept) after `max_attempts` tries (default 4 * num + 256), so
-    an author that fails everything cannot loop forever; the report says why they were dropped.
+    Stops early (fewer than `num` kept) after `max_attempts` tries (default 4 * num + 256, sixteen times as
+    many with `keep`), so an author that fails everything cannot loop forever; the report says why they
+    were dropped.
     """
     if num < 0:
         raise ValueError(f"num must be >= 0, got {num}")
-    limit = max_attempts if max_attempts is not None else 4 * num + 256
+    limit = max_attempts if max_attempts is not None else (4 * num + 256) * (16 if keep is not None else 1)
     report = BuildReport()
     kept: list[Environment] = []
     started = time.perf_counter()
@@ -259,6 +264,10 @@ def build_environments(
                                author_threads=author_threads, report=report, stop=limit, world=world)
     try:
         for built in stream if num > 0 else ():
+            if keep is not None and not keep(built.environment):
+                report.kept -= 1
+                report.dropped["filtered"] += 1
+                continue
             kept.append(built.environment)
             if on_kept is not None:
                 on_kept(built)

@@ -21,6 +21,11 @@ import random
 import types
 from typing import Any, Callable, Iterable, Mapping
 
+# The world of the embedded default (configs/qwen.py, configs/tiny.py): recurring names, 12 relations, one tool
+# name per relation; a 3M-parameter model can learn it on a CPU.
+TINY_WORLD = "pool=32,relations=12,fixed_names=1"
+
+
 # --- name material -----------------------------------------------------------------
 
 _ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "pr",
