@@ -1,12 +1,15 @@
-"""The main job: environments -> tokenizer and model -> warm start -> eval -> RL -> eval -> export.
+"""The main job: environments -> tokenizer and model -> [warm start] -> eval -> RL -> eval -> export.
 
-`train_and_evaluate(config)` runs it. Every stage leaves its result in the workdir so a killed run
-resumes where it stopped (`config.resume=True`):
+`train_and_evaluate(config)` runs it. The model is `model.path` with its tokenizer, or on the tiny preset without
+a path a random `model.preset` with the embedded tokenizer, warm-started on oracle trajectories. Training
+environments hold only training-side questions and held-out ones only held-out questions of the fixed partition
+(`envs/splits.py`), so a policy made by `experiments.pretrain` (same partition) never saw a held-out question.
+Every stage leaves its result in the workdir so a killed run resumes where it stopped (`config.resume=True`):
 
   WORKDIR/envs/{train,eval}.jsonl   built environments (sample format, with oracle calls)
   WORKDIR/tokenizer/                the tokenizer (embedded default or the checkpoint's)
-  WORKDIR/checkpoints/warmup/       orbax checkpoints of the supervised warm start
-  WORKDIR/warmstart/                the warm-started policy (HF format): RL's reference and the analysis base
+  WORKDIR/checkpoints/warmup/       orbax checkpoints of the supervised warm start (when there is one)
+  WORKDIR/warmstart/                the policy RL starts from (HF format): RL's reference and the analysis base
   WORKDIR/eval_before.json          held-out evaluation before RL
   WORKDIR/checkpoints/rl/           orbax checkpoints of RL (params, optimizer, step, prompt pool)
   WORKDIR/export/                   the final policy in HF format with its tokenizer
@@ -34,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ftrl_jax import models, parallel
-from ftrl_jax.envs import rewards
+from ftrl_jax.envs import rewards, splits
 from ftrl_jax.text.chat import TEMPLATES, render_conversation
 from ftrl_jax.training.checkpointing import Checkpointer
 from ftrl_jax.envs import build as env_build
@@ -173,21 +176,51 @@ def prepare_environments(config, workdir: str, sandbox: Sandbox) -> tuple[list[S
             if os.path.exists(path):
                 built[split] = _read_split(path)
                 continue
-            # Extra eval environments cover the ones dropped for sharing a question with training.
-            want = num if split == "train" else 2 * num + 8
-            envs, report = env_build.build_environments(want, seed=config.seed * 1000 + offset, kinds=_kinds(config),
-                                                        complexity=config.envs.complexity, sandbox=sandbox,
-                                                        world=config.envs.world or None)
-            built[split] = [e.to_sample(split) for e in envs]
-            log.info("built %d %s environments (%s dropped: %s)", len(envs), split,
-                     sum(report.dropped.values()), dict(report.dropped))
-            if split == "eval":
-                seen = {s.messages[0]["content"] for s in built["train"]}
-                built["eval"] = _balanced([s for s in built["eval"] if s.messages[0]["content"] not in seen],
-                                          config.envs.num_eval)
+            seed = config.seed * 1000 + offset
+            built[split] = build_split(split, num, seed, kinds=_kinds(config), complexity=config.envs.complexity,
+                                       world=config.envs.world or None, sandbox=sandbox,
+                                       exclude=[s.messages[0]["content"] for s in built.get("train", [])])
             write_samples(path, built[split])
         log.info("environments ready in %.1fs", time.perf_counter() - started)
     return _read_split(train_file), _read_split(eval_file)
+
+
+def build_split(split: str, num: int, seed: int, *, kinds: Sequence[str], complexity: str, world: str | None,
+                sandbox: Sandbox, exclude: Sequence[str] = ()) -> list[Sample]:
+    """`num` procedural environments of one side of the question partition (`envs.splits`), as samples.
+
+    split "train": questions on the training side, in build order. split "eval": held-out questions only,
+    minus any whose prompt is in `exclude`, balanced over the scenario types (`_balanced`); twice as many are
+    built as asked, so the balance holds. Both are deterministic in (seed, world, kinds, complexity).
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    held_out = split == "eval"
+    side = splits.is_held_out if held_out else splits.is_training
+    keep = lambda env: side(env.question)  # noqa: E731
+    want = 2 * num + 8 if held_out else num
+    envs, report = env_build.build_environments(want, seed=seed, kinds=kinds, complexity=complexity, sandbox=sandbox,
+                                                world=world, keep=keep)
+    log.info("built %d %s environments (%s dropped: %s)", len(envs), split, sum(report.dropped.values()),
+             dict(report.dropped))
+    samples = [e.to_sample(split) for e in envs]
+    if held_out:
+        seen = set(exclude)
+        samples = _balanced([s for s in samples if s.messages[0]["content"] not in seen], num)
+    return samples
+
+
+RECIPE_FILE = "recipe.json"
+
+
+def read_recipe(path: str) -> dict[str, Any] | None:
+    """The `recipe.json` that `experiments.pretrain` leaves in a policy directory (world, data, steps, held-out
+    scores), or None when `path` has none."""
+    file = os.path.join(path, RECIPE_FILE)
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        return json.load(f)
 
 
 def _read_split(path: str) -> list[Sample]:
@@ -237,9 +270,14 @@ def _sample_texts(sample: Sample, template: str) -> list[str]:
 
 
 def prepare_model(config, tokenizer, mesh) -> tuple[models.ModelConfig, Any]:
-    if config.model.path:
+    path = config.model.path
+    if path:
+        recipe = read_recipe(path)
+        if recipe and recipe.get("world") != (config.envs.world or ""):
+            log.warning("%s was trained in the world %r, but config.envs.world=%r: its skills may not transfer",
+                        path, recipe.get("world"), config.envs.world)
         model_config, params = models.load_pretrained(
-            config.model.path, dtype=config.model.param_dtype, compute_dtype=config.model.dtype,
+            path, dtype=config.model.param_dtype, compute_dtype=config.model.dtype,
             shardings=parallel.checkpoint_sharding_fn(mesh))
         return model_config, params
     special = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
@@ -450,37 +488,63 @@ def warm_start(config, workdir, model_config, params, tokenizer, mesh, train, sa
     wc = config.warmup
     if wc.num_steps <= 0:
         return params
-    optimizer = make_optimizer(wc.learning_rate, warmup_steps=min(20, wc.num_steps // 10), schedule="cosine",
-                               total_steps=wc.num_steps, max_grad_norm=config.rl.max_grad_norm)
+
+    def examples():
+        subset, _ = split_train_environments(config, train)
+        conversations = warmstart.oracle_conversations(subset, sandbox)
+        return warmstart.encode_conversations(conversations, subset, tokenizer, template=config.model.template,
+                                              enable_thinking=config.model.enable_thinking, max_len=wc.max_len)
+
+    return train_supervised(model_config, params, examples, mesh, logger, phase="warmup",
+                            checkpoint_dir=os.path.join(workdir, "checkpoints", "warmup"),
+                            num_steps=wc.num_steps, batch_size=wc.batch_size, learning_rate=wc.learning_rate,
+                            max_grad_norm=config.rl.max_grad_norm, seed=config.seed, pad_id=_pad_id(tokenizer),
+                            remat=config.model.remat, chunk_size=config.rl.chunk_size,
+                            checkpoint_every=config.checkpoint.every, max_len=wc.max_len)
+
+
+def train_supervised(model_config, params, examples, mesh, logger, *, phase: str, checkpoint_dir: str,
+                     num_steps: int, batch_size: int, learning_rate: float, max_grad_norm: float | None, seed: int,
+                     pad_id: int, remat: bool, chunk_size: int, checkpoint_every: int, max_len: int,
+                     weight_decay: float = 0.0, warmup_steps: int | None = None, on_step=None,
+                     lr_knob: str = "warmup.learning_rate") -> Any:
+    """Cross-entropy on the loss-masked tokens of `examples()` (a `warmstart.SupervisedExamples`, built only when
+    steps remain), AdamW with a cosine schedule, orbax checkpoints every `checkpoint_every` steps in
+    `checkpoint_dir`; a killed run resumes at its last checkpoint with the same batches. Logs `phase` records
+    (loss, grad_norm, step_time, tokens_per_sec); `on_step(step, params)` runs after each step. A NaN loss stops
+    the run, naming `lr_knob` as the setting to lower. Returns the trained params.
+    """
+    warmup_steps = min(20, num_steps // 10) if warmup_steps is None else warmup_steps
+    optimizer = make_optimizer(learning_rate, warmup_steps=warmup_steps, schedule="cosine", total_steps=num_steps,
+                               max_grad_norm=max_grad_norm, weight_decay=weight_decay)
     state = shard_state(create_train_state(params, optimizer), mesh)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "warmup"), max_to_keep=1)
+    ckpt = Checkpointer(checkpoint_dir, max_to_keep=1)
     start = 0
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore(target_state=state)
         start = int(ckpt.latest_step())
-        log.info("warm start resumes at step %d", start)
-    if start < wc.num_steps:
-        subset, _ = split_train_environments(config, train)
-        conversations = warmstart.oracle_conversations(subset, sandbox)
-        examples = warmstart.encode_conversations(conversations, subset, tokenizer, template=config.model.template,
-                                                  enable_thinking=config.model.enable_thinking, max_len=wc.max_len)
-        log.info("warm start on %d oracle trajectories (%d longer than %d tokens left out)", len(examples),
-                 examples.dropped_too_long, wc.max_len)
-        step_fn = make_sft_step(model_config, optimizer, mesh, remat=config.model.remat,
-                                chunk_size=config.rl.chunk_size)
-        data = warmstart.batches(examples, wc.batch_size, seed=config.seed, start_step=start, pad_id=_pad_id(tokenizer))
-        bar = tqdm(range(start, wc.num_steps), desc="warm start", initial=start, total=wc.num_steps)
+        log.info("%s resumes at step %d", phase, start)
+    if start < num_steps:
+        data_examples = examples()
+        log.info("%s on %d oracle trajectories (%d longer than %d tokens left out)", phase, len(data_examples),
+                 data_examples.dropped_too_long, max_len)
+        step_fn = make_sft_step(model_config, optimizer, mesh, remat=remat, chunk_size=chunk_size)
+        data = warmstart.batches(data_examples, batch_size, seed=seed, start_step=start, pad_id=pad_id)
+        bar = tqdm(range(start, num_steps), desc=phase.replace("warmup", "warm start"), initial=start,
+                   total=num_steps)
         for step in bar:
             t0 = time.perf_counter()
             batch = next(data)
             batch_tokens = int(batch["attention_mask"].sum())
             state, metrics = step_fn(state, batch)
-            loss = _finite_loss(metrics, "warm-start", step, ckpt.directory, "warmup.learning_rate")
+            loss = _finite_loss(metrics, phase, step, ckpt.directory, lr_knob)
             dt = time.perf_counter() - t0
-            logger.log("warmup", step + 1, {**metrics, "step_time": dt, "tokens_per_sec": float(batch_tokens) / dt})
+            logger.log(phase, step + 1, {**metrics, "step_time": dt, "tokens_per_sec": float(batch_tokens) / dt})
             bar.set_postfix(loss=f"{loss:.3f}")
-            if (step + 1) % config.checkpoint.every == 0 or step + 1 == wc.num_steps:
-                ckpt.save(step + 1, state, {"phase": "warmup"})
+            if (step + 1) % checkpoint_every == 0 or step + 1 == num_steps:
+                ckpt.save(step + 1, state, {"phase": phase})
+            if on_step is not None:
+                on_step(step + 1, state.params)
     ckpt.close()
     return state.params
 
