@@ -27,6 +27,7 @@ SYNONYMS = {
 # Where a command reads or writes one of those things, it does under the common name.
 EXPECTED_COMMON = {
     "experiments.train": {"config", "workdir"},
+    "experiments.pretrain": {"config", "workdir", "output"},
     "experiments.sample": {"config", "workdir", "model", "output"},
     "experiments.build_envs": {"seed", "output"},
     "experiments.evaluate": {"model", "data", "output"},

@@ -1,0 +1,59 @@
+"""Recipe of a tiny instruct policy: `python -m experiments.pretrain --config=configs/tiny.py`.
+
+Supervised training from random initialisation on oracle trajectories of procedural environments in the tiny
+world (the main job's world), on training-side questions only (`ftrl_jax/envs/splits.py`), then a greedy
+held-out evaluation on the main job's seed-0 held-out environments, and a bfloat16 Hugging Face directory with a
+model card. `python -m experiments.train --config=configs/qwen.py --config.model.path=DIR --config.warmup.num_steps=0`
+then runs RL from it.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ftrl_jax.envs.world import TINY_WORLD
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/pretrain-tiny"
+    c.output = ""                  # the policy directory; empty: WORKDIR/policy
+    c.seed = 0                     # model initialisation and batch order
+    c.resume = False
+
+    c.envs = ml_collections.ConfigDict()
+    c.envs.world = TINY_WORLD
+    c.envs.num = 8192              # supervised environments (one oracle trajectory each)
+    c.envs.seed = 424_242          # their build seed (the main job builds with seed * 1000 + 1 or 2)
+    c.envs.scenarios = "single_hop,parallel_single_hop,multi_hop,parallel_multi_hop"
+    c.envs.complexity = "low"
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.vocab_size = 2048
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"
+    c.model.overrides = "num_kv_heads=4"
+    c.model.template = "qwen2.5"
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 720
+    c.train.batch_size = 16
+    c.train.learning_rate = 3e-3
+    c.train.warmup_steps = 50
+    c.train.weight_decay = 0.01
+    c.train.max_grad_norm = 1.0
+    c.train.max_len = 768
+    c.train.chunk_size = 128
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_envs = 256          # the main job's seed-0 held-out environments (build seed 2)
+    c.eval.seed = 2
+    c.eval.max_turns = 6
+    c.eval.max_new_tokens = 96
+    c.eval.every = 240             # greedy Solve-F1 on the first eval.curve_envs held-out environments
+    c.eval.curve_envs = 64
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 100
+    return c

@@ -1,0 +1,264 @@
+"""The recipe of a tiny instruct policy: supervised training on oracle trajectories from random init.
+
+`pretrain(config)` (config: `configs/tiny.py`) runs
+
+  environments  `envs.num` procedural environments of the training side of the question partition
+                (`envs.splits`), build seed `envs.seed`, world `envs.world`   -> WORKDIR/envs/pretrain.jsonl
+  held-out      `eval.num_envs` held-out environments built as the main job builds them for seed 0
+                (`main_job.build_split("eval", ...)`, build seed `eval.seed`)  -> WORKDIR/envs/held_out.jsonl
+  tokenizer     the embedded byte-level BPE learned on the supervised environments' text -> WORKDIR/tokenizer/
+  training      cross-entropy on the assistant tokens of each environment's oracle conversation (calls,
+                then the final answer), AdamW + cosine schedule; resumable from WORKDIR/checkpoints/pretrain/;
+                greedy held-out Solve-F1 on the first `eval.curve_envs` environments every `eval.every` steps
+  export        bfloat16 safetensors, config.json, tokenizer with its chat template, recipe.json and a model
+                card (README.md) with the command, data, steps, wall time and held-out scores -> `output`
+  evaluation    the exported directory, reloaded, played greedily on the held-out environments (the scores in
+                the card are those of the bytes that ship)
+
+Everything is deterministic in the config; the wall time is measured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+
+from ftrl_jax import models, parallel
+from ftrl_jax.envs.samples import read_samples, write_samples
+from ftrl_jax.envs.sandbox import Sandbox
+from ftrl_jax.pipeline import main_job
+from ftrl_jax.rollout.evaluation import evaluate
+from ftrl_jax.rollout.policy import LocalPolicy
+from ftrl_jax.text.tokenizer import build_default_tokenizer, load_tokenizer
+from ftrl_jax.training import warmstart
+from ftrl_jax.training.metrics import MetricsLogger
+
+log = logging.getLogger(__name__)
+PHASE, CURVE_PHASE = "pretrain", "pretrain_eval"
+EVAL_KEYS = main_job.EVAL_KEYS
+
+
+class PretrainError(main_job.TrainingError):
+    """A recipe that cannot run; the message says what to change."""
+
+
+def _kinds(config) -> list[str]:
+    return [k.strip() for k in config.envs.scenarios.split(",") if k.strip()]
+
+
+def check_config(config) -> None:
+    tc, ec = config.train, config.eval
+    for name, value in (("envs.num", config.envs.num), ("train.num_steps", tc.num_steps),
+                        ("train.batch_size", tc.batch_size), ("eval.num_envs", ec.num_envs)):
+        if value < 1:
+            raise PretrainError(f"config.{name}={value}; use a positive number")
+    if not 0 <= tc.warmup_steps < tc.num_steps:
+        raise PretrainError(f"config.train.warmup_steps={tc.warmup_steps} must be in [0, train.num_steps="
+                            f"{tc.num_steps})")
+    if config.model.template not in main_job.TEMPLATES:
+        raise PretrainError(f"config.model.template={config.model.template!r}; use one of "
+                            f"{sorted(main_job.TEMPLATES)}")
+    if jax.device_count() > 1 and tc.batch_size % jax.device_count():
+        raise PretrainError(f"config.train.batch_size={tc.batch_size} must be a multiple of the "
+                            f"{jax.device_count()} devices")
+
+
+def _environments(config, workdir: str, sandbox: Sandbox):
+    env_dir = os.path.join(workdir, "envs")
+    os.makedirs(env_dir, exist_ok=True)
+    paths = {"pretrain": os.path.join(env_dir, "pretrain.jsonl"), "held_out": os.path.join(env_dir, "held_out.jsonl")}
+    common = dict(kinds=_kinds(config), complexity=config.envs.complexity, world=config.envs.world or None,
+                  sandbox=sandbox)
+    if not os.path.exists(paths["pretrain"]):
+        write_samples(paths["pretrain"], main_job.build_split("train", config.envs.num, config.envs.seed, **common))
+    if not os.path.exists(paths["held_out"]):
+        write_samples(paths["held_out"], main_job.build_split("eval", config.eval.num_envs, config.eval.seed,
+                                                              **common))
+    out = []
+    for name in ("pretrain", "held_out"):
+        samples, errors = read_samples(paths[name])
+        if errors or not samples:
+            raise PretrainError(f"{paths[name]} has unreadable rows ({errors[:2]}); delete it to rebuild")
+        out.append(samples)
+    return out
+
+
+def _tokenizer(config, workdir: str, train):
+    tok_dir = os.path.join(workdir, "tokenizer")
+    if os.path.isdir(tok_dir):
+        return load_tokenizer(tok_dir)
+    texts = [text for s in train for text in main_job._sample_texts(s, config.model.template)]
+    tokenizer = build_default_tokenizer(texts, vocab_size=config.tokenizer.vocab_size)
+    tokenizer.save_pretrained(tok_dir)
+    return tokenizer
+
+
+def _model(config, tokenizer):
+    special = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    fields = dict(vocab_size=len(tokenizer), param_dtype="float32", dtype="float32", eos_token_id=special[0],
+                  pad_token_id=special[1])
+    fields.update(main_job.parse_overrides(config.model.overrides))
+    try:
+        model_config = models.preset(config.model.preset, **fields)
+    except TypeError as err:
+        raise PretrainError(f"config.model.overrides: {err}; use ModelConfig field names") from None
+    return model_config, models.init_params(model_config, jax.random.PRNGKey(config.seed))
+
+
+def greedy_eval(config, model_config, params, tokenizer, samples, sandbox) -> dict[str, Any]:
+    """Greedy held-out Solve-P/R/F1 (the average over scenario types, in [0, 1]), per scenario type, seconds."""
+    policy = LocalPolicy(model_config, params, tokenizer, template=config.model.template,
+                         max_new_tokens=config.eval.max_new_tokens, temperature=0.0, seed=0)
+    report = evaluate(policy, samples, max_turns=config.eval.max_turns, sandbox=sandbox)
+    return main_job._greedy_figures(report)
+
+
+def _card(config, recipe: dict[str, Any]) -> str:
+    ev, tc = recipe["held_out"], config.train
+    rows = "\n".join(f"| {kind.split('/')[-1]} | {100 * m['solve_precision']:.2f} | {100 * m['solve_rate']:.2f} | "
+                     f"{100 * m['solve_f1']:.2f} |" for kind, m in sorted(ev["by_scenario"].items()))
+    return f"""---
+license: apache-2.0
+library_name: transformers
+tags: [tool-use, ftrl_jax]
+---
+# ftrl_jax tiny instruct policy
+
+A {recipe['model_params'] / 1e6:.2f}M-parameter Qwen2-architecture model (hidden {recipe['model']['hidden_size']},
+{recipe['model']['num_layers']} layers, {recipe['model']['num_heads']} heads, {recipe['model']['num_kv_heads']} kv heads,
+vocabulary {recipe['model']['vocab_size']}) that calls tools in the Qwen2.5 format (`<tool_call>` JSON) in the
+procedural world `{config.envs.world}` of ftrl_jax: a starting point for RL, as instruction-tuned models are
+FTRL's (`python -m experiments.train --config=configs/qwen.py --config.model.path=DIR
+--config.warmup.num_steps=0`). It knows no facts: it is trained to pick a tool, copy names from the question
+and from tool results into arguments, chain hops and state the answer; the held-out scores below say how far
+it got.
+
+## How it was made
+`{recipe['command']}` ({recipe['wall_seconds'] / 60:.1f} min on {recipe['machine']}).
+
+- Data: one oracle conversation (calls, tool results, final answer) per environment for {recipe['num_envs']}
+  procedural environments (build seed {config.envs.seed}; {', '.join(_kinds(config))}; complexity
+  {config.envs.complexity}), questions from the training side of the fixed question partition only
+  (`ftrl_jax/envs/splits.py`); {recipe['dropped_too_long']} longer than {tc.max_len} tokens left out.
+- Training: random initialisation (seed {config.seed}), {tc.num_steps} steps of {tc.batch_size} conversations
+  (about {recipe['epochs']:.1f} epochs), cross-entropy on assistant tokens only, AdamW lr {tc.learning_rate:g}
+  (cosine, {tc.warmup_steps} warm-up steps), weight decay {tc.weight_decay:g}, gradient norm clip
+  {tc.max_grad_norm:g}, float32; exported in bfloat16.
+- Tokenizer: byte-level BPE, {recipe['model']['vocab_size']} tokens, learned on the same environments' text;
+  the Qwen2.5 chat template with tools.
+
+## Held-out scores (greedy, this bfloat16 export)
+{ev['num_episodes']} held-out environments (the main job's seed-0 held-out set: build seed {config.eval.seed},
+balanced over scenario types, questions never in the training data), at most {config.eval.max_turns} turns of
+{config.eval.max_new_tokens} new tokens; Solve-P/R/F1 in % (FTRL's metrics, averaged over scenario types):
+
+| scenario | Solve-P | Solve-R | Solve-F1 |
+|---|---|---|---|
+{rows}
+| **average** | **{100 * ev['solve_precision']:.2f}** | **{100 * ev['solve_rate']:.2f}** | **{100 * ev['solve_f1']:.2f}** |
+
+The full figures, the configuration and the training curve's points are in `{main_job.RECIPE_FILE}`.
+"""
+
+
+def pretrain(config, *, command: str = "python -m experiments.pretrain --config=configs/tiny.py") -> dict[str, Any]:
+    """Runs the recipe (module docstring); returns the recipe record written to `output/recipe.json`."""
+    check_config(config)
+    workdir = os.path.abspath(config.workdir)
+    output = os.path.abspath(config.output or os.path.join(workdir, "policy"))
+    ckpt_dir = os.path.join(workdir, "checkpoints", PHASE)
+    if not config.resume and os.path.isdir(ckpt_dir):
+        raise PretrainError(f"{workdir} already holds a pretraining run's checkpoints: pass --config.resume=True to "
+                            "continue it, or choose another --config.workdir")
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    started = time.perf_counter()
+    mesh = parallel.make_mesh(jax.device_count(), 1, 1)
+    logger = MetricsLogger(workdir)
+    tc = config.train
+    with Sandbox() as sandbox:
+        train, held_out = _environments(config, workdir, sandbox)
+        tokenizer = _tokenizer(config, workdir, train)
+        model_config, params = _model(config, tokenizer)
+        log.info("pretraining a %.2fM-parameter model on %d environments; %d held-out", model_config.num_params / 1e6,
+                 len(train), len(held_out))
+        curve_envs = held_out[:config.eval.curve_envs]
+        encoded: dict[str, Any] = {}
+
+        def examples():
+            conversations = warmstart.oracle_conversations(train, sandbox)
+            encoded["examples"] = warmstart.encode_conversations(
+                conversations, train, tokenizer, template=config.model.template, enable_thinking=False,
+                max_len=tc.max_len)
+            return encoded["examples"]
+
+        def on_step(step, step_params):
+            if config.eval.every > 0 and curve_envs and (step % config.eval.every == 0 or step == tc.num_steps):
+                figures = greedy_eval(config, model_config, step_params, tokenizer, curve_envs, sandbox)
+                logger.log(CURVE_PHASE, step, {**{k: figures[k] for k in EVAL_KEYS}, "seconds": figures["seconds"],
+                                              "num_envs": len(curve_envs)})
+                log.info("step %d: held-out greedy Solve-F1 %.2f%% on %d environments", step,
+                         100 * figures["solve_f1"], len(curve_envs))
+
+        params = main_job.train_supervised(
+            model_config, params, examples, mesh, logger, phase=PHASE, checkpoint_dir=ckpt_dir,
+            num_steps=tc.num_steps, batch_size=tc.batch_size, learning_rate=tc.learning_rate,
+            max_grad_norm=tc.max_grad_norm, seed=config.seed, pad_id=main_job._pad_id(tokenizer), remat=False,
+            chunk_size=tc.chunk_size, checkpoint_every=config.checkpoint.every, max_len=tc.max_len,
+            weight_decay=tc.weight_decay, warmup_steps=tc.warmup_steps, on_step=on_step,
+            lr_knob="train.learning_rate")
+        train_seconds = time.perf_counter() - started
+        if "examples" not in encoded:  # resumed after the last step: count the data for the card
+            examples()
+
+        if os.path.isdir(output):
+            shutil.rmtree(output)
+        models.save_pretrained(model_config, params, output, dtype="bfloat16")
+        tokenizer.save_pretrained(output)
+        shipped_config, shipped = models.load_pretrained(output, dtype="float32", compute_dtype="float32")
+        held = greedy_eval(config, shipped_config, shipped, load_tokenizer(output), held_out, sandbox)
+
+    curve = [{"step": r["step"], **{k: r[k] for k in EVAL_KEYS}}
+             for r in _read_records(os.path.join(workdir, "metrics.jsonl")) if r.get("phase") == CURVE_PHASE]
+    ex = encoded["examples"]
+    recipe = {
+        "command": command, "world": config.envs.world, "config": json.loads(config.to_json_best_effort()),
+        "model": {k: getattr(model_config, k) for k in ("model_type", "vocab_size", "hidden_size",
+                                                         "intermediate_size", "num_layers", "num_heads",
+                                                         "num_kv_heads", "head_dim")},
+        "model_params": model_config.num_params, "num_envs": len(train), "num_examples": len(ex),
+        "dropped_too_long": ex.dropped_too_long, "epochs": tc.num_steps * tc.batch_size / max(1, len(ex)),
+        "train_tokens": int(sum(len(i) for i in ex.ids)), "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - started, "machine": _machine(),
+        "held_out": {k: v for k, v in held.items() if k != "episodes"}, "curve": curve,
+    }
+    with open(os.path.join(output, main_job.RECIPE_FILE), "w") as f:
+        json.dump(recipe, f, indent=2)
+    with open(os.path.join(output, "README.md"), "w") as f:
+        f.write(_card(config, recipe))
+    logger.close()
+    return recipe
+
+
+def _read_records(path: str) -> list[dict[str, Any]]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _machine() -> str:
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return f"{os.cpu_count()} CPU cores"
+    return f"{jax.device_count()} x {device.device_kind}"
+
+
+__all__ = ["PretrainError", "check_config", "greedy_eval", "pretrain"]

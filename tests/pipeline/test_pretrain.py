@@ -1,0 +1,86 @@
+"""The shipped policy's recipe on a micro configuration: deterministic steps, the files it writes, errors."""
+
+import json
+import os
+
+import pytest
+
+from configs import tiny
+from ftrl_jax import models
+from ftrl_jax.envs import splits
+from ftrl_jax.envs.samples import read_samples
+from ftrl_jax.models.checkpoint_io import SafetensorsFile
+from ftrl_jax.pipeline.main_job import read_recipe
+from ftrl_jax.pipeline.pretrain import PretrainError, check_config, pretrain
+
+
+def micro_config(workdir, **train):
+    c = tiny.get_config()
+    c.workdir = str(workdir)
+    c.model.overrides = "num_layers=1,hidden_size=64,intermediate_size=128,num_heads=2,head_dim=32,num_kv_heads=1"
+    c.tokenizer.vocab_size = 600
+    c.envs.num = 16
+    c.train.num_steps = train.get("num_steps", 3)
+    c.train.warmup_steps = 1
+    c.train.batch_size = 4
+    c.eval.num_envs = 4
+    c.eval.max_new_tokens = 16
+    c.eval.max_turns = 2
+    c.eval.every = 2
+    c.eval.curve_envs = 2
+    c.checkpoint.every = 2
+    return c
+
+
+def _tensors(path):
+    st = SafetensorsFile(os.path.join(path, "model.safetensors"))
+    return {k: st.get(k).tobytes() for k in st.keys()}
+
+
+def test_recipe_steps_are_deterministic_and_write_a_loadable_policy(tmp_path):
+    first = pretrain(micro_config(tmp_path / "a"))
+    second = pretrain(micro_config(tmp_path / "b"))
+    out_a, out_b = tmp_path / "a" / "policy", tmp_path / "b" / "policy"
+    assert _tensors(out_a) == _tensors(out_b)  # same config, same bytes
+    assert first["curve"] == second["curve"] and [r["step"] for r in first["curve"]] == [2, 3]
+    assert first["held_out"] == {**second["held_out"], "seconds": first["held_out"]["seconds"],
+                                 "episodes_per_minute": first["held_out"]["episodes_per_minute"]}
+    # What ships: bf16 safetensors, config, tokenizer with its chat template, recipe.json, a model card.
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
+                 "recipe.json"):
+        assert (out_a / name).is_file(), name
+    st = SafetensorsFile(str(out_a / "model.safetensors"))
+    assert {str(st.get(k).dtype) for k in st.keys()} == {"bfloat16"}
+    model_config, _ = models.load_pretrained(str(out_a))
+    assert (model_config.num_layers, model_config.hidden_size) == (1, 64)
+    recipe = read_recipe(str(out_a))
+    assert recipe["world"] == tiny.get_config().envs.world and recipe["num_envs"] == 16
+    assert recipe["held_out"]["num_episodes"] == 4 and recipe["model_params"] == model_config.num_params
+    card = (out_a / "README.md").read_text()
+    assert "python -m experiments.pretrain" in card and f"{100 * recipe['held_out']['solve_f1']:.2f}" in card
+    # Supervised data only from the training side of the partition; held-out from the other side.
+    train, _ = read_samples(str(tmp_path / "a" / "envs" / "pretrain.jsonl"))
+    held, _ = read_samples(str(tmp_path / "a" / "envs" / "held_out.jsonl"))
+    question = lambda s: s.messages[0]["content"].rsplit("Question: ", 1)[-1]  # noqa: E731
+    assert all(splits.is_training(question(s)) for s in train)
+    assert all(splits.is_held_out(question(s)) for s in held)
+    # A run resumed after its last step trains no more and writes the same policy and a complete record.
+    config = micro_config(tmp_path / "a")
+    config.resume = True
+    again = pretrain(config)
+    assert _tensors(out_a) == _tensors(out_b) and again["num_examples"] == first["num_examples"] == 16
+    assert json.loads((out_a / "recipe.json").read_text())["curve"] == first["curve"]
+
+
+def test_recipe_refuses_bad_settings_and_an_existing_run(tmp_path):
+    config = micro_config(tmp_path)
+    config.train.warmup_steps = 3
+    with pytest.raises(PretrainError, match=r"warmup_steps=3 must be in \[0, train.num_steps=3\)"):
+        check_config(config)
+    config = micro_config(tmp_path)
+    config.envs.num = 0
+    with pytest.raises(PretrainError, match="config.envs.num=0"):
+        check_config(config)
+    os.makedirs(tmp_path / "checkpoints" / "pretrain")
+    with pytest.raises(PretrainError, match="--config.resume=True"):
+        pretrain(micro_config(tmp_path))
