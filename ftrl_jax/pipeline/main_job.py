@@ -507,13 +507,15 @@ def train_supervised(model_config, params, examples, mesh, logger, *, phase: str
                      num_steps: int, batch_size: int, learning_rate: float, max_grad_norm: float | None, seed: int,
                      pad_id: int, remat: bool, chunk_size: int, checkpoint_every: int, max_len: int,
                      weight_decay: float = 0.0, warmup_steps: int | None = None, on_step=None,
-                     lr_knob: str = "warmup.learning_rate") -> Any:
+                     lr_knob: str = "warmup.learning_rate", max_len_knob: str = "warmup.max_len") -> Any:
     """Cross-entropy on the loss-masked tokens of `examples()` (a `warmstart.SupervisedExamples`, built only when
     steps remain), AdamW with a cosine schedule, orbax checkpoints every `checkpoint_every` steps in
     `checkpoint_dir`; a killed run resumes at its last checkpoint with the same batches. Logs `phase` records
     (loss, grad_norm, step_time, tokens_per_sec); `on_step(step, params)` runs after each step. A NaN loss stops
-    the run, naming `lr_knob` as the setting to lower. Returns the trained params.
+    the run, naming `lr_knob` as the setting to lower; no example within `max_len` tokens names `max_len_knob`.
+    Returns the trained params.
     """
+    label = "warm start" if phase == "warmup" else phase
     warmup_steps = min(20, num_steps // 10) if warmup_steps is None else warmup_steps
     optimizer = make_optimizer(learning_rate, warmup_steps=warmup_steps, schedule="cosine", total_steps=num_steps,
                                max_grad_norm=max_grad_norm, weight_decay=weight_decay)
@@ -523,21 +525,23 @@ def train_supervised(model_config, params, examples, mesh, logger, *, phase: str
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore(target_state=state)
         start = int(ckpt.latest_step())
-        log.info("%s resumes at step %d", phase, start)
+        log.info("%s resumes at step %d", label, start)
     if start < num_steps:
         data_examples = examples()
-        log.info("%s on %d oracle trajectories (%d longer than %d tokens left out)", phase, len(data_examples),
+        log.info("%s on %d oracle trajectories (%d longer than %d tokens left out)", label, len(data_examples),
                  data_examples.dropped_too_long, max_len)
+        if not len(data_examples):
+            raise TrainingError(f"no {label} example fits in {max_len} tokens ({data_examples.dropped_too_long} "
+                                f"longer); raise {max_len_knob}")
         step_fn = make_sft_step(model_config, optimizer, mesh, remat=remat, chunk_size=chunk_size)
         data = warmstart.batches(data_examples, batch_size, seed=seed, start_step=start, pad_id=pad_id)
-        bar = tqdm(range(start, num_steps), desc=phase.replace("warmup", "warm start"), initial=start,
-                   total=num_steps)
+        bar = tqdm(range(start, num_steps), desc=label, initial=start, total=num_steps)
         for step in bar:
             t0 = time.perf_counter()
             batch = next(data)
             batch_tokens = int(batch["attention_mask"].sum())
             state, metrics = step_fn(state, batch)
-            loss = _finite_loss(metrics, phase, step, ckpt.directory, lr_knob)
+            loss = _finite_loss(metrics, label.replace("warm start", "warm-start"), step, ckpt.directory, lr_knob)
             dt = time.perf_counter() - t0
             logger.log(phase, step + 1, {**metrics, "step_time": dt, "tokens_per_sec": float(batch_tokens) / dt})
             bar.set_postfix(loss=f"{loss:.3f}")

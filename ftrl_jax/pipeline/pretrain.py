@@ -31,6 +31,7 @@ import jax
 
 from ftrl_jax import models, parallel
 from ftrl_jax.envs.samples import read_samples, write_samples
+from ftrl_jax.envs.stages import SCENARIO_KINDS
 from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.pipeline import main_job
 from ftrl_jax.rollout.evaluation import evaluate
@@ -58,6 +59,15 @@ def check_config(config) -> None:
                         ("train.batch_size", tc.batch_size), ("eval.num_envs", ec.num_envs)):
         if value < 1:
             raise PretrainError(f"config.{name}={value}; use a positive number")
+    for name, value in (("eval.every", ec.every), ("eval.curve_envs", ec.curve_envs)):
+        if value < 0:
+            raise PretrainError(f"config.{name}={value}; use 0 (off) or a positive number")
+    if config.checkpoint.every < 1:
+        raise PretrainError(f"config.checkpoint.every={config.checkpoint.every}; use a positive number of steps")
+    unknown = [k for k in _kinds(config) if k not in SCENARIO_KINDS]
+    if unknown or not _kinds(config):
+        raise PretrainError(f"config.envs.scenarios={config.envs.scenarios!r}: unknown scenario types {unknown}; "
+                            f"use some of {', '.join(SCENARIO_KINDS)}")
     if not 0 <= tc.warmup_steps < tc.num_steps:
         raise PretrainError(f"config.train.warmup_steps={tc.warmup_steps} must be in [0, train.num_steps="
                             f"{tc.num_steps})")
@@ -67,6 +77,28 @@ def check_config(config) -> None:
     if jax.device_count() > 1 and tc.batch_size % jax.device_count():
         raise PretrainError(f"config.train.batch_size={tc.batch_size} must be a multiple of the "
                             f"{jax.device_count()} devices")
+
+
+def _data_settings(config) -> dict[str, Any]:
+    """The settings the workdir's environments and tokenizer were made with (checked on every rerun)."""
+    return {"envs": json.loads(config.envs.to_json()), "eval_num_envs": config.eval.num_envs,
+            "eval_seed": config.eval.seed, "vocab_size": config.tokenizer.vocab_size, "template": config.model.template}
+
+
+def _check_data_settings(config, workdir: str) -> None:
+    path = os.path.join(workdir, "data_settings.json")
+    settings = _data_settings(config)
+    if os.path.isfile(path):
+        with open(path) as f:
+            made_with = json.load(f)
+        if made_with != settings:
+            changed = sorted(k for k in settings if settings[k] != made_with.get(k))
+            raise PretrainError(f"{workdir} holds environments and a tokenizer made with other settings ({', '.join(changed)}"
+                                f"): made with {json.dumps({k: made_with.get(k) for k in changed})}; use another "
+                                "--config.workdir, or the settings it was made with")
+    else:
+        with open(path, "w") as f:
+            json.dump(settings, f, indent=2)
 
 
 def _environments(config, workdir: str, sandbox: Sandbox):
@@ -84,7 +116,8 @@ def _environments(config, workdir: str, sandbox: Sandbox):
     for name in ("pretrain", "held_out"):
         samples, errors = read_samples(paths[name])
         if errors or not samples:
-            raise PretrainError(f"{paths[name]} has unreadable rows ({errors[:2]}); delete it to rebuild")
+            what = f"unreadable rows ({errors[:2]})" if errors else "no environments"
+            raise PretrainError(f"{paths[name]} has {what}; delete it to rebuild it")
         out.append(samples)
     return out
 
@@ -121,6 +154,7 @@ def greedy_eval(config, model_config, params, tokenizer, samples, sandbox) -> di
 
 def _card(config, recipe: dict[str, Any]) -> str:
     ev, tc = recipe["held_out"], config.train
+    ends = ", ".join(f"{reason} {count}" for reason, count in sorted(ev["end_reasons"].items(), key=lambda kv: -kv[1]))
     rows = "\n".join(f"| {kind.split('/')[-1]} | {100 * m['solve_precision']:.2f} | {100 * m['solve_rate']:.2f} | "
                      f"{100 * m['solve_f1']:.2f} |" for kind, m in sorted(ev["by_scenario"].items()))
     return f"""---
@@ -130,10 +164,10 @@ tags: [tool-use, ftrl_jax]
 ---
 # ftrl_jax tiny instruct policy
 
-A {recipe['model_params'] / 1e6:.2f}M-parameter Qwen2-architecture model (hidden {recipe['model']['hidden_size']},
-{recipe['model']['num_layers']} layers, {recipe['model']['num_heads']} heads, {recipe['model']['num_kv_heads']} kv heads,
-vocabulary {recipe['model']['vocab_size']}) that calls tools in the Qwen2.5 format (`<tool_call>` JSON) in the
-procedural world `{config.envs.world}` of ftrl_jax: a starting point for RL, as instruction-tuned models are
+A {recipe['model_params'] / 1e6:.2f}M-parameter {recipe['model']['model_type']} model (hidden size
+{recipe['model']['hidden_size']}, layers: {recipe['model']['num_layers']}, heads: {recipe['model']['num_heads']}, kv heads:
+{recipe['model']['num_kv_heads']}, vocabulary {recipe['model']['vocab_size']}) trained to call tools in the {config.model.template}
+format (`<tool_call>` JSON) in the procedural world `{config.envs.world}` of ftrl_jax: a starting point for RL, as instruction-tuned models are
 FTRL's (`python -m experiments.train --config=configs/qwen.py --config.model.path=DIR
 --config.warmup.num_steps=0`). It knows no facts: it is trained to pick a tool, copy names from the question
 and from tool results into arguments, chain hops and state the answer; the held-out scores below say how far
@@ -151,12 +185,14 @@ it got.
   (cosine, {tc.warmup_steps} warm-up steps), weight decay {tc.weight_decay:g}, gradient norm clip
   {tc.max_grad_norm:g}, float32; exported in bfloat16.
 - Tokenizer: byte-level BPE, {recipe['model']['vocab_size']} tokens, learned on the same environments' text;
-  the Qwen2.5 chat template with tools.
+  the {config.model.template} chat template with tools.
 
 ## Held-out scores (greedy, this bfloat16 export)
-{ev['num_episodes']} held-out environments (the main job's seed-0 held-out set: build seed {config.eval.seed},
-balanced over scenario types, questions never in the training data), at most {config.eval.max_turns} turns of
-{config.eval.max_new_tokens} new tokens; Solve-P/R/F1 in % (FTRL's metrics, averaged over scenario types):
+{ev['num_episodes']} held-out environments built as the main job builds its held-out set (build seed
+{config.eval.seed}; the main job's seed 0 uses build seed 2, and its default 64 environments are the first 64),
+balanced over scenario types, questions never in the training data; at most {config.eval.max_turns} turns of
+{config.eval.max_new_tokens} new tokens; Solve-P/R/F1 in % (FTRL's metrics, averaged over scenario types). An
+episode without any tool call scores Solve-P 100 and Solve-R 0. How the episodes ended: {ends}.
 
 | scenario | Solve-P | Solve-R | Solve-F1 |
 |---|---|---|---|
@@ -173,13 +209,17 @@ def pretrain(config, *, command: str = "python -m experiments.pretrain --config=
     workdir = os.path.abspath(config.workdir)
     output = os.path.abspath(config.output or os.path.join(workdir, "policy"))
     ckpt_dir = os.path.join(workdir, "checkpoints", PHASE)
-    if not config.resume and os.path.isdir(ckpt_dir):
+    if not config.resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):  # a step was saved
         raise PretrainError(f"{workdir} already holds a pretraining run's checkpoints: pass --config.resume=True to "
                             "continue it, or choose another --config.workdir")
+    _check_output(output, workdir)
     os.makedirs(workdir, exist_ok=True)
+    _check_data_settings(config, workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     started = time.perf_counter()
+    timing_file = os.path.join(workdir, "train_seconds.json")
+    earlier = _read_json(timing_file, {"train_seconds": 0.0})["train_seconds"]  # invocations before a resume
     mesh = parallel.make_mesh(jax.device_count(), 1, 1)
     logger = MetricsLogger(workdir)
     tc = config.train
@@ -200,6 +240,8 @@ def pretrain(config, *, command: str = "python -m experiments.pretrain --config=
             return encoded["examples"]
 
         def on_step(step, step_params):
+            if step % config.checkpoint.every == 0:  # the time up to the checkpoint a resume continues from
+                _write_json(timing_file, {"train_seconds": earlier + time.perf_counter() - started, "step": step})
             if config.eval.every > 0 and curve_envs and (step % config.eval.every == 0 or step == tc.num_steps):
                 figures = greedy_eval(config, model_config, step_params, tokenizer, curve_envs, sandbox)
                 logger.log(CURVE_PHASE, step, {**{k: figures[k] for k in EVAL_KEYS}, "seconds": figures["seconds"],
@@ -213,20 +255,25 @@ def pretrain(config, *, command: str = "python -m experiments.pretrain --config=
             max_grad_norm=tc.max_grad_norm, seed=config.seed, pad_id=main_job._pad_id(tokenizer), remat=False,
             chunk_size=tc.chunk_size, checkpoint_every=config.checkpoint.every, max_len=tc.max_len,
             weight_decay=tc.weight_decay, warmup_steps=tc.warmup_steps, on_step=on_step,
-            lr_knob="train.learning_rate")
-        train_seconds = time.perf_counter() - started
+            lr_knob="train.learning_rate", max_len_knob="train.max_len")
+        train_seconds = earlier + time.perf_counter() - started
+        _write_json(timing_file, {"train_seconds": train_seconds, "step": tc.num_steps})
         if "examples" not in encoded:  # resumed after the last step: count the data for the card
             examples()
 
-        if os.path.isdir(output):
-            shutil.rmtree(output)
-        models.save_pretrained(model_config, params, output, dtype="bfloat16")
-        tokenizer.save_pretrained(output)
-        shipped_config, shipped = models.load_pretrained(output, dtype="float32", compute_dtype="float32")
-        held = greedy_eval(config, shipped_config, shipped, load_tokenizer(output), held_out, sandbox)
+        # Written next to the output, then renamed into place: a killed run leaves no half-written policy.
+        partial = output + ".partial"
+        if os.path.isdir(partial):
+            shutil.rmtree(partial)
+        models.save_pretrained(model_config, params, partial, dtype="bfloat16")
+        tokenizer.save_pretrained(partial)
+        exported_config, exported = models.load_pretrained(partial, dtype="float32", compute_dtype="float32")
+        held = greedy_eval(config, exported_config, exported, load_tokenizer(partial), held_out, sandbox)
 
-    curve = [{"step": r["step"], **{k: r[k] for k in EVAL_KEYS}}
-             for r in _read_records(os.path.join(workdir, "metrics.jsonl")) if r.get("phase") == CURVE_PHASE]
+    # One point per step: steps replayed after a resume were logged twice; the later record is the replay's.
+    points = {r["step"]: r for r in _read_records(os.path.join(workdir, "metrics.jsonl"))
+              if r.get("phase") == CURVE_PHASE and r["step"] <= tc.num_steps}
+    curve = [{"step": step, **{k: points[step][k] for k in EVAL_KEYS}} for step in sorted(points)]
     ex = encoded["examples"]
     recipe = {
         "command": command, "world": config.envs.world, "config": json.loads(config.to_json_best_effort()),
@@ -236,15 +283,43 @@ def pretrain(config, *, command: str = "python -m experiments.pretrain --config=
         "model_params": model_config.num_params, "num_envs": len(train), "num_examples": len(ex),
         "dropped_too_long": ex.dropped_too_long, "epochs": tc.num_steps * tc.batch_size / max(1, len(ex)),
         "train_tokens": int(sum(len(i) for i in ex.ids)), "train_seconds": train_seconds,
-        "wall_seconds": time.perf_counter() - started, "machine": _machine(),
+        "wall_seconds": earlier + time.perf_counter() - started,
+        "machine": _machine(),
         "held_out": {k: v for k, v in held.items() if k != "episodes"}, "curve": curve,
     }
-    with open(os.path.join(output, main_job.RECIPE_FILE), "w") as f:
-        json.dump(recipe, f, indent=2)
-    with open(os.path.join(output, "README.md"), "w") as f:
+    _write_json(os.path.join(partial, main_job.RECIPE_FILE), recipe)
+    with open(os.path.join(partial, "README.md"), "w") as f:
         f.write(_card(config, recipe))
+    if os.path.isdir(output):
+        shutil.rmtree(output)  # a policy directory this recipe wrote before (checked by _check_output)
+    os.replace(partial, output)
     logger.close()
     return recipe
+
+
+def _check_output(output: str, workdir: str) -> None:
+    """Refuses an output that would overwrite something other than a policy this recipe wrote."""
+    if output == workdir or workdir.startswith(output.rstrip(os.sep) + os.sep):
+        raise PretrainError(f"--output={output} is or contains the run directory {workdir}; choose a new directory")
+    if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, main_job.RECIPE_FILE)):
+        raise PretrainError(f"--output={output} is a non-empty directory that holds no {main_job.RECIPE_FILE} (not a "
+                            "policy written by this recipe); choose a new or empty directory")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise PretrainError(f"--output={output} is a file; choose a directory")
+
+
+def _read_json(path: str, default: Any) -> Any:
+    if not os.path.isfile(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 def _read_records(path: str) -> list[dict[str, Any]]:

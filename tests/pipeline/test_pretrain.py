@@ -64,7 +64,12 @@ def test_recipe_steps_are_deterministic_and_write_a_loadable_policy(tmp_path):
     question = lambda s: s.messages[0]["content"].rsplit("Question: ", 1)[-1]  # noqa: E731
     assert all(splits.is_training(question(s)) for s in train)
     assert all(splits.is_held_out(question(s)) for s in held)
-    # A run resumed after its last step trains no more and writes the same policy and a complete record.
+    # A run resumed after its last step trains no more and writes the same policy and a complete record; a curve
+    # point logged twice (a step replayed after a kill) counts once, the later record winning.
+    metrics = tmp_path / "a" / "metrics.jsonl"
+    replayed = [json.loads(line) for line in metrics.read_text().splitlines() if '"pretrain_eval"' in line][-1]
+    with open(metrics, "a") as f:
+        f.write(json.dumps(replayed) + "\n")
     config = micro_config(tmp_path / "a")
     config.resume = True
     again = pretrain(config)
@@ -81,6 +86,35 @@ def test_recipe_refuses_bad_settings_and_an_existing_run(tmp_path):
     config.envs.num = 0
     with pytest.raises(PretrainError, match="config.envs.num=0"):
         check_config(config)
-    os.makedirs(tmp_path / "checkpoints" / "pretrain")
+    os.makedirs(tmp_path / "checkpoints" / "pretrain" / "3")  # a saved step
     with pytest.raises(PretrainError, match="--config.resume=True"):
         pretrain(micro_config(tmp_path))
+
+
+def test_recipe_guards_its_output_its_data_and_its_lengths(tmp_path):
+    from ftrl_jax.pipeline.main_job import TrainingError
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("not a policy")
+    config = micro_config(tmp_path / "run")
+    config.output = str(keep)
+    with pytest.raises(PretrainError, match="non-empty directory that holds no recipe.json"):
+        pretrain(config)
+    assert (keep / "notes.txt").read_text() == "not a policy"
+    config.output = str(tmp_path)
+    with pytest.raises(PretrainError, match="contains the run directory"):
+        pretrain(config)
+    # Too short a max_len names the recipe's own setting.
+    config = micro_config(tmp_path / "run")
+    config.train.max_len = 8
+    with pytest.raises(TrainingError, match="raise train.max_len"):
+        pretrain(config)
+    config.train.max_len = 4  # nothing was trained, so a corrected rerun needs no resume (this one fails again)
+    with pytest.raises(TrainingError, match="raise train.max_len"):
+        pretrain(config)
+    # The run directory's environments and tokenizer were made with envs.num=16: another value is refused.
+    config = micro_config(tmp_path / "run")
+    config.envs.num = 32
+    config.resume = True
+    with pytest.raises(PretrainError, match=r"made with other settings \(envs\)"):
+        pretrain(config)
