@@ -168,6 +168,7 @@ def iter_environments(
     start: int = 0,
     stop: int | None = None,
     world: WorldSpec | str | None = None,
+    keep: Callable[[Environment], bool] | None = None,
 ) -> Iterator[BuiltEnvironment]:
     """Validated environments of indices start, start+1, ... (below `stop`; endless if None), in order.
 
@@ -177,6 +178,7 @@ def iter_environments(
     author_threads > 1 constructs a batch's environments concurrently (for network-bound
     authors such as the LLM author; the procedural author gains nothing from threads).
     report, if given, is updated as environments are tried.
+    keep: a filter on validated environments; the others are not yielded and count as dropped "filtered".
     """
     unknown = [k for k in kinds if k not in SCENARIO_KINDS]
     if unknown or not kinds:
@@ -218,6 +220,8 @@ def iter_environments(
                 if reason is None:
                     env_outputs = next(outputs)
                     reason = validate(env, env_outputs)
+                if reason is None and keep is not None and not keep(env):
+                    reason = "filtered"
                 if reason is not None:
                     report.dropped[reason] += 1
                     continue
@@ -261,13 +265,9 @@ def build_environments(
     started = time.perf_counter()
     stream = iter_environments(seed, author, kinds, complexity, sandbox,
                                batch_size=min(batch_size, max(1, num)),
-                               author_threads=author_threads, report=report, stop=limit, world=world)
+                               author_threads=author_threads, report=report, stop=limit, world=world, keep=keep)
     try:
         for built in stream if num > 0 else ():
-            if keep is not None and not keep(built.environment):
-                report.kept -= 1
-                report.dropped["filtered"] += 1
-                continue
             kept.append(built.environment)
             if on_kept is not None:
                 on_kept(built)

@@ -253,12 +253,16 @@ def prepare_tokenizer(config, workdir: str, train: Sequence[Sample]):
     if config.model.path:
         tokenizer = load_tokenizer(config.model.path)
     else:
-        # The embedded tokenizer learns its merges on this run's own environment text, rendered with the
-        # chat template so the template's fixed text becomes a few tokens too.
-        texts = [text for s in train for text in _sample_texts(s, config.model.template)]
-        tokenizer = build_default_tokenizer(texts, vocab_size=config.tokenizer.vocab_size)
+        tokenizer = embedded_tokenizer(train, config.model.template, config.tokenizer.vocab_size)
     tokenizer.save_pretrained(tok_dir)
     return tokenizer
+
+
+def embedded_tokenizer(samples: Sequence[Sample], template: str, vocab_size: int):
+    """The embedded BPE tokenizer learned on the samples' own text, rendered with the chat template so the
+    template's fixed text becomes a few tokens too (plus oracle calls and sub-answers)."""
+    texts = [text for s in samples for text in _sample_texts(s, template)]
+    return build_default_tokenizer(texts, vocab_size=vocab_size)
 
 
 def _sample_texts(sample: Sample, template: str) -> list[str]:
@@ -280,16 +284,26 @@ def prepare_model(config, tokenizer, mesh) -> tuple[models.ModelConfig, Any]:
             path, dtype=config.model.param_dtype, compute_dtype=config.model.dtype,
             shardings=parallel.checkpoint_sharding_fn(mesh))
         return model_config, params
+    model_config, params = random_model(config.model.preset, config.model.get("overrides", ""), tokenizer,
+                                        param_dtype=config.model.param_dtype, dtype=config.model.dtype,
+                                        seed=config.seed)
+    return model_config, parallel.shard_params(params, mesh)
+
+
+def random_model(preset: str, overrides: Any, tokenizer, *, param_dtype: str, dtype: str, seed: int
+                 ) -> tuple[models.ModelConfig, Any]:
+    """A randomly initialised `preset` sized to the embedded tokenizer (its vocabulary, `<|im_end|>` as EOS,
+    `<|endoftext|>` as padding), with ModelConfig `overrides` ("num_layers=2,..."); a bad field name is a
+    TrainingError."""
     special = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    fields = dict(vocab_size=len(tokenizer), param_dtype=config.model.param_dtype, dtype=config.model.dtype,
-                  eos_token_id=special[0], pad_token_id=special[1])
-    fields.update(parse_overrides(config.model.get("overrides", "")))
+    fields = dict(vocab_size=len(tokenizer), param_dtype=param_dtype, dtype=dtype, eos_token_id=special[0],
+                  pad_token_id=special[1])
+    fields.update(parse_overrides(overrides))
     try:
-        model_config = models.preset(config.model.preset, **fields)
+        model_config = models.preset(preset, **fields)
     except TypeError as err:
         raise TrainingError(f"config.model.overrides: {err}; use ModelConfig field names") from None
-    params = models.init_params(model_config, jax.random.PRNGKey(config.seed))
-    return model_config, parallel.shard_params(params, mesh)
+    return model_config, models.init_params(model_config, jax.random.PRNGKey(seed))
 
 
 def parse_overrides(spec: Any) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.pipeline import main_job
 from ftrl_jax.rollout.evaluation import evaluate
 from ftrl_jax.rollout.policy import LocalPolicy
-from ftrl_jax.text.tokenizer import build_default_tokenizer, load_tokenizer
+from ftrl_jax.text.tokenizer import load_tokenizer
 from ftrl_jax.training import warmstart
 from ftrl_jax.training.metrics import MetricsLogger
 
@@ -126,22 +126,14 @@ def _tokenizer(config, workdir: str, train):
     tok_dir = os.path.join(workdir, "tokenizer")
     if os.path.isdir(tok_dir):
         return load_tokenizer(tok_dir)
-    texts = [text for s in train for text in main_job._sample_texts(s, config.model.template)]
-    tokenizer = build_default_tokenizer(texts, vocab_size=config.tokenizer.vocab_size)
+    tokenizer = main_job.embedded_tokenizer(train, config.model.template, config.tokenizer.vocab_size)
     tokenizer.save_pretrained(tok_dir)
     return tokenizer
 
 
 def _model(config, tokenizer):
-    special = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    fields = dict(vocab_size=len(tokenizer), param_dtype="float32", dtype="float32", eos_token_id=special[0],
-                  pad_token_id=special[1])
-    fields.update(main_job.parse_overrides(config.model.overrides))
-    try:
-        model_config = models.preset(config.model.preset, **fields)
-    except TypeError as err:
-        raise PretrainError(f"config.model.overrides: {err}; use ModelConfig field names") from None
-    return model_config, models.init_params(model_config, jax.random.PRNGKey(config.seed))
+    return main_job.random_model(config.model.preset, config.model.overrides, tokenizer, param_dtype="float32",
+                                 dtype="float32", seed=config.seed)
 
 
 def greedy_eval(config, model_config, params, tokenizer, samples, sandbox) -> dict[str, Any]:

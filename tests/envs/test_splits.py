@@ -22,7 +22,6 @@ def test_partition_is_a_fixed_function_of_the_text_holding_out_about_a_quarter()
     questions = [f"What is the capital of country number {i}?" for i in range(4000)]
     held = [q for q in questions if splits.is_held_out(q)]
     assert 0.22 < len(held) / len(questions) < 0.28
-    assert all(splits.is_held_out(q) == splits.is_held_out(q) for q in questions[:50])
     assert all(splits.is_training(q) != splits.is_held_out(q) for q in questions[:200])
     assert splits.is_held_out("  " + held[0] + "\n")  # surrounding whitespace does not move a question
     # Pinned: moving questions across the partition breaks every shipped policy's "never seen" guarantee.
