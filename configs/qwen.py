@@ -45,6 +45,7 @@ def _base() -> ml_collections.ConfigDict:
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.vocab_size = 2048  # embedded tokenizer only; a checkpoint brings its own
+    c.tokenizer.pretokenizer = "qwen2"  # embedded tokenizer's split: qwen2 | stable_names (text/tokenizer.py)
 
     c.envs = ml_collections.ConfigDict()
     c.envs.author = "procedural"

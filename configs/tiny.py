@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.vocab_size = 2048
+    c.tokenizer.pretokenizer = "qwen2"  # qwen2 | stable_names: a name is the same tokens wherever it appears
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"

@@ -57,7 +57,7 @@ from ftrl_jax.rl.update import make_logprob_fn, make_rl_step, make_shared_prompt
 from ftrl_jax.rollout.episodes import play_episodes, rl_prompts_from_episode
 from ftrl_jax.rollout.policy import LocalPolicy
 from ftrl_jax.training.sft import make_sft_step
-from ftrl_jax.text.tokenizer import build_default_tokenizer, load_tokenizer
+from ftrl_jax.text.tokenizer import PRETOKENIZE_PATTERNS, build_default_tokenizer, load_tokenizer
 from ftrl_jax.training.train_state import create_train_state, shard_state
 from ftrl_jax.training import warmstart
 
@@ -84,6 +84,9 @@ def check_config(config) -> None:
         raise TrainingError(f"--config.model.path={config.model.path!r} has no config.json")
     if config.model.template not in TEMPLATES:
         raise TrainingError(f"config.model.template={config.model.template!r}; use one of {sorted(TEMPLATES)}")
+    if config.tokenizer.pretokenizer not in PRETOKENIZE_PATTERNS:
+        raise TrainingError(f"config.tokenizer.pretokenizer={config.tokenizer.pretokenizer!r}; use one of "
+                            f"{sorted(PRETOKENIZE_PATTERNS)}")
     if config.rl.algorithm not in registered_advantage_estimators():
         raise TrainingError(f"config.rl.algorithm={config.rl.algorithm!r}; registered: "
                             f"{', '.join(registered_advantage_estimators())}")
@@ -253,16 +256,18 @@ def prepare_tokenizer(config, workdir: str, train: Sequence[Sample]):
     if config.model.path:
         tokenizer = load_tokenizer(config.model.path)
     else:
-        tokenizer = embedded_tokenizer(train, config.model.template, config.tokenizer.vocab_size)
+        tokenizer = embedded_tokenizer(train, config.model.template, config.tokenizer.vocab_size,
+                                       config.tokenizer.pretokenizer)
     tokenizer.save_pretrained(tok_dir)
     return tokenizer
 
 
-def embedded_tokenizer(samples: Sequence[Sample], template: str, vocab_size: int):
+def embedded_tokenizer(samples: Sequence[Sample], template: str, vocab_size: int, pretokenizer: str = "qwen2"):
     """The embedded BPE tokenizer learned on the samples' own text, rendered with the chat template so the
-    template's fixed text becomes a few tokens too (plus oracle calls and sub-answers)."""
+    template's fixed text becomes a few tokens too (plus oracle calls and sub-answers); `pretokenizer` as in
+    `text.tokenizer.build_default_tokenizer`."""
     texts = [text for s in samples for text in _sample_texts(s, template)]
-    return build_default_tokenizer(texts, vocab_size=vocab_size)
+    return build_default_tokenizer(texts, vocab_size=vocab_size, pretokenizer=pretokenizer)
 
 
 def _sample_texts(sample: Sample, template: str) -> list[str]:

@@ -36,7 +36,7 @@ from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.pipeline import main_job
 from ftrl_jax.rollout.evaluation import evaluate
 from ftrl_jax.rollout.policy import LocalPolicy
-from ftrl_jax.text.tokenizer import load_tokenizer
+from ftrl_jax.text.tokenizer import PRETOKENIZE_PATTERNS, load_tokenizer
 from ftrl_jax.training import warmstart
 from ftrl_jax.training.metrics import MetricsLogger
 
@@ -74,6 +74,9 @@ def check_config(config) -> None:
     if config.model.template not in main_job.TEMPLATES:
         raise PretrainError(f"config.model.template={config.model.template!r}; use one of "
                             f"{sorted(main_job.TEMPLATES)}")
+    if config.tokenizer.pretokenizer not in PRETOKENIZE_PATTERNS:
+        raise PretrainError(f"config.tokenizer.pretokenizer={config.tokenizer.pretokenizer!r}; use one of "
+                            f"{sorted(PRETOKENIZE_PATTERNS)}")
     if jax.device_count() > 1 and tc.batch_size % jax.device_count():
         raise PretrainError(f"config.train.batch_size={tc.batch_size} must be a multiple of the "
                             f"{jax.device_count()} devices")
@@ -82,7 +85,8 @@ def check_config(config) -> None:
 def _data_settings(config) -> dict[str, Any]:
     """The settings the workdir's environments and tokenizer were made with (checked on every rerun)."""
     return {"envs": json.loads(config.envs.to_json()), "eval_num_envs": config.eval.num_envs,
-            "eval_seed": config.eval.seed, "vocab_size": config.tokenizer.vocab_size, "template": config.model.template}
+            "eval_seed": config.eval.seed, "vocab_size": config.tokenizer.vocab_size, "template": config.model.template,
+            "pretokenizer": config.tokenizer.pretokenizer}
 
 
 def _check_data_settings(config, workdir: str) -> None:
@@ -126,7 +130,8 @@ def _tokenizer(config, workdir: str, train):
     tok_dir = os.path.join(workdir, "tokenizer")
     if os.path.isdir(tok_dir):
         return load_tokenizer(tok_dir)
-    tokenizer = main_job.embedded_tokenizer(train, config.model.template, config.tokenizer.vocab_size)
+    tokenizer = main_job.embedded_tokenizer(train, config.model.template, config.tokenizer.vocab_size,
+                                            config.tokenizer.pretokenizer)
     tokenizer.save_pretrained(tok_dir)
     return tokenizer
 
@@ -176,8 +181,8 @@ it got.
   (about {recipe['epochs']:.1f} epochs), cross-entropy on assistant tokens only, AdamW lr {tc.learning_rate:g}
   (cosine, {tc.warmup_steps} warm-up steps), weight decay {tc.weight_decay:g}, gradient norm clip
   {tc.max_grad_norm:g}, float32; exported in bfloat16.
-- Tokenizer: byte-level BPE, {recipe['model']['vocab_size']} tokens, learned on the same environments' text;
-  the {config.model.template} chat template with tools.
+- Tokenizer: byte-level BPE, {recipe['model']['vocab_size']} tokens, learned on the same environments' text
+  (pre-tokenizer `{config.tokenizer.pretokenizer}`); the {config.model.template} chat template with tools.
 
 ## Held-out scores (greedy, this bfloat16 export)
 {ev['num_episodes']} held-out environments built as the main job builds its held-out set (build seed

@@ -43,6 +43,16 @@ _STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|en
 QWEN2_PRETOKENIZE_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
+# Like Qwen2's, except that a capitalized word never takes the space or punctuation mark before it: a name is then
+# the same tokens after a space (in a question), after a quote (a JSON argument) or at the start of a text. Under
+# the Qwen2 split, "Piarksael" is one token after a space and another after a quote, and copying a name from a
+# question into a call means learning that mapping name by name; under this split it is a plain copy.
+STABLE_NAMES_PRETOKENIZE_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{Ll}\p{L}*|\p{Lu}\p{L}*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# The pre-tokenizers the embedded tokenizer can be built with (`build_default_tokenizer(pretokenizer=...)`).
+PRETOKENIZE_PATTERNS = {"qwen2": QWEN2_PRETOKENIZE_PATTERN, "stable_names": STABLE_NAMES_PRETOKENIZE_PATTERN}
 MODEL_MAX_LENGTH = 32768
 # Bump when the build recipe changes, so old cache entries are not reused.
 _BUILD_FORMAT = 1
@@ -334,7 +344,7 @@ def _checked_texts(texts: Iterable[str]) -> list[str]:
     return checked
 
 
-def _build_key(texts: list[str], vocab_size: int) -> str:
+def _build_key(texts: list[str], vocab_size: int, pattern: str) -> str:
     """A hash of everything that decides the built files."""
     digest = hashlib.sha256()
     recipe = {
@@ -342,7 +352,7 @@ def _build_key(texts: list[str], vocab_size: int) -> str:
         "vocab_size": vocab_size,
         "control_tokens": CONTROL_TOKENS,
         "markup_tokens": MARKUP_TOKENS,
-        "pattern": QWEN2_PRETOKENIZE_PATTERN,
+        "pattern": pattern,
         "chat_template": QWEN2_5_CHAT_TEMPLATE,
         "model_max_length": MODEL_MAX_LENGTH,
         "tokenizers": tokenizers.__version__,
@@ -356,13 +366,14 @@ def _build_key(texts: list[str], vocab_size: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def byte_level_pipeline(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
-    """Sets Qwen2's text pipeline on a BPE `tokenizer` (in place; returned for chaining): NFC, the Qwen2
-    split pattern, byte-level mapping without a prefix space, byte-level decoding."""
+def byte_level_pipeline(tokenizer: tokenizers.Tokenizer, pattern: str = QWEN2_PRETOKENIZE_PATTERN
+                        ) -> tokenizers.Tokenizer:
+    """Sets Qwen2's text pipeline on a BPE `tokenizer` (in place; returned for chaining): NFC, the split
+    `pattern` (default Qwen2's), byte-level mapping without a prefix space, byte-level decoding."""
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
         ]
     )
@@ -371,9 +382,9 @@ def byte_level_pipeline(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer
     return tokenizer
 
 
-def _train_bpe(texts: list[str], vocab_size: int) -> tokenizers.Tokenizer:
+def _train_bpe(texts: list[str], vocab_size: int, pattern: str) -> tokenizers.Tokenizer:
     """Trains the byte-level BPE and appends the special tokens, so `len(tokenizer) <= vocab_size`."""
-    tokenizer = byte_level_pipeline(tokenizers.Tokenizer(models.BPE()))
+    tokenizer = byte_level_pipeline(tokenizers.Tokenizer(models.BPE()), pattern)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(QWEN_SPECIAL_TOKENS),
         min_frequency=2,
@@ -401,20 +412,26 @@ def build_default_tokenizer(
     texts: Iterable[str] | None = None,
     vocab_size: int = 4096,
     cache_dir: str | os.PathLike | None = None,
+    pretokenizer: str = "qwen2",
 ) -> PreTrainedTokenizerBase:
     """Builds (or loads from the cache) the embedded byte-level BPE tokenizer.
 
     `texts` is the training corpus (None: `default_corpus()`); `vocab_size` counts the special tokens, so
     `len(tokenizer) <= vocab_size` (equal unless the corpus runs out of merges); `cache_dir` is the cache
-    root (None: `cache_root()`). The result is always loaded from the cache directory, so a fresh build
-    and a cache hit return the same tokenizer.
+    root (None: `cache_root()`); `pretokenizer` names the split applied before BPE, a key of
+    `PRETOKENIZE_PATTERNS`: "qwen2" (Qwen2's) or "stable_names" (a capitalized word is the same tokens wherever
+    it appears). The result is always loaded from the cache directory, so a fresh build and a cache hit return
+    the same tokenizer. Raises ValueError for a vocabulary too small, an unknown pre-tokenizer or a bad corpus.
     """
     minimum = 256 + len(QWEN_SPECIAL_TOKENS) + 1
     if vocab_size < minimum:
         raise ValueError(f"vocab_size={vocab_size} is too small; byte-level BPE needs at least {minimum}")
+    if pretokenizer not in PRETOKENIZE_PATTERNS:
+        raise ValueError(f"unknown pretokenizer {pretokenizer!r}; choose one of {sorted(PRETOKENIZE_PATTERNS)}")
+    pattern = PRETOKENIZE_PATTERNS[pretokenizer]
     corpus = default_corpus() if texts is None else _checked_texts(texts)
-    name = f"tokenizer-{_build_key(corpus, vocab_size)}"
-    return load_cached_build(name, lambda: _wrap(_train_bpe(corpus, vocab_size)), cache_dir)
+    name = f"tokenizer-{_build_key(corpus, vocab_size, pattern)}"
+    return load_cached_build(name, lambda: _wrap(_train_bpe(corpus, vocab_size, pattern)), cache_dir)
 
 
 def load_cached_build(name: str, build: Callable[[], PreTrainedTokenizerBase],

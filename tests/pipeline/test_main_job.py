@@ -163,6 +163,10 @@ def test_config_errors_are_clear_before_anything_heavy(tmp_path):
     with pytest.raises(TrainingError, match="grpo"):
         check_config(c)
     c = micro_config(tmp_path)
+    c.tokenizer.pretokenizer = "gpt2"
+    with pytest.raises(TrainingError, match="pretokenizer='gpt2'; use one of.*stable_names"):
+        check_config(c)
+    c = micro_config(tmp_path)
     c.eval.curve_envs = -1
     with pytest.raises(TrainingError, match="eval.curve_envs=-1"):
         check_config(c)

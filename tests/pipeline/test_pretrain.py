@@ -83,6 +83,10 @@ def test_recipe_refuses_bad_settings_and_an_existing_run(tmp_path):
     with pytest.raises(PretrainError, match=r"warmup_steps=3 must be in \[0, train.num_steps=3\)"):
         check_config(config)
     config = micro_config(tmp_path)
+    config.tokenizer.pretokenizer = "Stable_Names"
+    with pytest.raises(PretrainError, match="pretokenizer='Stable_Names'; use one of.*stable_names"):
+        check_config(config)
+    config = micro_config(tmp_path)
     config.envs.num = 0
     with pytest.raises(PretrainError, match="config.envs.num=0"):
         check_config(config)

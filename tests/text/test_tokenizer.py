@@ -172,6 +172,38 @@ def test_cache_root_and_default_tokenizer_follow_the_environment(cache, tok, mon
     assert cache_root() == Path.home() / ".cache" / "ftrl_jax"
 
 
+NAME_CORPUS = [
+    "Question: What is the capacity of Piarksael Stadium?",
+    '{"name": "stadium_capacity_lookup", "arguments": {"stadium_name": "Piarksael Stadium"}}',
+    '{"capacity": "82,347"} The river that flows through Quoskiosgreth is long.',
+    "Piarksael Stadium holds many. Tell me the mayor of Quoskiosgreth.",
+] * 30
+
+
+def _name_ids(tok, text: str, name: str) -> list[int]:
+    """The ids of the tokens that spell `name` inside `text` (checked against the offsets)."""
+    encoding = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+    start = text.index(name)
+    ids = [i for i, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"]) if start <= a and b <= start + len(name)]
+    assert tok.decode(ids) == name, (text, tok.convert_ids_to_tokens(ids))
+    return ids
+
+
+def test_stable_names_pretokenizer_spells_a_name_the_same_everywhere(tmp_path):
+    stable = build_default_tokenizer(NAME_CORPUS, vocab_size=400, cache_dir=tmp_path, pretokenizer="stable_names")
+    contexts = ["capacity of Piarksael Stadium?", '"stadium_name": "Piarksael Stadium"}', "Piarksael Stadium holds"]
+    spellings = {tuple(_name_ids(stable, text, "Piarksael Stadium")) for text in contexts}
+    assert len(spellings) == 1
+    # Under Qwen2's split the first word takes the space or quote before it: another token in each context.
+    qwen2 = build_default_tokenizer(NAME_CORPUS, vocab_size=400, cache_dir=tmp_path, pretokenizer="qwen2")
+    assert len({qwen2.encode(text, add_special_tokens=False)[0] for text in (" Piarksael", '"Piarksael')}) == 2
+    assert qwen2.get_vocab() != stable.get_vocab()  # the pattern is part of the cache key
+    for text in NAME_CORPUS[:4] + ["MixedCase words, digits 1234 and  two  spaces\n\nÜber ÄÖ"]:
+        assert stable.decode(stable.encode(text, add_special_tokens=False)) == text
+    # Lower-case words keep Qwen2's leading space: few extra tokens.
+    assert stable.convert_ids_to_tokens(stable.encode(" the river", add_special_tokens=False)) == ["Ġthe", "Ġriver"]
+
+
 def test_bad_build_arguments_are_reported(tmp_path):
     with pytest.raises(ValueError, match="vocab_size=100"):
         build_default_tokenizer(SMALL_CORPUS, vocab_size=100, cache_dir=tmp_path)
@@ -179,6 +211,8 @@ def test_bad_build_arguments_are_reported(tmp_path):
         build_default_tokenizer(["ok", 3], vocab_size=300, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="texts is empty"):
         build_default_tokenizer([], vocab_size=300, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown pretokenizer 'gpt2'.*qwen2.*stable_names"):
+        build_default_tokenizer(SMALL_CORPUS, vocab_size=300, cache_dir=tmp_path, pretokenizer="gpt2")
 
 
 def test_load_tokenizer_reports_bad_paths(tmp_path):
