@@ -433,10 +433,19 @@ def summary_paths(output: str) -> tuple[str, str]:
 Player = Callable[[Sequence[Task]], Iterator[tuple[Task, "Episode | TurnGenerationError"]]]
 
 
+def prompt_size(sample: Sample) -> int:
+    """Characters of a sample's first prompt (messages and tool documents): a cheap proxy of its tokens."""
+    return sum(len(str(m.get("content") or "")) for m in sample.messages) + len(json.dumps(sample.tools))
+
+
 def play_in_batches(generator: TurnGenerator, *, batch_size: int, max_turns: int, sandbox: Sandbox) -> Player:
-    """Plays tasks `batch_size` at a time through one `play_episodes` call (in-process policies)."""
+    """Plays tasks `batch_size` at a time through one `play_episodes` call (in-process policies).
+
+    Tasks are batched in order of prompt size (longest first), so a batch's rows pad to similar lengths
+    (FTRL test prompts run from ~500 to ~7,000 tokens); episodes come back in that order, each with its task."""
 
     def play(tasks: Sequence[Task]) -> Iterator[tuple[Task, Episode]]:
+        tasks = sorted(tasks, key=lambda task: (-prompt_size(task.sample), task.index, task.scenario))
         for start in range(0, len(tasks), batch_size):
             chunk = tasks[start: start + batch_size]
             episodes = play_episodes(generator, [task.sample for task in chunk], max_turns=max_turns, sandbox=sandbox)

@@ -133,7 +133,35 @@ def test_oracle_play_over_http_equals_in_process_with_real_tool_calls(tmp_path, 
         assert episode["metrics"]["solve_f1"] == 1.0 and episode["metrics"]["num_calls"] == 2
         assert (episode["messages"], episode["metrics"], episode["num_turns"]) == \
             (twin["messages"], twin["metrics"], twin["num_turns"])
-    assert [r["num_turns"] for r in local_records.values()] == [3, 2]
+    assert [local_records[task.key]["num_turns"] for task in tasks] == [3, 2]
+
+
+def test_in_process_batches_group_prompts_of_similar_size(tmp_path, sandbox):
+    """Rows of one batch pad to its longest prompt: batches are cut from the tasks ordered by prompt size."""
+    samples = []
+    for n in (3, 40, 7, 90, 1, 55, 12, 70):
+        sample = toy_sample()
+        sample.messages[0]["content"] = user_prompt("Double 7. " + "Please. " * n)
+        samples.append(sample)
+    plans = {id(s): [[("double", {"x": 7})]] for s in samples}
+    oracle = OracleGenerator(samples, plans)
+    size_of = {s.messages[0]["content"]: harness.prompt_size(s) for s in samples}
+    batches = []
+
+    def recording(conversations):
+        if all(len(messages) == 1 for messages, _ in conversations):  # first turns: one per play_episodes call
+            batches.append([size_of[messages[0]["content"]] for messages, _ in conversations])
+        return oracle(conversations)
+
+    tasks = [harness.Task(i, harness.SOLVE_SCENARIO, s) for i, s in enumerate(samples)]
+    records = {}
+    play = harness.play_in_batches(recording, batch_size=3, max_turns=3, sandbox=sandbox)
+    harness.evaluate_tasks(tasks, play, output=str(tmp_path / "a.jsonl"), kind="samples", run_id="r",
+                           records=records, progress=False)
+    sizes = sorted((harness.prompt_size(s) for s in samples), reverse=True)
+    assert [sorted(b, reverse=True) for b in batches] == [sizes[0:3], sizes[3:6], sizes[6:8]]
+    assert sorted(records) == sorted(task.key for task in tasks)
+    assert all(r["num_turns"] == 2 and r["metrics"]["num_calls"] == 1 for r in records.values())
 
 
 class Flaky:
