@@ -95,6 +95,7 @@ def _check_data_settings(config, workdir: str) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             made_with = json.load(f)
+        made_with.setdefault("pretokenizer", "qwen2")  # workdirs made before the setting existed
         if made_with != settings:
             changed = sorted(k for k in settings if settings[k] != made_with.get(k))
             raise PretrainError(f"{workdir} holds environments and a tokenizer made with other settings ({', '.join(changed)}"

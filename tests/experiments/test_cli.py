@@ -34,6 +34,7 @@ EXPECTED_COMMON = {
     "experiments.serve": {"model"},
     "analysis.layer_deltas": {"output"},
     "analysis.attribution": {"data", "output"},
+    "analysis.copy_probe": {"model", "data", "output"},
     "benchmarks.bench_sandbox": {"data"},
     "benchmarks.bench_build_envs": {"seed"},
 }

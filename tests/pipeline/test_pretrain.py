@@ -11,7 +11,7 @@ from ftrl_jax.envs import splits
 from ftrl_jax.envs.samples import read_samples
 from ftrl_jax.models.checkpoint_io import SafetensorsFile
 from ftrl_jax.pipeline.main_job import read_recipe
-from ftrl_jax.pipeline.pretrain import PretrainError, check_config, pretrain
+from ftrl_jax.pipeline.pretrain import PretrainError, _check_data_settings, check_config, pretrain
 
 
 def micro_config(workdir, **train):
@@ -122,3 +122,13 @@ def test_recipe_guards_its_output_its_data_and_its_lengths(tmp_path):
     config.resume = True
     with pytest.raises(PretrainError, match=r"made with other settings \(envs\)"):
         pretrain(config)
+    # A run directory from before `tokenizer.pretokenizer` existed was made with Qwen2's split.
+    settings_file = tmp_path / "run" / "data_settings.json"
+    made_with = json.loads(settings_file.read_text())
+    del made_with["pretokenizer"]
+    settings_file.write_text(json.dumps(made_with))
+    config = micro_config(tmp_path / "run")
+    _check_data_settings(config, str(tmp_path / "run"))
+    config.tokenizer.pretokenizer = "stable_names"
+    with pytest.raises(PretrainError, match=r"other settings \(pretokenizer\)"):
+        _check_data_settings(config, str(tmp_path / "run"))

@@ -1,0 +1,196 @@
+"""How well a policy copies values into tool-call arguments, teacher-forced on oracle conversations.
+
+    python -m analysis.copy_probe --model=DIR --data=FILE.jsonl [--num=64] [--template=qwen2.5] [--output=OUT.json]
+
+A tool-use policy in the procedural worlds mostly fails by writing the wrong name into an argument. This
+measures that skill alone, without sampling: the first `--num` samples of a sample-format file (for example a
+recipe's `WORKDIR/envs/held_out.jsonl`) are played with their oracle calls through the sandbox (the tools
+really run), each gold conversation goes through the policy in one forward pass, and for every string argument
+of every oracle call, over the tokens of its JSON string value inside the assistant turn:
+
+    value_exact     1 if every token is the policy's argmax given the gold conversation before it, else 0
+                    (greedy decoding would write this value here), averaged over values
+    first_token_p   mean probability of a value's first token (where the choice of name is made)
+    later_token_p   mean probability of its other tokens (spelling a name out once chosen)
+
+Values are grouped by where they appear before the call: the prompt (system and user messages, `prompt`), a
+tool result (`tool_result`), or neither (`other`). Figures are fractions in [0, 1]; a group without values is absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from absl import flags
+
+from experiments import cli
+
+# `"key": "value"` pairs of a JSON object as json.dumps writes them; values with escapes are matched whole.
+_STRING_ARGUMENT = re.compile(r'"((?:[^"\\]|\\.)+)": "((?:[^"\\]|\\.)*)"')
+_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+SOURCES = ("prompt", "tool_result", "other")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueSpan:
+    """The tokens [start, end) of one argument value in a conversation's ids, and where the value came from."""
+
+    start: int
+    end: int
+    source: str
+
+
+def value_spans(segments: Sequence[tuple[str, bool]], tokenizer: Any) -> tuple[list[int], list[ValueSpan]]:
+    """(ids, argument value spans) of a rendered conversation.
+
+    `segments`: (text, generated) pieces as `text.chat.render_segments` gives them; each is tokenized on its own,
+    as in supervised training. A span covers the tokens lying wholly inside a string value of a `<tool_call>`
+    block of a generated piece (the `name` key excluded); values whose tokens straddle the quotes are skipped.
+    """
+    ids: list[int] = []
+    spans: list[ValueSpan] = []
+    question, results = "", ""
+    for text, generated in segments:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        base = len(ids)
+        if generated:
+            for block in _TOOL_CALL.finditer(text):
+                for match in _STRING_ARGUMENT.finditer(text, block.start(1), block.end(1)):
+                    if match.group(1) == "name" or not match.group(2):
+                        continue
+                    a, b = match.span(2)
+                    inside = [i for i, (x0, x1) in enumerate(encoding["offset_mapping"])
+                              if a <= x0 and x1 <= b and x1 > x0]
+                    if not inside or inside != list(range(inside[0], inside[-1] + 1)):
+                        continue
+                    value = json.loads(f'"{match.group(2)}"')
+                    source = "prompt" if value in question else "tool_result" if value in results else "other"
+                    spans.append(ValueSpan(base + inside[0], base + inside[-1] + 1, source))
+        elif "<tool_response>" in text:
+            results += text
+        else:
+            question += text
+        ids.extend(encoding["input_ids"])
+    return ids, spans
+
+
+def score_values(logits: np.ndarray, ids: Sequence[int], spans: Sequence[ValueSpan]) -> list[dict[str, Any]]:
+    """Per value: source, exact (all tokens argmax), first token probability, later tokens' probabilities.
+
+    `logits`: [len(ids), vocab] next-token logits (row t predicts ids[t + 1]); pure numpy.
+    """
+    rows = []
+    for span in spans:
+        targets = np.asarray(ids[span.start:span.end])
+        step = np.asarray(logits[span.start - 1:span.end - 1], np.float64)
+        log_probs = step - step.max(-1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+        probs = np.exp(log_probs[np.arange(len(targets)), targets])
+        rows.append({"source": span.source, "exact": bool((step.argmax(-1) == targets).all()),
+                     "first_p": float(probs[0]), "later_p": [float(p) for p in probs[1:]]})
+    return rows
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Means per source and over all values: value_exact, first_token_p, later_token_p, num_values."""
+    out = {}
+    for group in ("all",) + SOURCES:
+        chosen = [r for r in rows if group in ("all", r["source"])]
+        if not chosen:
+            continue
+        later = [p for r in chosen for p in r["later_p"]]
+        out[group] = {"value_exact": float(np.mean([r["exact"] for r in chosen])),
+                      "first_token_p": float(np.mean([r["first_p"] for r in chosen])),
+                      "later_token_p": float(np.mean(later)) if later else float("nan"),
+                      "num_values": len(chosen)}
+    return out
+
+
+def probe(samples: Sequence[Any], tokenizer: Any, logits_fn: Callable[[list[int]], np.ndarray], *, sandbox: Any,
+          template: str = "qwen2.5") -> dict[str, dict[str, float]]:
+    """Teacher-forced copy figures (see the module docstring) of `logits_fn` (ids -> [len, vocab] logits) on the
+    oracle conversations of `samples` (`envs.samples.Sample`s with oracle calls)."""
+    from ftrl_jax.text.chat import render_segments
+    from ftrl_jax.training.warmstart import oracle_conversations
+
+    rows = []
+    for sample, messages in zip(samples, oracle_conversations(samples, sandbox)):
+        ids, spans = value_spans(render_segments(messages, sample.tools, template=template, enable_thinking=False),
+                                 tokenizer)
+        if spans:
+            rows.extend(score_values(logits_fn(ids), ids, spans))
+    return summarize(rows)
+
+
+def model_logits_fn(model_config: Any, params: Any, bucket: int = 256) -> Callable[[list[int]], np.ndarray]:
+    """ids -> float32 logits of one unpadded forward pass (right-padded to a multiple of `bucket`, jit once per
+    length bucket)."""
+    import jax
+    import jax.numpy as jnp
+
+    from ftrl_jax import models
+
+    forward = jax.jit(lambda p, x, m: models.forward(model_config, p, x, m))
+
+    def logits_fn(ids: list[int]) -> np.ndarray:
+        length = -(-len(ids) // bucket) * bucket
+        x = np.zeros((1, length), np.int32)
+        x[0, :len(ids)] = ids
+        mask = np.zeros((1, length), np.int32)
+        mask[0, :len(ids)] = 1
+        out = forward(params, jnp.asarray(x), jnp.asarray(mask))
+        out = out[0] if isinstance(out, tuple) else out
+        return np.asarray(out[0, :len(ids)], np.float32)
+
+    return logits_fn
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("model", None, "Policy: a Hugging Face directory (required).", required=True, flag_values=fv)
+    flags.DEFINE_string("data", None, "Sample-format JSONL with oracle calls (required).", required=True,
+                        flag_values=fv)
+    flags.DEFINE_integer("num", 64, "Probe the first NUM samples.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("template", "qwen2.5", "Chat template the policy was trained with.", flag_values=fv)
+    flags.DEFINE_string("output", "", "Also write the figures to this JSON file (empty: print only).", flag_values=fv)
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        args = cli.parse(argv, define_flags, __doc__)
+    except cli.UsageError as exc:
+        return cli.fail(exc)
+    from ftrl_jax import models
+    from ftrl_jax.envs.samples import read_samples
+    from ftrl_jax.envs.sandbox import Sandbox
+    from ftrl_jax.text.tokenizer import load_tokenizer
+
+    try:
+        samples, errors = read_samples(args.data)
+        model_config, params = models.load_pretrained(args.model, dtype="float32")
+        tokenizer = load_tokenizer(args.model)
+    except (OSError, ValueError) as exc:
+        return cli.fail(exc)
+    samples = [s for s in samples if s.oracle_calls][:args.num]
+    if not samples:
+        return cli.fail(f"{args.data} has no samples with oracle calls ({len(errors)} unreadable rows)")
+    with Sandbox() as sandbox:
+        figures = probe(samples, tokenizer, model_logits_fn(model_config, params), sandbox=sandbox,
+                        template=args.template)
+    print(f"teacher-forced argument values, {len(samples)} samples of {args.data}:")
+    print("| values from | value_exact | first_token_p | later_token_p | values |\n|---|---|---|---|---|")
+    for group, f in figures.items():
+        print(f"| {group} | {f['value_exact']:.3f} | {f['first_token_p']:.3f} | {f['later_token_p']:.3f} | "
+              f"{f['num_values']} |")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"model": args.model, "data": args.data, "num_samples": len(samples), "figures": figures}, f,
+                      indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

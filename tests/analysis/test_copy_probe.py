@@ -1,0 +1,107 @@
+"""analysis.copy_probe: argument-value spans and teacher-forced copy figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from analysis import copy_probe
+from ftrl_jax import models
+from ftrl_jax.envs.sandbox import Sandbox
+from ftrl_jax.envs.world import TINY_WORLD
+from ftrl_jax.pipeline import main_job
+from ftrl_jax.text.chat import render_segments
+from ftrl_jax.text.tokenizer import build_default_tokenizer
+from ftrl_jax.training.warmstart import oracle_conversations
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with Sandbox() as sb:
+        yield sb
+
+
+@pytest.fixture(scope="module")
+def setting(sandbox, tmp_path_factory):
+    samples = main_job.build_split("train", 6, 3, kinds=["single_hop", "multi_hop"], complexity="low",
+                                   world=TINY_WORLD, sandbox=sandbox)
+    texts = [t for s in samples for t in main_job._sample_texts(s, "qwen2.5")]
+    tokenizer = build_default_tokenizer(texts, vocab_size=700, cache_dir=tmp_path_factory.mktemp("tok"),
+                                        pretokenizer="stable_names")
+    return samples, tokenizer
+
+
+def _string_arguments(sample):
+    return [v for turn in sample.oracle_calls for call in turn for v in call["arguments"].values()
+            if isinstance(v, str) and v]
+
+
+def test_spans_cover_exactly_the_argument_values(setting, sandbox):
+    samples, tokenizer = setting
+    sources = []
+    for sample, messages in zip(samples, oracle_conversations(samples, sandbox)):
+        ids, spans = copy_probe.value_spans(render_segments(messages, sample.tools, enable_thinking=False), tokenizer)
+        assert [tokenizer.decode(ids[s.start:s.end]) for s in spans] == _string_arguments(sample)
+        sources.append([s.source for s in spans])
+    # A multi-hop chain takes its first value from the question, the next one from the tool's result.
+    assert any(kinds[:2] == ["prompt", "tool_result"] for kinds in sources)
+    assert all(kinds[0] == "prompt" for kinds in sources)
+
+
+def _logits_from(rule, vocab):
+    def logits_fn(ids):
+        out = np.zeros((len(ids), vocab), np.float32)
+        for t in range(len(ids) - 1):
+            out[t, rule(ids, t)] = 30.0
+        return out
+    return logits_fn
+
+
+def test_figures_of_a_perfect_a_wrong_and_a_half_right_copier(setting, sandbox):
+    samples, tokenizer = setting
+    vocab = len(tokenizer)
+    num_values = sum(len(_string_arguments(s)) for s in samples)
+    perfect = copy_probe.probe(samples, tokenizer, _logits_from(lambda ids, t: ids[t + 1], vocab), sandbox=sandbox)
+    assert perfect["all"]["num_values"] == num_values
+    assert perfect["all"]["value_exact"] == 1.0 and perfect["all"]["first_token_p"] > 0.999
+
+    uniform = copy_probe.probe(samples, tokenizer, lambda ids: np.zeros((len(ids), vocab), np.float32),
+                               sandbox=sandbox)
+    assert uniform["all"]["first_token_p"] == pytest.approx(1 / vocab, rel=1e-6)
+    assert uniform["all"]["value_exact"] == 0.0
+
+    # Right everywhere except on the token after an opening quote: names are chosen wrongly, spelled right.
+    def wrong_choice(ids, t):
+        return (ids[t + 1] + 1) % vocab if tokenizer.decode([ids[t]]).endswith('"') else ids[t + 1]
+
+    half = copy_probe.probe(samples, tokenizer, _logits_from(wrong_choice, vocab), sandbox=sandbox)
+    assert half["all"]["value_exact"] == 0.0 and half["all"]["first_token_p"] < 1e-6
+    if not np.isnan(half["all"]["later_token_p"]):
+        assert half["all"]["later_token_p"] > 0.999
+    assert sum(half[g]["num_values"] for g in copy_probe.SOURCES if g in half) == num_values
+
+
+def test_command_prints_and_writes_the_figures(setting, sandbox, tmp_path, capsys):
+    samples, tokenizer = setting
+    from ftrl_jax.envs.samples import write_samples
+
+    data = tmp_path / "held_out.jsonl"
+    write_samples(str(data), samples)
+    model_config, params = main_job.random_model("tiny", "", tokenizer, param_dtype="float32", dtype="float32",
+                                                 seed=0)
+    policy = tmp_path / "policy"
+    models.save_pretrained(model_config, params, str(policy))
+    tokenizer.save_pretrained(str(policy))
+    out = tmp_path / "probe.json"
+    assert copy_probe.main(["copy_probe", f"--model={policy}", f"--data={data}", "--num=4", f"--output={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "| all |" in printed and "4 samples" in printed
+    record = json.loads(out.read_text())
+    assert record["num_samples"] == 4
+    assert record["figures"]["all"]["num_values"] == sum(len(_string_arguments(s)) for s in samples[:4])
+    assert 0.0 <= record["figures"]["all"]["value_exact"] <= 1.0
+
+    assert copy_probe.main(["copy_probe", f"--model={policy}", f"--data={tmp_path / 'missing.jsonl'}"]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
