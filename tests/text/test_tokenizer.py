@@ -184,7 +184,8 @@ def _name_ids(tok, text: str, name: str) -> list[int]:
     """The ids of the tokens that spell `name` inside `text` (checked against the offsets)."""
     encoding = tok(text, return_offsets_mapping=True, add_special_tokens=False)
     start = text.index(name)
-    ids = [i for i, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"]) if start <= a and b <= start + len(name)]
+    ids = [i for i, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"])
+           if start <= a and b <= start + len(name)]
     assert tok.decode(ids) == name, (text, tok.convert_ids_to_tokens(ids))
     return ids
 
