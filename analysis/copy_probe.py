@@ -48,8 +48,8 @@ def value_spans(segments: Sequence[tuple[str, bool]], tokenizer: Any) -> tuple[l
     """(ids, argument value spans) of a rendered conversation.
 
     `segments`: (text, generated) pieces as `text.chat.render_segments` gives them; each is tokenized on its own,
-    as in supervised training. A span covers the tokens lying wholly inside a string value of a `<tool_call>`
-    block of a generated piece (the `name` key excluded); values whose tokens straddle the quotes are skipped.
+    as in supervised training. A span covers the tokens lying wholly inside a string value of the `arguments` of
+    a `<tool_call>` block of a generated piece; values whose tokens straddle the quotes are skipped.
     """
     ids: list[int] = []
     spans: list[ValueSpan] = []
@@ -59,8 +59,11 @@ def value_spans(segments: Sequence[tuple[str, bool]], tokenizer: Any) -> tuple[l
         base = len(ids)
         if generated:
             for block in _TOOL_CALL.finditer(text):
-                for match in _STRING_ARGUMENT.finditer(text, block.start(1), block.end(1)):
-                    if match.group(1) == "name" or not match.group(2):
+                arguments = text.find('"arguments": ', block.start(1), block.end(1))
+                if arguments < 0:
+                    continue
+                for match in _STRING_ARGUMENT.finditer(text, arguments + 1, block.end(1)):
+                    if not match.group(2):
                         continue
                     a, b = match.span(2)
                     inside = [i for i, (x0, x1) in enumerate(encoding["offset_mapping"])

@@ -50,6 +50,16 @@ def test_spans_cover_exactly_the_argument_values(setting, sandbox):
     assert all(kinds[0] == "prompt" for kinds in sources)
 
 
+def test_an_argument_called_name_is_a_value_and_the_tool_name_is_not(setting):
+    _, tokenizer = setting
+    segments = [("<|im_start|>user\nGreet Ada Lovelace.<|im_end|>\n<|im_start|>assistant\n", False),
+                ('<tool_call>\n{"name": "greet", "arguments": {"name": "Ada Lovelace", "style": "warm"}}\n'
+                 "</tool_call><|im_end|>", True)]
+    ids, spans = copy_probe.value_spans(segments, tokenizer)
+    assert [(tokenizer.decode(ids[s.start:s.end]), s.source) for s in spans] == \
+        [("Ada Lovelace", "prompt"), ("warm", "other")]
+
+
 def _logits_from(rule, vocab):
     def logits_fn(ids):
         out = np.zeros((len(ids), vocab), np.float32)
