@@ -11,16 +11,19 @@ of every oracle call, over the tokens of its JSON string value inside the assist
     value_exact     1 if every token is the policy's argmax given the gold conversation before it, else 0
                     (greedy decoding would write this value here), averaged over values
     first_token_p   mean probability of a value's first token (where the choice of name is made)
-    later_token_p   mean probability of its other tokens (spelling a name out once chosen)
+    later_token_p   mean probability of the values' other tokens, pooled (spelling a name out once chosen)
 
-Values are grouped by where they appear before the call: the prompt (system and user messages, `prompt`), a
-tool result (`tool_result`), or neither (`other`). Figures are fractions in [0, 1]; a group without values is absent.
+Values are flat string arguments (the procedural worlds' kind). They are grouped by where their text appears
+before the call: the prompt (system prompt with the tool documents, and user messages: `prompt`), a tool result
+(`tool_result`), or neither (`other`). Figures are fractions in [0, 1]; a group without values is absent. The
+policy's tokenizer must be a fast (Rust) one, for character offsets.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from typing import Any, Callable, Sequence
 
@@ -71,7 +74,9 @@ def value_spans(segments: Sequence[tuple[str, bool]], tokenizer: Any) -> tuple[l
                     if not inside or inside != list(range(inside[0], inside[-1] + 1)):
                         continue
                     value = json.loads(f'"{match.group(2)}"')
-                    source = "prompt" if value in question else "tool_result" if value in results else "other"
+                    forms = (value, match.group(2))  # as written, and JSON-escaped as inside a tool result
+                    source = ("prompt" if any(f in question for f in forms) else
+                              "tool_result" if any(f in results for f in forms) else "other")
                     spans.append(ValueSpan(base + inside[0], base + inside[-1] + 1, source))
         elif "<tool_response>" in text:
             results += text
@@ -99,7 +104,8 @@ def score_values(logits: np.ndarray, ids: Sequence[int], spans: Sequence[ValueSp
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Means per source and over all values: value_exact, first_token_p, later_token_p, num_values."""
+    """Means per source and over all values: value_exact and first_token_p over values, later_token_p over all
+    later tokens pooled (None when no value has more than one token), num_values."""
     out = {}
     for group in ("all",) + SOURCES:
         chosen = [r for r in rows if group in ("all", r["source"])]
@@ -108,7 +114,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
         later = [p for r in chosen for p in r["later_p"]]
         out[group] = {"value_exact": float(np.mean([r["exact"] for r in chosen])),
                       "first_token_p": float(np.mean([r["first_p"] for r in chosen])),
-                      "later_token_p": float(np.mean(later)) if later else float("nan"),
+                      "later_token_p": float(np.mean(later)) if later else None,
                       "num_values": len(chosen)}
     return out
 
@@ -169,14 +175,23 @@ def main(argv: Sequence[str]) -> int:
     from ftrl_jax import models
     from ftrl_jax.envs.samples import read_samples
     from ftrl_jax.envs.sandbox import Sandbox
+    from ftrl_jax.text.chat import TEMPLATES
     from ftrl_jax.text.tokenizer import load_tokenizer
 
+    if args.template not in TEMPLATES:
+        return cli.fail(f"--template={args.template}: use one of {', '.join(sorted(TEMPLATES))}")
+    out_dir = os.path.dirname(os.path.abspath(args.output)) if args.output else None
+    if out_dir and not (os.path.isdir(out_dir) and os.access(out_dir, os.W_OK)):
+        return cli.fail(f"--output={args.output}: {out_dir} is not a writable directory")
     try:
         samples, errors = read_samples(args.data)
         model_config, params = models.load_pretrained(args.model, dtype="float32")
         tokenizer = load_tokenizer(args.model)
     except (OSError, ValueError) as exc:
         return cli.fail(exc)
+    if not getattr(tokenizer, "is_fast", False):
+        return cli.fail(f"{args.model}: its tokenizer is not a fast (Rust) tokenizer, which the probe needs for "
+                        "character offsets; save it with tokenizer.json")
     samples = [s for s in samples if s.oracle_calls][:args.num]
     if not samples:
         return cli.fail(f"{args.data} has no samples with oracle calls ({len(errors)} unreadable rows)")
@@ -186,8 +201,8 @@ def main(argv: Sequence[str]) -> int:
     print(f"teacher-forced argument values, {len(samples)} samples of {args.data}:")
     print("| values from | value_exact | first_token_p | later_token_p | values |\n|---|---|---|---|---|")
     for group, f in figures.items():
-        print(f"| {group} | {f['value_exact']:.3f} | {f['first_token_p']:.3f} | {f['later_token_p']:.3f} | "
-              f"{f['num_values']} |")
+        later = "-" if f["later_token_p"] is None else f"{f['later_token_p']:.3f}"
+        print(f"| {group} | {f['value_exact']:.3f} | {f['first_token_p']:.3f} | {later} | {f['num_values']} |")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"model": args.model, "data": args.data, "num_samples": len(samples), "figures": figures}, f,

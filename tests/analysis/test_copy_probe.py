@@ -58,6 +58,13 @@ def test_an_argument_called_name_is_a_value_and_the_tool_name_is_not(setting):
     ids, spans = copy_probe.value_spans(segments, tokenizer)
     assert [(tokenizer.decode(ids[s.start:s.end]), s.source) for s in spans] == \
         [("Ada Lovelace", "prompt"), ("warm", "other")]
+    # A value with a quote stands JSON-escaped in the tool result it was read from.
+    segments += [('\n<|im_start|>user\n<tool_response>\n{"title": "The \\"Echo\\""}\n</tool_response><|im_end|>\n'
+                  "<|im_start|>assistant\n", False),
+                 ('<tool_call>\n{"name": "year", "arguments": {"title": "The \\"Echo\\""}}\n</tool_call><|im_end|>',
+                  True)]
+    ids, spans = copy_probe.value_spans(segments, tokenizer)
+    assert [(tokenizer.decode(ids[s.start:s.end]), s.source) for s in spans][2:] == [('The \\"Echo\\"', "tool_result")]
 
 
 def _logits_from(rule, vocab):
@@ -115,3 +122,9 @@ def test_command_prints_and_writes_the_figures(setting, sandbox, tmp_path, capsy
 
     assert copy_probe.main(["copy_probe", f"--model={policy}", f"--data={tmp_path / 'missing.jsonl'}"]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+    # Mistakes found before the model is loaded.
+    assert copy_probe.main(["copy_probe", f"--model={policy}", f"--data={data}", "--template=qwen9"]) == 2
+    assert "--template=qwen9" in capsys.readouterr().err
+    assert copy_probe.main(["copy_probe", f"--model={policy}", f"--data={data}",
+                            f"--output={tmp_path / 'no' / 'dir.json'}"]) == 2
+    assert "not a writable directory" in capsys.readouterr().err
