@@ -1,6 +1,7 @@
 """How well a policy copies values into tool-call arguments, teacher-forced on oracle conversations.
 
-    python -m analysis.copy_probe --model=DIR --data=FILE.jsonl [--num=64] [--template=qwen2.5] [--output=OUT.json]
+    python -m analysis.copy_probe --model=DIR --data=FILE.jsonl [--num=64] [--template=qwen2.5] [--noattention]
+        [--output=OUT.json]
 
 A tool-use policy in the procedural worlds mostly fails by writing the wrong name into an argument. This
 measures that skill alone, without sampling: the first `--num` samples of a sample-format file (for example a
@@ -12,6 +13,13 @@ of every oracle call, over the tokens of its JSON string value inside the assist
                     (greedy decoding would write this value here), averaged over values
     first_token_p   mean probability of a value's first token (where the choice of name is made)
     later_token_p   mean probability of the values' other tokens, pooled (spelling a name out once chosen)
+    source_attention  (with `--attention`) for values whose first token stands earlier in the conversation as
+                    the same token id: the attention mass that the position choosing the value puts on those
+                    earlier occurrences, for the head that puts the most there (max over heads and layers),
+                    averaged over those values; `source_attention_by_layer` the same per layer (max over heads),
+                    `attended` the share of values with some head above 0.5, `values_with_source` their number.
+                    A policy that copies has a head reading the name it writes; one that writes names from
+                    memory does not.
 
 Values are flat string arguments (the procedural worlds' kind). They are grouped by where their text appears
 before the call: the prompt (system prompt with the tool documents, and user messages: `prompt`), a tool result
@@ -86,8 +94,12 @@ def value_spans(segments: Sequence[tuple[str, bool]], tokenizer: Any) -> tuple[l
     return ids, spans
 
 
-def score_values(logits: np.ndarray, ids: Sequence[int], spans: Sequence[ValueSpan]) -> list[dict[str, Any]]:
-    """Per value: source, exact (all tokens argmax), first token probability, later tokens' probabilities.
+def score_values(logits: np.ndarray, ids: Sequence[int], spans: Sequence[ValueSpan],
+                 attention: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Per value: source, exact (all tokens argmax), first token probability, later tokens' probabilities, and
+    with `attention` ([L, H, len(ids), len(ids)] probabilities, row t = the query at t) `source_attention`: per
+    layer, the most mass one head puts from the position before the value on the earlier occurrences of the
+    value's first token id (None when it has none).
 
     `logits`: [len(ids), vocab] next-token logits (row t predicts ids[t + 1]); pure numpy.
     """
@@ -98,14 +110,21 @@ def score_values(logits: np.ndarray, ids: Sequence[int], spans: Sequence[ValueSp
         log_probs = step - step.max(-1, keepdims=True)
         log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
         probs = np.exp(log_probs[np.arange(len(targets)), targets])
-        rows.append({"source": span.source, "exact": bool((step.argmax(-1) == targets).all()),
-                     "first_p": float(probs[0]), "later_p": [float(p) for p in probs[1:]]})
+        row = {"source": span.source, "exact": bool((step.argmax(-1) == targets).all()),
+               "first_p": float(probs[0]), "later_p": [float(p) for p in probs[1:]]}
+        if attention is not None:
+            query = span.start - 1
+            earlier = [i for i in range(query + 1) if ids[i] == ids[span.start]]
+            row["source_attention"] = ([float(m) for m in attention[:, :, query, earlier].sum(-1).max(-1)]
+                                       if earlier else None)
+        rows.append(row)
     return rows
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Means per source and over all values: value_exact and first_token_p over values, later_token_p over all
-    later tokens pooled (None when no value has more than one token), num_values."""
+    later tokens pooled (None when no value has more than one token), num_values; and when the rows carry
+    `source_attention`, its figures (module docstring; None where no value has an earlier occurrence)."""
     out = {}
     for group in ("all",) + SOURCES:
         chosen = [r for r in rows if group in ("all", r["source"])]
@@ -116,13 +135,22 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
                       "first_token_p": float(np.mean([r["first_p"] for r in chosen])),
                       "later_token_p": float(np.mean(later)) if later else None,
                       "num_values": len(chosen)}
+        if any("source_attention" in r for r in chosen):
+            seen = np.array([r["source_attention"] for r in chosen if r.get("source_attention") is not None])
+            out[group].update(
+                values_with_source=len(seen),
+                source_attention=float(seen.max(1).mean()) if len(seen) else None,
+                source_attention_by_layer=[float(m) for m in seen.mean(0)] if len(seen) else None,
+                attended=float((seen.max(1) > 0.5).mean()) if len(seen) else None)
     return out
 
 
 def probe(samples: Sequence[Any], tokenizer: Any, logits_fn: Callable[[list[int]], np.ndarray], *, sandbox: Any,
-          template: str = "qwen2.5") -> dict[str, dict[str, float]]:
+          template: str = "qwen2.5", attention_fn: Callable[[list[int]], np.ndarray] | None = None
+          ) -> dict[str, dict[str, float]]:
     """Teacher-forced copy figures (see the module docstring) of `logits_fn` (ids -> [len, vocab] logits) on the
-    oracle conversations of `samples` (`envs.samples.Sample`s with oracle calls)."""
+    oracle conversations of `samples` (`envs.samples.Sample`s with oracle calls); with `attention_fn` (ids ->
+    [L, H, len, len] attention probabilities) the source-attention figures too."""
     from ftrl_jax.text.chat import render_segments
     from ftrl_jax.training.warmstart import oracle_conversations
 
@@ -131,7 +159,8 @@ def probe(samples: Sequence[Any], tokenizer: Any, logits_fn: Callable[[list[int]
         ids, spans = value_spans(render_segments(messages, sample.tools, template=template, enable_thinking=False),
                                  tokenizer)
         if spans:
-            rows.extend(score_values(logits_fn(ids), ids, spans))
+            attention = None if attention_fn is None else np.asarray(attention_fn(ids))
+            rows.extend(score_values(logits_fn(ids), ids, spans, attention))
     return summarize(rows)
 
 
@@ -158,12 +187,32 @@ def model_logits_fn(model_config: Any, params: Any, bucket: int = 256) -> Callab
     return logits_fn
 
 
+def model_attention_fn(model_config: Any, params: Any, bucket: int = 256) -> Callable[[list[int]], np.ndarray]:
+    """ids -> [L, H, len, len] float32 attention probabilities of one sequence (`models.attention_probabilities`;
+    right-padded to a multiple of `bucket`, which causal rows do not see, jit once per length bucket)."""
+    import jax
+    import jax.numpy as jnp
+
+    from ftrl_jax import models
+
+    attention = jax.jit(lambda p, x: models.attention_probabilities(model_config, p, x))
+
+    def attention_fn(ids: list[int]) -> np.ndarray:
+        x = np.zeros((1, -(-len(ids) // bucket) * bucket), np.int32)
+        x[0, :len(ids)] = ids
+        return np.asarray(attention(params, jnp.asarray(x))[:, 0, :, :len(ids), :len(ids)])
+
+    return attention_fn
+
+
 def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("model", None, "Policy: a Hugging Face directory (required).", required=True, flag_values=fv)
     flags.DEFINE_string("data", None, "Sample-format JSONL with oracle calls (required).", required=True,
                         flag_values=fv)
     flags.DEFINE_integer("num", 64, "Probe the first NUM samples.", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("template", "qwen2.5", "Chat template the policy was trained with.", flag_values=fv)
+    flags.DEFINE_bool("attention", True, "Also measure the attention on the source of each value "
+                      "(source_attention; one more pass per sample).", flag_values=fv)
     flags.DEFINE_string("output", "", "Also write the figures to this JSON file (empty: print only).", flag_values=fv)
 
 
@@ -197,12 +246,23 @@ def main(argv: Sequence[str]) -> int:
         return cli.fail(f"{args.data} has no samples with oracle calls ({len(errors)} unreadable rows)")
     with Sandbox() as sandbox:
         figures = probe(samples, tokenizer, model_logits_fn(model_config, params), sandbox=sandbox,
-                        template=args.template)
+                        template=args.template,
+                        attention_fn=model_attention_fn(model_config, params) if args.attention else None)
     print(f"teacher-forced argument values, {len(samples)} samples of {args.data}:")
-    print("| values from | value_exact | first_token_p | later_token_p | values |\n|---|---|---|---|---|")
+    extra = " source_attention | attended | by layer (max over heads) | values with source |" if args.attention else ""
+    print("| values from | value_exact | first_token_p | later_token_p | values |" + extra + "\n|---|---|---|---|---|"
+          + "---|---|---|---|" * bool(args.attention))
     for group, f in figures.items():
         later = "-" if f["later_token_p"] is None else f"{f['later_token_p']:.3f}"
-        print(f"| {group} | {f['value_exact']:.3f} | {f['first_token_p']:.3f} | {later} | {f['num_values']} |")
+        line = f"| {group} | {f['value_exact']:.3f} | {f['first_token_p']:.3f} | {later} | {f['num_values']} |"
+        if args.attention:
+            if f["source_attention"] is None:
+                line += " - | - | - | 0 |"
+            else:
+                layers = " / ".join(f"{m:.2f}" for m in f["source_attention_by_layer"])
+                line += (f" {f['source_attention']:.3f} | {f['attended']:.3f} | {layers} | "
+                         f"{f['values_with_source']} |")
+        print(line)
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"model": args.model, "data": args.data, "num_samples": len(samples), "figures": figures}, f,

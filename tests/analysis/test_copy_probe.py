@@ -100,6 +100,51 @@ def test_figures_of_a_perfect_a_wrong_and_a_half_right_copier(setting, sandbox):
     assert sum(half[g]["num_values"] for g in copy_probe.SOURCES if g in half) == num_values
 
 
+def test_source_attention_of_a_reader_and_of_a_head_looking_elsewhere(setting, sandbox):
+    samples, tokenizer = setting
+    vocab = len(tokenizer)
+    logits_fn = _logits_from(lambda ids, t: ids[t + 1], vocab)
+
+    def reader(ids):  # 2 layers x 3 heads; layer 1 head 2 reads the token it is about to write, wherever it stood
+        att = np.zeros((2, 3, len(ids), len(ids)), np.float32)
+        att[:, :, np.arange(len(ids)), np.arange(len(ids))] = 1.0  # everyone else looks at itself
+        for t in range(len(ids) - 1):
+            earlier = [i for i in range(t + 1) if ids[i] == ids[t + 1]]
+            if earlier:
+                att[1, 2, t] = 0.0
+                att[1, 2, t, earlier] = 1.0 / len(earlier)
+        return att
+
+    figures = copy_probe.probe(samples, tokenizer, logits_fn, sandbox=sandbox, attention_fn=reader)["all"]
+    assert figures["values_with_source"] > 0
+    assert figures["source_attention"] == pytest.approx(1.0) and figures["attended"] == 1.0
+    assert figures["source_attention_by_layer"][1] == pytest.approx(1.0)
+    # Layer 0's heads look at the query position itself, which holds the value's first token only by chance.
+    assert figures["source_attention_by_layer"][0] < 0.5
+
+    def self_only(ids):
+        att = np.zeros((1, 2, len(ids), len(ids)), np.float32)
+        att[:, :, np.arange(len(ids)), np.arange(len(ids))] = 1.0
+        return att
+
+    elsewhere = copy_probe.probe(samples, tokenizer, logits_fn, sandbox=sandbox, attention_fn=self_only)["all"]
+    assert elsewhere["values_with_source"] == figures["values_with_source"]
+    assert elsewhere["source_attention"] < 0.5 and elsewhere["attended"] < 0.5
+    # Without attention_fn the figures are not there.
+    assert "source_attention" not in copy_probe.probe(samples, tokenizer, logits_fn, sandbox=sandbox)["all"]
+
+
+def test_model_attention_fn_pads_without_changing_the_rows(setting):
+    _, tokenizer = setting
+    model_config, params = main_job.random_model("tiny", "num_layers=2", tokenizer, param_dtype="float32",
+                                                 dtype="float32", seed=0)
+    ids = list(np.random.default_rng(0).integers(0, len(tokenizer), 37))
+    padded = copy_probe.model_attention_fn(model_config, params, bucket=64)(ids)
+    exact = np.asarray(models.attention_probabilities(model_config, params, np.asarray([ids], np.int32)))[:, 0]
+    assert padded.shape == (2, model_config.num_heads, 37, 37)
+    np.testing.assert_allclose(padded, exact, atol=1e-6)
+
+
 def test_command_prints_and_writes_the_figures(setting, sandbox, tmp_path, capsys):
     samples, tokenizer = setting
     from ftrl_jax.envs.samples import write_samples
@@ -114,11 +159,14 @@ def test_command_prints_and_writes_the_figures(setting, sandbox, tmp_path, capsy
     out = tmp_path / "probe.json"
     assert copy_probe.main(["copy_probe", f"--model={policy}", f"--data={data}", "--num=4", f"--output={out}"]) == 0
     printed = capsys.readouterr().out
-    assert "| all |" in printed and "4 samples" in printed
+    assert "| all |" in printed and "4 samples" in printed and "source_attention" in printed
     record = json.loads(out.read_text())
     assert record["num_samples"] == 4
     assert record["figures"]["all"]["num_values"] == sum(len(_string_arguments(s)) for s in samples[:4])
     assert 0.0 <= record["figures"]["all"]["value_exact"] <= 1.0
+    assert 0.0 <= record["figures"]["all"]["source_attention"] <= 1.0
+    assert copy_probe.main(["copy_probe", f"--model={policy}", f"--data={data}", "--num=2", "--noattention"]) == 0
+    assert "source_attention" not in capsys.readouterr().out
 
     assert copy_probe.main(["copy_probe", f"--model={policy}", f"--data={tmp_path / 'missing.jsonl'}"]) == 2
     assert "missing.jsonl" in capsys.readouterr().err

@@ -29,6 +29,23 @@ def test_load_pretrained_matches_transformers(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["qwen2_tied", "qwen3_untied", "llama3_untied"])
+def test_attention_probabilities_match_transformers(name, tmp_path):
+    """Per-layer, per-head attention maps (GQA, q/k norms, llama3 RoPE) equal transformers' eager ones."""
+    save_hf_model(name, tmp_path)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                                 attn_implementation="eager").eval()
+    config, params = models.load_pretrained(tmp_path, dtype=jnp.float32)
+    ids = _random_ids(config.vocab_size, (2, 13), seed=3)
+    ours = np.asarray(models.attention_probabilities(config, params, jnp.asarray(ids)))
+    with torch.no_grad():
+        theirs = torch.stack(hf_model(torch.as_tensor(ids), output_attentions=True).attentions).numpy()
+    assert ours.shape == theirs.shape == (config.num_layers, 2, config.num_heads, 13, 13)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ours.sum(-1), 1.0, atol=1e-5)
+    assert np.all(np.triu(ours, k=1) == 0)  # causal: nothing from later tokens
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "qwen3_untied", "llama3_untied"])
 def test_padded_batch_matches_transformers(name, tmp_path):
     """Left and right padding: valid positions give the same logits as transformers."""
     hf_model = save_hf_model(name, tmp_path)
