@@ -13,13 +13,12 @@ of every oracle call, over the tokens of its JSON string value inside the assist
                     (greedy decoding would write this value here), averaged over values
     first_token_p   mean probability of a value's first token (where the choice of name is made)
     later_token_p   mean probability of the values' other tokens, pooled (spelling a name out once chosen)
-    source_attention  (with `--attention`) for values whose first token stands earlier in the conversation as
-                    the same token id: the attention mass that the position choosing the value puts on those
-                    earlier occurrences, for the head that puts the most there (max over heads and layers),
-                    averaged over those values; `source_attention_by_layer` the same per layer (max over heads),
-                    `attended` the share of values with some head above 0.5, `values_with_source` their number.
-                    A policy that copies has a head reading the name it writes; one that writes names from
-                    memory does not.
+    source_attention  (on unless `--noattention`) over the values whose text stands earlier in the conversation
+                    (`values_with_source` of them): the attention mass that the position choosing the value puts
+                    on the tokens where those earlier occurrences start, for the head that puts the most there
+                    (max over heads and layers), averaged; `source_attention_by_layer` the same per layer (max
+                    over heads); `attended` the share of those values with some head above 0.5. A policy that
+                    copies has a head reading the name it writes; one that writes names from memory does not.
 
 Values are flat string arguments (the procedural worlds' kind). They are grouped by where their text appears
 before the call: the prompt (system prompt with the tool documents, and user messages: `prompt`), a tool result
@@ -48,25 +47,44 @@ SOURCES = ("prompt", "tool_result", "other")
 
 @dataclasses.dataclass(frozen=True)
 class ValueSpan:
-    """The tokens [start, end) of one argument value in a conversation's ids, and where the value came from."""
+    """The tokens [start, end) of one argument value in a conversation's ids, where the value came from, and
+    `sources`: the positions of the tokens on which the value's text starts wherever it stands earlier in the
+    conversation (the token covering its first character: `ĠPi` of ` Piarksael` in prose counts for the value
+    `Piarksael`)."""
 
     start: int
     end: int
     source: str
+    sources: tuple[int, ...] = ()
+
+
+def _occurrence_tokens(texts: Sequence[tuple[str, list[tuple[int, int]], int]], forms: Sequence[str],
+                       limit: int) -> tuple[int, ...]:
+    """Positions (< limit) of the tokens covering the first character of each occurrence of `forms`."""
+    found = set()
+    for text, offsets, base in texts:
+        for form in forms:
+            at = text.find(form)
+            while at >= 0:
+                found.update(base + i for i, (x0, x1) in enumerate(offsets) if x0 <= at < x1 and base + i < limit)
+                at = text.find(form, at + 1)
+    return tuple(sorted(found))
 
 
 def value_spans(segments: Sequence[tuple[str, bool]], tokenizer: Any) -> tuple[list[int], list[ValueSpan]]:
     """(ids, argument value spans) of a rendered conversation.
 
     `segments`: (text, generated) pieces as `text.chat.render_segments` gives them; each is tokenized on its own,
-    as in supervised training. A span covers the tokens lying wholly inside a string value of the `arguments` of
-    a `<tool_call>` block of a generated piece; values whose tokens straddle the quotes are skipped.
+    as in supervised training. A span covers the tokens of a string value of the `arguments` of a `<tool_call>`
+    block of a generated piece; values whose first or last token straddles a quote are skipped.
     """
     ids: list[int] = []
     spans: list[ValueSpan] = []
     question, results = "", ""
+    earlier: list[tuple[str, list[tuple[int, int]], int]] = []  # (text, offsets, first id position) so far
     for text, generated in segments:
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = [tuple(o) for o in encoding["offset_mapping"]]
         base = len(ids)
         if generated:
             for block in _TOOL_CALL.finditer(text):
@@ -77,19 +95,22 @@ def value_spans(segments: Sequence[tuple[str, bool]], tokenizer: Any) -> tuple[l
                     if not match.group(2):
                         continue
                     a, b = match.span(2)
-                    inside = [i for i, (x0, x1) in enumerate(encoding["offset_mapping"])
-                              if a <= x0 and x1 <= b and x1 > x0]
-                    if not inside or inside != list(range(inside[0], inside[-1] + 1)):
+                    inside = [i for i, (x0, x1) in enumerate(offsets) if a <= x0 and x1 <= b and x1 > x0]
+                    if (not inside or inside != list(range(inside[0], inside[-1] + 1))
+                            or offsets[inside[0]][0] != a or offsets[inside[-1]][1] != b):
                         continue
                     value = json.loads(f'"{match.group(2)}"')
                     forms = (value, match.group(2))  # as written, and JSON-escaped as inside a tool result
                     source = ("prompt" if any(f in question for f in forms) else
                               "tool_result" if any(f in results for f in forms) else "other")
-                    spans.append(ValueSpan(base + inside[0], base + inside[-1] + 1, source))
+                    before = earlier + [(text[:a], offsets, base)]
+                    spans.append(ValueSpan(base + inside[0], base + inside[-1] + 1, source,
+                                           _occurrence_tokens(before, forms, base + inside[0])))
         elif "<tool_response>" in text:
             results += text
         else:
             question += text
+        earlier.append((text, offsets, base))
         ids.extend(encoding["input_ids"])
     return ids, spans
 
@@ -97,14 +118,14 @@ def value_spans(segments: Sequence[tuple[str, bool]], tokenizer: Any) -> tuple[l
 def score_values(logits: np.ndarray, ids: Sequence[int], spans: Sequence[ValueSpan],
                  attention: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Per value: source, exact (all tokens argmax), first token probability, later tokens' probabilities, and
-    with `attention` ([L, H, len(ids), len(ids)] probabilities, row t = the query at t) `source_attention`: per
-    layer, the most mass one head puts from the position before the value on the earlier occurrences of the
-    value's first token id (None when it has none).
+    with `attention` `source_attention`: per layer, the most mass one head puts from the position choosing the
+    value (the one before its first token) on the value's `sources` (None when it has none).
 
-    `logits`: [len(ids), vocab] next-token logits (row t predicts ids[t + 1]); pure numpy.
+    `logits`: [len(ids), vocab] next-token logits (row t predicts ids[t + 1]). `attention`: [L, H, Q, len(ids)]
+    probabilities whose Q rows are the queries `[span.start - 1 for span in spans]`, in order. Pure numpy.
     """
     rows = []
-    for span in spans:
+    for k, span in enumerate(spans):
         targets = np.asarray(ids[span.start:span.end])
         step = np.asarray(logits[span.start - 1:span.end - 1], np.float64)
         log_probs = step - step.max(-1, keepdims=True)
@@ -113,10 +134,8 @@ def score_values(logits: np.ndarray, ids: Sequence[int], spans: Sequence[ValueSp
         row = {"source": span.source, "exact": bool((step.argmax(-1) == targets).all()),
                "first_p": float(probs[0]), "later_p": [float(p) for p in probs[1:]]}
         if attention is not None:
-            query = span.start - 1
-            earlier = [i for i in range(query + 1) if ids[i] == ids[span.start]]
-            row["source_attention"] = ([float(m) for m in attention[:, :, query, earlier].sum(-1).max(-1)]
-                                       if earlier else None)
+            row["source_attention"] = ([float(m) for m in attention[:, :, k, list(span.sources)].sum(-1).max(-1)]
+                                       if span.sources else None)
         rows.append(row)
     return rows
 
@@ -146,11 +165,11 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def probe(samples: Sequence[Any], tokenizer: Any, logits_fn: Callable[[list[int]], np.ndarray], *, sandbox: Any,
-          template: str = "qwen2.5", attention_fn: Callable[[list[int]], np.ndarray] | None = None
-          ) -> dict[str, dict[str, float]]:
+          template: str = "qwen2.5",
+          attention_fn: Callable[[list[int], list[int]], np.ndarray] | None = None) -> dict[str, dict[str, float]]:
     """Teacher-forced copy figures (see the module docstring) of `logits_fn` (ids -> [len, vocab] logits) on the
-    oracle conversations of `samples` (`envs.samples.Sample`s with oracle calls); with `attention_fn` (ids ->
-    [L, H, len, len] attention probabilities) the source-attention figures too."""
+    oracle conversations of `samples` (`envs.samples.Sample`s with oracle calls); with `attention_fn` ((ids,
+    query positions) -> [L, H, len(queries), len(ids)] attention probabilities) the source-attention figures."""
     from ftrl_jax.text.chat import render_segments
     from ftrl_jax.training.warmstart import oracle_conversations
 
@@ -159,7 +178,8 @@ def probe(samples: Sequence[Any], tokenizer: Any, logits_fn: Callable[[list[int]
         ids, spans = value_spans(render_segments(messages, sample.tools, template=template, enable_thinking=False),
                                  tokenizer)
         if spans:
-            attention = None if attention_fn is None else np.asarray(attention_fn(ids))
+            attention = (None if attention_fn is None else
+                         np.asarray(attention_fn(ids, [span.start - 1 for span in spans])))
             rows.extend(score_values(logits_fn(ids), ids, spans, attention))
     return summarize(rows)
 
@@ -187,20 +207,24 @@ def model_logits_fn(model_config: Any, params: Any, bucket: int = 256) -> Callab
     return logits_fn
 
 
-def model_attention_fn(model_config: Any, params: Any, bucket: int = 256) -> Callable[[list[int]], np.ndarray]:
-    """ids -> [L, H, len, len] float32 attention probabilities of one sequence (`models.attention_probabilities`;
-    right-padded to a multiple of `bucket`, which causal rows do not see, jit once per length bucket)."""
+def model_attention_fn(model_config: Any, params: Any, bucket: int = 256
+                       ) -> Callable[[list[int], list[int]], np.ndarray]:
+    """(ids, query positions) -> [L, H, Q, len(ids)] float32 attention probabilities of one sequence at those
+    query rows (`models.attention_probabilities`; ids right-padded to a multiple of `bucket`, which causal rows
+    do not see, queries padded to a power of two; jit once per shape)."""
     import jax
     import jax.numpy as jnp
 
     from ftrl_jax import models
 
-    attention = jax.jit(lambda p, x: models.attention_probabilities(model_config, p, x))
+    attention = jax.jit(lambda p, x, q: models.attention_probabilities(model_config, p, x, q))
 
-    def attention_fn(ids: list[int]) -> np.ndarray:
+    def attention_fn(ids: list[int], queries: list[int]) -> np.ndarray:
         x = np.zeros((1, -(-len(ids) // bucket) * bucket), np.int32)
         x[0, :len(ids)] = ids
-        return np.asarray(attention(params, jnp.asarray(x))[:, 0, :, :len(ids), :len(ids)])
+        q = np.zeros(1 << max(0, len(queries) - 1).bit_length(), np.int32)
+        q[:len(queries)] = queries
+        return np.asarray(attention(params, jnp.asarray(x), jnp.asarray(q))[:, 0, :, :len(queries), :len(ids)])
 
     return attention_fn
 

@@ -380,22 +380,25 @@ def prefill(config: ModelConfig, params: Params, input_ids: jax.Array, positions
                            tuple(v[i].astype(dtype) for i in range(config.num_layers)))
 
 
-def attention_probabilities(config: ModelConfig, params: Params, input_ids: jax.Array) -> jax.Array:
-    """Every layer's causal self-attention probabilities, [L, B, H, T, T] float32, for unpadded sequences
-    `input_ids` [B, T] (positions 0..T-1). Row t of a head's [T, T] matrix is the softmax over key slots <= t.
+def attention_probabilities(config: ModelConfig, params: Params, input_ids: jax.Array,
+                            query_positions: jax.Array | None = None) -> jax.Array:
+    """Every layer's causal self-attention probabilities, float32, for unpadded sequences `input_ids` [B, T]
+    (positions 0..T-1): [L, B, H, T, T], or [L, B, H, Q, T] for the query rows `query_positions` (int [Q]) only.
+    Row t of a head is the softmax over key slots <= t (later slots hold 0).
 
     For analysis (which tokens a head reads from): the layers run one by one in the config's compute dtype, each
     head's queries and keys are captured after their projection (and Qwen3's q/k norms), rotated, and scored as
     `Attention` scores them (scale 1/sqrt(head_dim); a key head serves num_heads / num_kv_heads query heads).
-    Not jitted; memory grows with L * H * T^2.
+    Jittable (`config` static). Memory grows with L * H * Q * T; pass `query_positions` for long sequences.
     """
     c = config
     input_ids = jnp.asarray(input_ids)
     b, t = input_ids.shape
+    rows = jnp.arange(t) if query_positions is None else jnp.asarray(query_positions, jnp.int32)
     x = jnp.take(params["embed_tokens"]["embedding"].astype(dtype_from_name(c.dtype)), input_ids, axis=0)
     cos, sin = rope_tables(c, jnp.broadcast_to(jnp.arange(t), (b, t)))
-    mask = AttentionMask.causal_padding(jnp.ones((b, t), bool))
-    causal = jnp.tril(jnp.ones((t, t), bool))
+    mask = AttentionMask.causal_padding()  # as `hidden_states` runs unpadded input
+    visible = rows[:, None] >= jnp.arange(t)[None, :]  # [Q, T]
     probs = []
     for layer in split_layers(params):
         (x, _), state = DecoderLayer(c).apply({"params": layer}, x, None, cos, sin, mask,
@@ -406,10 +409,10 @@ def attention_probabilities(config: ModelConfig, params: Params, input_ids: jax.
         else:
             q = captured["q_proj"]["__call__"][0].reshape(b, t, c.num_heads, c.head_dim)
             k = captured["k_proj"]["__call__"][0].reshape(b, t, c.num_kv_heads, c.head_dim)
-        q, k = apply_rope(q, cos, sin).astype(jnp.float32), apply_rope(k, cos, sin).astype(jnp.float32)
+        q, k = apply_rope(q, cos, sin).astype(jnp.float32)[:, rows], apply_rope(k, cos, sin).astype(jnp.float32)
         k = jnp.repeat(k, c.num_heads // c.num_kv_heads, axis=2)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(c.head_dim)
-        probs.append(jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1))
+        probs.append(jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1))
     return jnp.stack(probs)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -100,36 +101,70 @@ def test_figures_of_a_perfect_a_wrong_and_a_half_right_copier(setting, sandbox):
     assert sum(half[g]["num_values"] for g in copy_probe.SOURCES if g in half) == num_values
 
 
+class _PieceTokenizer:
+    """A stand-in fast tokenizer with Qwen2-like pieces: a word takes the space before it, and a space, a quote
+    and an opening parenthesis can make one token (` "(`), which then straddles a JSON string's opening quote."""
+
+    def __init__(self):
+        self.vocab = {}
+
+    def __call__(self, text, add_special_tokens=False, return_offsets_mapping=True):
+        pieces = list(re.finditer(r' ?"\(| ?[A-Za-z]+|\s|.', text, re.S))
+        return {"input_ids": [self.vocab.setdefault(m.group(0), len(self.vocab)) for m in pieces],
+                "offset_mapping": [m.span() for m in pieces]}
+
+
+def test_sources_are_found_by_text_and_straddling_values_are_skipped():
+    tokenizer = _PieceTokenizer()
+    segments = [("<|im_start|>user\nGreet Ada Lovelace, not Ada Byron, then Ada Lovelace.<|im_end|>\n<|im_start|>assistant\n", False),
+                ('<tool_call>\n{"name": "greet", "arguments": {"name": "Ada Lovelace", "note": "(draft) notes", '
+                 '"style": "warm"}}\n</tool_call><|im_end|>', True)]
+    ids, spans = copy_probe.value_spans(segments, tokenizer)
+    pieces = {i: p for p, i in tokenizer.vocab.items()}
+    # "(draft) notes" starts inside the token ' "(' and is skipped; "warm" stands nowhere earlier.
+    assert [("".join(pieces[i] for i in ids[s.start:s.end]), s.source) for s in spans] == \
+        [("Ada Lovelace", "prompt"), ("warm", "other")]
+    ada, warm = spans
+    # In the question the name starts on the token ' Ada' (another id than the argument's 'Ada'); both mentions
+    # of the whole value count, Ada Byron does not.
+    assert [pieces[ids[i]] for i in ada.sources] == [" Ada", " Ada"]
+    assert ids[ada.start] not in {ids[i] for i in ada.sources}
+    assert warm.sources == ()
+
+
 def test_source_attention_of_a_reader_and_of_a_head_looking_elsewhere(setting, sandbox):
     samples, tokenizer = setting
     vocab = len(tokenizer)
     logits_fn = _logits_from(lambda ids, t: ids[t + 1], vocab)
+    spans_of = {}
+    for sample, messages in zip(samples, oracle_conversations(samples, sandbox)):
+        ids, spans = copy_probe.value_spans(render_segments(messages, sample.tools, enable_thinking=False), tokenizer)
+        spans_of[tuple(ids)] = spans
 
-    def reader(ids):  # 2 layers x 3 heads; layer 1 head 2 reads the token it is about to write, wherever it stood
-        att = np.zeros((2, 3, len(ids), len(ids)), np.float32)
-        att[:, :, np.arange(len(ids)), np.arange(len(ids))] = 1.0  # everyone else looks at itself
-        for t in range(len(ids) - 1):
-            earlier = [i for i in range(t + 1) if ids[i] == ids[t + 1]]
-            if earlier:
-                att[1, 2, t] = 0.0
-                att[1, 2, t, earlier] = 1.0 / len(earlier)
+    def reader(ids, queries):  # 2 layers x 3 heads; layer 1 head 2 reads where the value it writes stood before
+        att = np.zeros((2, 3, len(queries), len(ids)), np.float32)
+        att[:, :, np.arange(len(queries)), queries] = 1.0  # everyone else looks at the query token itself
+        for k, span in enumerate(spans_of[tuple(ids)]):
+            assert queries[k] == span.start - 1
+            if span.sources:
+                att[1, 2, k] = 0.0
+                att[1, 2, k, list(span.sources)] = 1.0 / len(span.sources)
         return att
 
     figures = copy_probe.probe(samples, tokenizer, logits_fn, sandbox=sandbox, attention_fn=reader)["all"]
-    assert figures["values_with_source"] > 0
+    with_source = sum(bool(s.sources) for spans in spans_of.values() for s in spans)
+    assert figures["values_with_source"] == with_source > 0
     assert figures["source_attention"] == pytest.approx(1.0) and figures["attended"] == 1.0
-    assert figures["source_attention_by_layer"][1] == pytest.approx(1.0)
-    # Layer 0's heads look at the query position itself, which holds the value's first token only by chance.
-    assert figures["source_attention_by_layer"][0] < 0.5
+    assert figures["source_attention_by_layer"] == pytest.approx([0.0, 1.0])
 
-    def self_only(ids):
-        att = np.zeros((1, 2, len(ids), len(ids)), np.float32)
-        att[:, :, np.arange(len(ids)), np.arange(len(ids))] = 1.0
+    def self_only(ids, queries):
+        att = np.zeros((1, 2, len(queries), len(ids)), np.float32)
+        att[:, :, np.arange(len(queries)), queries] = 1.0
         return att
 
     elsewhere = copy_probe.probe(samples, tokenizer, logits_fn, sandbox=sandbox, attention_fn=self_only)["all"]
-    assert elsewhere["values_with_source"] == figures["values_with_source"]
-    assert elsewhere["source_attention"] < 0.5 and elsewhere["attended"] < 0.5
+    assert elsewhere["values_with_source"] == with_source
+    assert elsewhere["source_attention"] == 0.0 and elsewhere["attended"] == 0.0
     # Without attention_fn the figures are not there.
     assert "source_attention" not in copy_probe.probe(samples, tokenizer, logits_fn, sandbox=sandbox)["all"]
 
@@ -138,11 +173,13 @@ def test_model_attention_fn_pads_without_changing_the_rows(setting):
     _, tokenizer = setting
     model_config, params = main_job.random_model("tiny", "num_layers=2", tokenizer, param_dtype="float32",
                                                  dtype="float32", seed=0)
-    ids = list(np.random.default_rng(0).integers(0, len(tokenizer), 37))
-    padded = copy_probe.model_attention_fn(model_config, params, bucket=64)(ids)
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, len(tokenizer), 37)]
+    queries = [3, 20, 36]
+    padded = copy_probe.model_attention_fn(model_config, params, bucket=64)(ids, queries)
     exact = np.asarray(models.attention_probabilities(model_config, params, np.asarray([ids], np.int32)))[:, 0]
-    assert padded.shape == (2, model_config.num_heads, 37, 37)
-    np.testing.assert_allclose(padded, exact, atol=1e-6)
+    assert padded.shape == (2, model_config.num_heads, 3, 37)
+    np.testing.assert_allclose(padded, exact[:, :, queries], atol=1e-6)
+    np.testing.assert_allclose(padded.sum(-1), 1.0, atol=1e-5)
 
 
 def test_command_prints_and_writes_the_figures(setting, sandbox, tmp_path, capsys):

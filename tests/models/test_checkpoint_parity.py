@@ -43,6 +43,9 @@ def test_attention_probabilities_match_transformers(name, tmp_path):
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
     np.testing.assert_allclose(ours.sum(-1), 1.0, atol=1e-5)
     assert np.all(np.triu(ours, k=1) == 0)  # causal: nothing from later tokens
+    rows = np.asarray(jax.jit(models.attention_probabilities, static_argnums=0)(
+        config, params, jnp.asarray(ids), jnp.asarray([12, 0, 5])))
+    np.testing.assert_allclose(rows, ours[:, :, :, [12, 0, 5]], atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["qwen2_tied", "qwen3_untied", "llama3_untied"])
