@@ -12,6 +12,7 @@ from ftrl_jax.models.transformer import (KVCache, attention_probabilities, decod
 __all__ = [
     "PRESETS", "SUPPORTED_MODEL_TYPES", "ModelConfig", "config_from_hf", "config_to_hf", "load_hf_config", "preset",
     "load_pretrained", "save_pretrained", "load_gguf_config", "load_gguf_tokenizer", "KVCache",
-    "attention_probabilities", "decode_step", "forward", "hidden_states", "init_cache", "init_params", "logits_from_hidden", "output_head", "prefill",
-    "shared_prompt_hidden_states", "split_layers", "AttentionMask", "dot_product_attention",
+    "attention_probabilities", "decode_step", "forward", "hidden_states", "init_cache", "init_params",
+    "logits_from_hidden", "output_head", "prefill", "shared_prompt_hidden_states", "split_layers", "AttentionMask",
+    "dot_product_attention",
 ]

@@ -116,7 +116,8 @@ class _PieceTokenizer:
 
 def test_sources_are_found_by_text_and_straddling_values_are_skipped():
     tokenizer = _PieceTokenizer()
-    segments = [("<|im_start|>user\nGreet Ada Lovelace, not Ada Byron, then Ada Lovelace.<|im_end|>\n<|im_start|>assistant\n", False),
+    segments = [("<|im_start|>user\nGreet Ada Lovelace, not Ada Byron, then Ada Lovelace.<|im_end|>\n"
+                 "<|im_start|>assistant\n", False),
                 ('<tool_call>\n{"name": "greet", "arguments": {"name": "Ada Lovelace", "note": "(draft) notes", '
                  '"style": "warm"}}\n</tool_call><|im_end|>', True)]
     ids, spans = copy_probe.value_spans(segments, tokenizer)
