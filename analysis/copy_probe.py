@@ -184,6 +184,13 @@ def probe(samples: Sequence[Any], tokenizer: Any, logits_fn: Callable[[list[int]
     return summarize(rows)
 
 
+def _right_padded(values: Sequence[int], size: int) -> np.ndarray:
+    """[1, size] int32: `values`, then zeros."""
+    out = np.zeros((1, size), np.int32)
+    out[0, :len(values)] = values
+    return out
+
+
 def model_logits_fn(model_config: Any, params: Any, bucket: int = 256) -> Callable[[list[int]], np.ndarray]:
     """ids -> float32 logits of one unpadded forward pass (right-padded to a multiple of `bucket`, jit once per
     length bucket)."""
@@ -191,16 +198,14 @@ def model_logits_fn(model_config: Any, params: Any, bucket: int = 256) -> Callab
     import jax.numpy as jnp
 
     from ftrl_jax import models
+    from ftrl_jax.training.warmstart import length_bucket
 
     forward = jax.jit(lambda p, x, m: models.forward(model_config, p, x, m))
 
     def logits_fn(ids: list[int]) -> np.ndarray:
-        length = -(-len(ids) // bucket) * bucket
-        x = np.zeros((1, length), np.int32)
-        x[0, :len(ids)] = ids
-        mask = np.zeros((1, length), np.int32)
-        mask[0, :len(ids)] = 1
-        out = forward(params, jnp.asarray(x), jnp.asarray(mask))
+        length = length_bucket(len(ids), bucket)
+        out = forward(params, jnp.asarray(_right_padded(ids, length)),
+                      jnp.asarray(_right_padded([1] * len(ids), length)))
         out = out[0] if isinstance(out, tuple) else out
         return np.asarray(out[0, :len(ids)], np.float32)
 
@@ -216,14 +221,14 @@ def model_attention_fn(model_config: Any, params: Any, bucket: int = 256
     import jax.numpy as jnp
 
     from ftrl_jax import models
+    from ftrl_jax.generate.sampling import bucket as power_of_two
+    from ftrl_jax.training.warmstart import length_bucket
 
     attention = jax.jit(lambda p, x, q: models.attention_probabilities(model_config, p, x, q))
 
     def attention_fn(ids: list[int], queries: list[int]) -> np.ndarray:
-        x = np.zeros((1, -(-len(ids) // bucket) * bucket), np.int32)
-        x[0, :len(ids)] = ids
-        q = np.zeros(1 << max(0, len(queries) - 1).bit_length(), np.int32)
-        q[:len(queries)] = queries
+        x = _right_padded(ids, length_bucket(len(ids), bucket))
+        q = _right_padded(queries, power_of_two(len(queries), minimum=1))[0]
         return np.asarray(attention(params, jnp.asarray(x), jnp.asarray(q))[:, 0, :, :len(queries), :len(ids)])
 
     return attention_fn
