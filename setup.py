@@ -54,6 +54,8 @@ setup(
     description="FTRL in JAX: automated tool-use environments, verifiable rewards and RL for tool-using LLMs.",
     python_requires=">=3.10",
     packages=find_packages(include=["ftrl_jax", "ftrl_jax.*", "experiments", "benchmarks", "configs", "analysis"]),
+    # The shipped policies (ftrl_jax/policies/<name>/: safetensors, config, tokenizer, model card).
+    package_data={"ftrl_jax.policies": ["*/*"]},
     install_requires=RUNTIME,
     extras_require={"test": TEST},
 )

@@ -1,16 +1,19 @@
 """Training configs: `--config=configs/qwen.py[:PRESET]`.
 
-No preset means `tiny`, the embedded default that runs end to end on a CPU in minutes (procedural
-environments, the project's own tokenizer, a randomly initialised few-million-parameter model warm-started
-on oracle trajectories). The other presets carry the FTRL paper's settings and need
-`--config.model.path=DIR` (a local Hugging Face checkpoint directory). Every field can be overridden on the
-command line, e.g. `--config.rl.num_steps=4 --config.mesh.data=2`.
+No preset means `tiny`, the embedded default that runs end to end on a CPU in minutes: procedural environments
+in the tiny world, and RL from the shipped tiny instruct policy (`ftrl_jax/policies/tiny_instruct`, made by
+`python -m experiments.pretrain --config=configs/tiny.py`) with its own tokenizer, as FTRL starts from
+instruction-tuned models. `--config.warmup.num_steps=N` trains the `tiny` model from scratch instead (random
+initialisation, the embedded tokenizer, N warm-start steps on oracle trajectories). The other presets carry the
+FTRL paper's settings and need `--config.model.path=DIR` (a local Hugging Face checkpoint directory). Every
+field can be overridden on the command line, e.g. `--config.rl.num_steps=4 --config.mesh.data=2`.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from ftrl_jax import policies
 from ftrl_jax.envs.world import TINY_WORLD
 
 # Paper presets: (model preset whose shape the checkpoint must have, chat template, thinking mode).
@@ -36,7 +39,9 @@ def _base() -> ml_collections.ConfigDict:
     # ModelConfig fields replaced on the preset, e.g. "num_layers=2,hidden_size=128". Full multi-head attention
     # (4 kv heads) copies arguments from the question better than the preset's single kv head.
     c.model.overrides = "num_kv_heads=4"
-    c.model.path = ""              # local Hugging Face checkpoint directory (real presets)
+    # A local Hugging Face checkpoint directory, or a shipped policy's name (ftrl_jax/policies). With
+    # warmup.num_steps > 0 the tiny preset ignores the shipped default and trains model.preset from scratch.
+    c.model.path = policies.TINY_DEFAULT
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"      # compute dtype; bfloat16 on accelerators
     c.model.template = "qwen2.5"   # chat template: qwen2.5 | qwen3
@@ -44,23 +49,24 @@ def _base() -> ml_collections.ConfigDict:
     c.model.remat = False          # recompute activations in backward (on for large models)
 
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.vocab_size = 2048  # embedded tokenizer only; a checkpoint brings its own
-    c.tokenizer.pretokenizer = "qwen2"  # embedded tokenizer's split: qwen2 | stable_names (text/tokenizer.py)
+    # The embedded tokenizer (training from scratch only; a checkpoint brings its own), as the shipped policy's.
+    c.tokenizer.vocab_size = 8192
+    c.tokenizer.pretokenizer = "stable_names"  # qwen2 | stable_names (text/tokenizer.py)
 
     c.envs = ml_collections.ConfigDict()
     c.envs.author = "procedural"
     c.envs.num_train = 512
-    c.envs.num_eval = 64
+    c.envs.num_eval = 256            # held-out, balanced over the four scenario types
     c.envs.scenarios = "single_hop,parallel_single_hop,multi_hop,parallel_multi_hop"
     c.envs.complexity = "low"
-    # A small world (recurring names, 12 relations, one tool name per relation) that a 3M-parameter model can
-    # learn on a CPU in minutes; "" is the full world (FTRL-like variety).
+    # The shipped policy's world (256 recurring names per type, 12 relations, one tool name per relation), which a
+    # 5M-parameter model learns to copy names in; "" is the full world (FTRL-like variety).
     c.envs.world = TINY_WORLD
     c.envs.train_file = ""         # optional sample-format file instead of building
     c.envs.eval_file = ""
 
     c.warmup = ml_collections.ConfigDict()
-    c.warmup.num_steps = 250
+    c.warmup.num_steps = 0         # N > 0: train the tiny model from scratch, N supervised steps, then RL
     c.warmup.batch_size = 8
     c.warmup.learning_rate = 3e-3
     c.warmup.max_len = 768
@@ -119,7 +125,8 @@ def _base() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 96
     # Besides the greedy headline (every held-out environment once), before and after RL; 0 turns a part off.
     c.eval.num_samples = 2         # k episodes per held-out environment at the rollout temperature: mean, best of k
-    c.eval.num_train_envs = 16     # greedy Solve-F1 on the first n RL training environments (train/held-out gap)
+    c.eval.sampled_envs = 64       # ... on the first n held-out environments (balanced over types; 0: all of them)
+    c.eval.num_train_envs = 8      # greedy Solve-F1 on the first n RL training environments (train/held-out gap)
     c.eval.curve_every = 10        # held-out greedy Solve-F1 every n RL steps for learning_curves.png
     c.eval.curve_envs = 16         # ... on the first n held-out environments (a fixed subset)
     # Paired percentile bootstrap of after - before per held-out environment, within scenario types.

@@ -1,7 +1,9 @@
 """The main job: environments -> tokenizer and model -> [warm start] -> eval -> RL -> eval -> export.
 
-`train_and_evaluate(config)` runs it. The model is `model.path` with its tokenizer, or on the tiny preset without
-a path a random `model.preset` with the embedded tokenizer, warm-started on oracle trajectories. Training
+`train_and_evaluate(config)` runs it. The model is `model.path` (a checkpoint directory, or a shipped policy's name:
+the tiny preset's default is `tiny-instruct`, `ftrl_jax/policies/`) with its tokenizer; with `warmup.num_steps > 0`
+the tiny preset instead trains a random `model.preset` with the embedded tokenizer from scratch, warm-started on
+oracle trajectories (`model_path`). Training
 environments hold only training-side questions and held-out ones only held-out questions of the fixed partition
 (`envs/splits.py`), so a policy made by `experiments.pretrain` (same partition) never saw a held-out question.
 Every stage leaves its result in the workdir so a killed run resumes where it stopped (`config.resume=True`):
@@ -36,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ftrl_jax import models, parallel
+from ftrl_jax import models, parallel, policies
 from ftrl_jax.envs import rewards, splits
 from ftrl_jax.text.chat import TEMPLATES, render_conversation
 from ftrl_jax.training.checkpointing import Checkpointer
@@ -80,8 +82,10 @@ def check_config(config) -> None:
     if config.preset != "tiny" and not config.model.path:
         raise TrainingError(f"preset {config.preset!r} trains a real checkpoint: pass --config.model.path=DIR "
                             "(a local Hugging Face directory with config.json and *.safetensors)")
-    if config.model.path and not os.path.isfile(os.path.join(config.model.path, "config.json")):
-        raise TrainingError(f"--config.model.path={config.model.path!r} has no config.json")
+    path = model_path(config)
+    if path and not os.path.isfile(os.path.join(path, "config.json")):
+        raise TrainingError(f"--config.model.path={config.model.path!r} has no config.json (a Hugging Face "
+                            f"checkpoint directory, or a shipped policy: {', '.join(sorted(policies.SHIPPED))})")
     if config.model.template not in TEMPLATES:
         raise TrainingError(f"config.model.template={config.model.template!r}; use one of {sorted(TEMPLATES)}")
     if config.tokenizer.pretokenizer not in PRETOKENIZE_PATTERNS:
@@ -253,8 +257,9 @@ def prepare_tokenizer(config, workdir: str, train: Sequence[Sample]):
     tok_dir = os.path.join(workdir, "tokenizer")
     if os.path.isdir(tok_dir):
         return load_tokenizer(tok_dir)
-    if config.model.path:
-        tokenizer = load_tokenizer(config.model.path)
+    path = model_path(config)
+    if path:
+        tokenizer = load_tokenizer(path)
     else:
         tokenizer = embedded_tokenizer(train, config.model.template, config.tokenizer.vocab_size,
                                        config.tokenizer.pretokenizer)
@@ -278,8 +283,22 @@ def _sample_texts(sample: Sample, template: str) -> list[str]:
     return texts
 
 
-def prepare_model(config, tokenizer, mesh) -> tuple[models.ModelConfig, Any]:
+def model_path(config) -> str:
+    """The checkpoint directory the job starts from, "" for a randomly initialised `model.preset`.
+
+    `model.path` is a directory or a shipped policy's name (`ftrl_jax.policies`). On the tiny preset, the
+    default `tiny-instruct` with `warmup.num_steps > 0` means training from scratch: random initialisation, the
+    embedded tokenizer, then the warm start (to warm-start the shipped policy itself, pass its directory,
+    `ftrl_jax.policies.path("tiny-instruct")`).
+    """
     path = config.model.path
+    if config.preset == "tiny" and path == policies.TINY_DEFAULT and config.warmup.num_steps > 0:
+        return ""
+    return policies.resolve(path)
+
+
+def prepare_model(config, tokenizer, mesh) -> tuple[models.ModelConfig, Any]:
+    path = model_path(config)
     if path:
         recipe = read_recipe(path)
         if recipe and recipe.get("world") != (config.envs.world or ""):
@@ -357,7 +376,8 @@ def run_evaluation(config, model_config, params, tokenizer, mesh, samples, sandb
     Greedy Solve-P/R/F1 in [0, 1] averaged over scenario types (the paper's headline), `by_scenario`, and
     `episodes`: one row per held-out environment in `samples` order (data_source, end_reason, num_turns,
     Solve-P/R/F1) for paired before/after comparisons. `sampled` (when `eval.num_samples` = k > 0): k episodes
-    per environment at the rollout temperature, all played as one batch with seed `SAMPLED_EVAL_SEED +
+    per environment (the first `eval.sampled_envs` of `samples`, balanced over types as they are; 0: all) at the
+    rollout temperature, all played as one batch with seed `SAMPLED_EVAL_SEED +
     config.seed` (the same before and after RL); its `solve_f1` is the mean over samples, `best_solve_f1` the
     best of k, `environments` the per-environment values. `train_subset` (when `train_samples` is given): the
     greedy figures on those environments. Every part carries its wall time in `seconds`.
@@ -372,10 +392,12 @@ def run_evaluation(config, model_config, params, tokenizer, mesh, samples, sandb
     if ec.num_samples > 0:
         sampler = _policy(config, model_config, params, tokenizer, mesh, greedy=False,
                           seed=SAMPLED_EVAL_SEED + config.seed, max_new_tokens=ec.max_new_tokens)
-        sampled = evaluate_sampled(sampler, samples, num_samples=ec.num_samples, max_turns=ec.max_turns,
+        subset = samples[:ec.sampled_envs] if ec.sampled_envs > 0 else samples
+        sampled = evaluate_sampled(sampler, subset, num_samples=ec.num_samples, max_turns=ec.max_turns,
                                    sandbox=sandbox)
         average = sampled.scenario_average
         result["sampled"] = {"num_samples": sampled.num_samples, "temperature": float(config.rollout.temperature),
+                             "num_envs": len(subset),
                              **{k: float(average.get(k, 0.0)) for k in (*EVAL_KEYS, "best_solve_f1")},
                              "by_scenario": sampled.per_source, "num_episodes": sampled.num_episodes,
                              "end_reasons": sampled.end_reasons, "seconds": sampled.seconds,
@@ -596,7 +618,7 @@ def collect_prompt_pool(config, model_config, params, tokenizer, mesh, train, cu
 def _policy_dir(config, policy_dir: str | None) -> str:
     """The checkpoint to sample from: the given one, the config's model, or this workdir's trained policy."""
     workdir = os.path.abspath(config.workdir)
-    candidates = [policy_dir] if policy_dir else ([config.model.path] if config.model.path else
+    candidates = [policy_dir] if policy_dir else ([model_path(config)] if model_path(config) else
                                                   [os.path.join(workdir, "export"), os.path.join(workdir, "warmstart")])
     for path in candidates:
         if path and os.path.isfile(os.path.join(path, "config.json")):
@@ -655,7 +677,9 @@ def _step_arrays(config, turns, scores, tokenizer) -> tuple[dict[str, np.ndarray
     """The update's arrays for group-major sampled turns, and the batch's reward statistics."""
     n = config.rl.num_rollouts
     if _shared_prompt(config):
-        arrays = shared_prompt.step_batch(turns, n, _pad_id(tokenizer))
+        # Prompts in steps of 256 tokens: a step's prompts (350-700 tokens in the tiny world) then take one or two
+        # shapes, and each new shape's compile costs more than the padding.
+        arrays = shared_prompt.step_batch(turns, n, _pad_id(tokenizer), prompt_multiple=256)
         lengths = arrays["response_mask"].sum(axis=-1)
     else:
         arrays = rl_batch.pad_rows(rl_batch.step_rows(turns), _pad_id(tokenizer))

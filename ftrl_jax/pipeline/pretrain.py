@@ -166,13 +166,12 @@ A {recipe['model_params'] / 1e6:.2f}M-parameter {recipe['model']['model_type']} 
 {recipe['model']['hidden_size']}, layers: {recipe['model']['num_layers']}, heads: {recipe['model']['num_heads']}, kv heads:
 {recipe['model']['num_kv_heads']}, vocabulary {recipe['model']['vocab_size']}) trained to call tools in the {config.model.template}
 format (`<tool_call>` JSON) in the procedural world `{config.envs.world}` of ftrl_jax: a starting point for RL, as instruction-tuned models are
-FTRL's (`python -m experiments.train --config=configs/qwen.py --config.model.path=DIR
---config.warmup.num_steps=0`). It knows no facts: it is trained to pick a tool, copy names from the question
-and from tool results into arguments, chain hops and state the answer; the held-out scores below say how far
-it got.
+FTRL's (`python -m experiments.train --config=configs/qwen.py --config.model.path=DIR`). It knows no facts: it is
+trained to pick a tool, copy names from the question and from tool results into arguments, chain hops and state
+the answer; the held-out scores below say how far it got.
 
 ## How it was made
-`{recipe['command']}` ({recipe['wall_seconds'] / 60:.1f} min on {recipe['machine']}).
+`{recipe['command']}` ({recipe['wall_seconds'] / 60:.1f} min on {recipe['machine']}{recipe.get('wall_note', '')}).
 
 - Data: one oracle conversation (calls, tool results, final answer) per environment for {recipe['num_envs']}
   procedural environments (build seed {config.envs.seed}; {', '.join(_kinds(config))}; complexity

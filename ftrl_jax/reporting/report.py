@@ -55,9 +55,10 @@ def headline_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str, str]]
     sb, sa = before.get("sampled"), after.get("sampled")
     if sb and sa:
         k = sa.get("num_samples")
-        rows.append((f"sampled Solve-F1, mean of {k}", _pct(sb["solve_f1"]), _pct(sa["solve_f1"]),
+        envs = f" on {sa['num_envs']} envs" if sa.get("num_envs") else ""
+        rows.append((f"sampled Solve-F1, mean of {k}{envs}", _pct(sb["solve_f1"]), _pct(sa["solve_f1"]),
                      interval_text(deltas.get("sampled_solve_f1")) or _signed(sa["solve_f1"] - sb["solve_f1"])))
-        rows.append((f"sampled Solve-F1, best of {k}", _pct(sb["best_solve_f1"]), _pct(sa["best_solve_f1"]),
+        rows.append((f"sampled Solve-F1, best of {k}{envs}", _pct(sb["best_solve_f1"]), _pct(sa["best_solve_f1"]),
                      _signed(sa["best_solve_f1"] - sb["best_solve_f1"])))
     tb, ta = before.get("train_subset"), after.get("train_subset")
     if tb and ta:

@@ -50,11 +50,13 @@ def response_logprobs(config: models.ModelConfig, params, prompt_tokens: jax.Arr
     return (logprobs * valid).reshape(u, n, r), (entropy * valid).reshape(u, n, r)
 
 
-def step_batch(turns: Sequence[GeneratedTurn], group_size: int, pad_id: int, multiple: int = 64
-               ) -> dict[str, np.ndarray]:
+def step_batch(turns: Sequence[GeneratedTurn], group_size: int, pad_id: int, multiple: int = 64,
+               prompt_multiple: int | None = None) -> dict[str, np.ndarray]:
     """Sampled turns, group-major (`group_size` consecutive turns per prompt) -> the arrays above (less the
-    log-probs and advantages). Each group's turns must share their prompt ids; lengths are bucketed to
-    multiples of `multiple` so few shapes compile."""
+    log-probs and advantages). Each group's turns must share their prompt ids; response lengths are bucketed to
+    multiples of `multiple`, prompt lengths to multiples of `prompt_multiple` (default `multiple`), so few shapes
+    compile: every new (P, R) compiles the log-prob pass and the update again (about 10 s for `tiny` on a
+    2-core CPU, several times a padded step's work)."""
     if not turns or len(turns) % group_size:
         raise ValueError(f"{len(turns)} turns do not split into groups of {group_size}")
     groups = [turns[i:i + group_size] for i in range(0, len(turns), group_size)]
@@ -62,7 +64,7 @@ def step_batch(turns: Sequence[GeneratedTurn], group_size: int, pad_id: int, mul
         if any(list(t.prompt_ids) != list(group[0].prompt_ids) for t in group):
             raise ValueError(f"group {g}: its turns were sampled from different prompts; a shared-prompt batch "
                              "needs the n turns of each prompt to be consecutive")
-    p = length_bucket(max(len(group[0].prompt_ids) for group in groups), multiple)
+    p = length_bucket(max(len(group[0].prompt_ids) for group in groups), prompt_multiple or multiple)
     r = length_bucket(max(max(len(t.token_ids) for t in turns), 1), multiple)
     u = len(groups)
     out = {"prompt_tokens": np.full((u, p), pad_id, np.int32), "prompt_mask": np.zeros((u, p), np.int32),

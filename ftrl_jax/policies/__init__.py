@@ -1,0 +1,42 @@
+"""Policies shipped with the package, as Hugging Face directories, and the names that resolve to them.
+
+`tiny-instruct` (`tiny_instruct/`): the `tiny` model trained by `python -m experiments.pretrain
+--config=configs/tiny.py` on oracle conversations of the tiny world (`envs.world.TINY_WORLD`): bfloat16
+safetensors, config, its own tokenizer with the Qwen2.5 chat template, `recipe.json` and a model card with the
+command, data, steps, wall time and held-out scores. It is the embedded default's starting policy
+(`configs/qwen.py`: `model.path="tiny-instruct"`), as FTRL starts RL from instruction-tuned models.
+"""
+
+from __future__ import annotations
+
+import os
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+# name -> folder of this package
+SHIPPED = {"tiny-instruct": "tiny_instruct"}
+# The tiny preset's default `model.path` (configs/qwen.py).
+TINY_DEFAULT = "tiny-instruct"
+
+
+def path(name: str) -> str:
+    """The directory of the shipped policy `name`; an unknown name is a ValueError listing the shipped ones."""
+    if name not in SHIPPED:
+        raise ValueError(f"no shipped policy {name!r}; shipped: {', '.join(sorted(SHIPPED))}")
+    return os.path.join(_HERE, SHIPPED[name])
+
+
+def resolve(name_or_dir: str) -> str:
+    """A shipped policy's name -> its directory; anything else (a checkpoint directory, a GGUF file, "") is
+    returned unchanged. A directory of that name in the working directory wins over the shipped policy."""
+    if name_or_dir in SHIPPED and not os.path.exists(name_or_dir):
+        return path(name_or_dir)
+    return name_or_dir
+
+
+def is_shipped(name_or_dir: str) -> bool:
+    """Whether `name_or_dir` names (or resolves to) a shipped policy."""
+    if not name_or_dir:
+        return False
+    resolved = os.path.realpath(resolve(name_or_dir))
+    return any(resolved == os.path.realpath(path(name)) for name in SHIPPED)

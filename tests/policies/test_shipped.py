@@ -1,0 +1,105 @@
+"""The shipped tiny instruct policy: files, loading, its tokenizer and chat template, its recipe, and that it
+plays held-out environments of its world as its model card says it can."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import qwen, tiny
+from ftrl_jax import models, policies
+from ftrl_jax.envs.sandbox import Sandbox
+from ftrl_jax.envs.world import TINY_WORLD
+from ftrl_jax.models.checkpoint_io import SafetensorsFile
+from ftrl_jax.pipeline import main_job
+from ftrl_jax.rollout.evaluation import evaluate
+from ftrl_jax.rollout.policy import LocalPolicy
+from ftrl_jax.text.chat import render_conversation
+from ftrl_jax.text.tokenizer import load_tokenizer
+
+PATH = policies.path("tiny-instruct")
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return main_job.read_recipe(PATH)
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    # The main job's seed-0 held-out environments (build seed 2), the ones the model card scores.
+    with Sandbox() as sandbox:
+        return main_job.build_split("eval", 8, 2, kinds=main_job._kinds(qwen.get_config()), complexity="low",
+                                    world=TINY_WORLD, sandbox=sandbox)
+
+
+def test_files_size_and_dtype(recipe):
+    names = sorted(os.listdir(PATH))
+    for name in ("README.md", "chat_template.jinja", "config.json", "model.safetensors", "recipe.json",
+                 "tokenizer.json", "tokenizer_config.json"):
+        assert name in names, name
+    size = sum(os.path.getsize(os.path.join(PATH, n)) for n in names)
+    assert size <= 25 * 2**20, size
+    st = SafetensorsFile(os.path.join(PATH, "model.safetensors"))
+    assert {str(st.get(k).dtype) for k in st.keys()} == {"bfloat16"}
+    model_config, params = models.load_pretrained(PATH)
+    assert model_config.num_params == recipe["model_params"]
+    assert (model_config.num_layers, model_config.hidden_size, model_config.vocab_size) == (
+        recipe["model"]["num_layers"], recipe["model"]["hidden_size"], recipe["model"]["vocab_size"])
+    leaves = [np.asarray(x, np.float32) for x in __import__("jax").tree_util.tree_leaves(params)]
+    assert all(np.isfinite(x).all() for x in leaves)
+
+
+def test_recipe_is_the_config_defaults_and_the_main_job_world(recipe):
+    # `python -m experiments.pretrain --config=configs/tiny.py` reproduces it: the recorded settings are today's
+    # defaults (the run directory, output and resume flag aside), and its world is the main job's.
+    defaults = json.loads(tiny.get_config().to_json_best_effort())
+    recorded = dict(recipe["config"])
+    for key in ("workdir", "output", "resume"):
+        recorded.pop(key), defaults.pop(key)
+    assert recorded == defaults
+    assert recipe["world"] == TINY_WORLD == qwen.get_config().envs.world
+    card = open(os.path.join(PATH, "README.md")).read()
+    assert f"{100 * recipe['held_out']['solve_f1']:.2f}" in card and recipe["command"] in card
+    assert 0.20 <= recipe["held_out"]["solve_f1"] <= 0.50  # a starting point with room for RL
+
+
+def test_tokenizer_round_trips_the_chat_template(held_out):
+    tokenizer = load_tokenizer(PATH)
+    for sample in held_out:
+        text = render_conversation(sample.messages, sample.tools, template="qwen2.5")
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert tokenizer.decode(ids, skip_special_tokens=False) == text
+        # The chat template it ships renders exactly what the native Qwen2.5 renderer does.
+        assert tokenizer.apply_chat_template(sample.messages, tools=sample.tools, tokenize=False,
+                                             add_generation_prompt=True) == text
+    for special in ("<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<|endoftext|>"):
+        assert len(tokenizer.encode(special, add_special_tokens=False)) == 1, special
+
+
+def test_main_job_default_starts_from_it_and_warmup_trains_from_scratch():
+    config = qwen.get_config()
+    assert config.model.path == "tiny-instruct" and config.warmup.num_steps == 0
+    assert main_job.model_path(config) == PATH
+    config.warmup.num_steps = 5
+    assert main_job.model_path(config) == ""
+    config.model.path = PATH  # the directory itself: warm-start the shipped policy
+    assert main_job.model_path(config) == PATH
+    with pytest.raises(ValueError, match="tiny-instruct"):
+        policies.path("tiny")
+    assert policies.resolve("/some/dir") == "/some/dir" and policies.is_shipped("tiny-instruct")
+
+
+def test_it_plays_held_out_environments_greedily(held_out):
+    # The card's held-out scores come from these environments (its 256 begin with these 8): the first ones of
+    # each scenario type played greedily, as the main job's evaluation does, must score.
+    model_config, params = models.load_pretrained(PATH, dtype="float32")
+    policy = LocalPolicy(model_config, params, load_tokenizer(PATH), template="qwen2.5", max_new_tokens=96,
+                         temperature=0.0, seed=0)
+    with Sandbox() as sandbox:
+        report = evaluate(policy, held_out, max_turns=6, sandbox=sandbox)
+    f1 = [row["solve_f1"] for row in report.episodes]
+    assert len(f1) == 8 and sum(v == 1.0 for v in f1) >= 2, f1
