@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ftrl_jax import policies
 from ftrl_jax.training.checkpointing import COMMIT_MARKER, STATE_ITEM, complete_steps
 from ftrl_jax.models import ModelConfig, config_from_hf, load_hf_config
 from ftrl_jax.models.checkpoint_io import (WEIGHT_TABLE, SafetensorsFile, abstract_params, flatten_params,
@@ -322,8 +323,9 @@ BACKENDS: dict[str, tuple[Callable[[str], bool], Callable[[str], TensorSource]]]
 
 
 def open_checkpoint(path: str | os.PathLike) -> TensorSource:
-    """Opens a checkpoint directory with the first backend that recognises it."""
-    path = os.fspath(path)
+    """Opens a checkpoint directory (or a shipped policy by name, `ftrl_jax.policies`) with the first backend that
+    recognises it."""
+    path = policies.resolve(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     for detect, open_source in BACKENDS.values():

@@ -235,7 +235,8 @@ def model_attention_fn(model_config: Any, params: Any, bucket: int = 256
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    flags.DEFINE_string("model", None, "Policy: a Hugging Face directory (required).", required=True, flag_values=fv)
+    flags.DEFINE_string("model", None, "Policy: a Hugging Face directory or a shipped policy's name "
+                        "(tiny-instruct) (required).", required=True, flag_values=fv)
     flags.DEFINE_string("data", None, "Sample-format JSONL with oracle calls (required).", required=True,
                         flag_values=fv)
     flags.DEFINE_integer("num", 64, "Probe the first NUM samples.", lower_bound=1, flag_values=fv)
@@ -250,7 +251,7 @@ def main(argv: Sequence[str]) -> int:
         args = cli.parse(argv, define_flags, __doc__)
     except cli.UsageError as exc:
         return cli.fail(exc)
-    from ftrl_jax import models
+    from ftrl_jax import models, policies
     from ftrl_jax.envs.samples import read_samples
     from ftrl_jax.envs.sandbox import Sandbox
     from ftrl_jax.text.chat import TEMPLATES
@@ -263,8 +264,9 @@ def main(argv: Sequence[str]) -> int:
         return cli.fail(f"--output={args.output}: {out_dir} is not a writable directory")
     try:
         samples, errors = read_samples(args.data)
-        model_config, params = models.load_pretrained(args.model, dtype="float32")
-        tokenizer = load_tokenizer(args.model)
+        model_dir = policies.resolve(args.model)
+        model_config, params = models.load_pretrained(model_dir, dtype="float32")
+        tokenizer = load_tokenizer(model_dir)
     except (OSError, ValueError) as exc:
         return cli.fail(exc)
     if not getattr(tokenizer, "is_fast", False):

@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.chunk_size = 128
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.num_envs = 256          # built as the main job's seed-0 held-out set (build seed 2; its 64 are the first)
+    c.eval.num_envs = 256          # the main job's seed-0 held-out set (build seed 2, 256 environments)
     c.eval.seed = 2
     c.eval.max_turns = 6
     c.eval.max_new_tokens = 96

@@ -1,8 +1,8 @@
 """The main job: `python -m experiments.train --config=configs/qwen.py[:PRESET] [--config.x=...] [--workdir=DIR]`.
 
-On the embedded default (no preset) it builds procedural environments, the project's tokenizer and the
-`tiny` model, warm-starts it on oracle trajectories, evaluates, runs GRPO with the verifiable reward,
-evaluates again and writes WORKDIR/summary.json. See ftrl_jax/pipeline/main_job.py for the stages and files.
+On the embedded default (no preset) it builds procedural environments, loads the shipped `tiny-instruct`
+policy (`--config.warmup.num_steps=N`: trains the `tiny` model from scratch instead), evaluates on 256 held-out
+environments, runs GRPO with the verifiable reward, evaluates again and writes WORKDIR/summary.json. See ftrl_jax/pipeline/main_job.py for the stages and files.
 """
 
 from __future__ import annotations

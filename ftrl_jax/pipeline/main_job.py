@@ -83,6 +83,10 @@ def check_config(config) -> None:
         raise TrainingError(f"preset {config.preset!r} trains a real checkpoint: pass --config.model.path=DIR "
                             "(a local Hugging Face directory with config.json and *.safetensors)")
     path = model_path(config)
+    if config.preset == "tiny" and not path and config.warmup.num_steps <= 0:
+        raise TrainingError("config.model.path is empty and config.warmup.num_steps=0: RL would start from a random "
+                            f"model; leave model.path at {policies.TINY_DEFAULT!r} (the shipped policy), pass a "
+                            "checkpoint directory, or train from scratch with --config.warmup.num_steps=N")
     if path and not os.path.isfile(os.path.join(path, "config.json")):
         raise TrainingError(f"--config.model.path={config.model.path!r} has no config.json (a Hugging Face "
                             f"checkpoint directory, or a shipped policy: {', '.join(sorted(policies.SHIPPED))})")
@@ -121,9 +125,10 @@ def check_config(config) -> None:
     except ValueError as err:
         raise TrainingError(f"config.rl: {err}") from None
     ec = config.eval
-    for key in ("num_samples", "num_train_envs", "curve_every", "curve_envs"):
+    for key in ("num_samples", "sampled_envs", "num_train_envs", "curve_every", "curve_envs"):
         if ec[key] < 0:
-            raise TrainingError(f"config.eval.{key}={ec[key]}; use 0 (off) or a positive number")
+            raise TrainingError(f"config.eval.{key}={ec[key]}; use 0 (off, or all for sampled_envs) or a positive "
+                                "number")
     if ec.num_samples > 0 and config.rollout.temperature <= 0:
         raise TrainingError("config.eval.num_samples > 0 samples at config.rollout.temperature, which is "
                             f"{config.rollout.temperature}; set a temperature above 0 or eval.num_samples=0")
@@ -255,9 +260,13 @@ def _balanced(samples: Sequence[Sample], num: int) -> list[Sample]:
 
 def prepare_tokenizer(config, workdir: str, train: Sequence[Sample]):
     tok_dir = os.path.join(workdir, "tokenizer")
-    if os.path.isdir(tok_dir):
-        return load_tokenizer(tok_dir)
     path = model_path(config)
+    if os.path.isdir(tok_dir):
+        tokenizer = load_tokenizer(tok_dir)
+        if path and tokenizer.get_vocab() != load_tokenizer(path).get_vocab():
+            raise TrainingError(f"{tok_dir} is another model's tokenizer than {path}'s (a run resumed with another "
+                                "model.path or warmup setting); use a new --config.workdir")
+        return tokenizer
     if path:
         tokenizer = load_tokenizer(path)
     else:
@@ -299,6 +308,8 @@ def model_path(config) -> str:
 
 def prepare_model(config, tokenizer, mesh) -> tuple[models.ModelConfig, Any]:
     path = model_path(config)
+    log.info("starting from %s", path if path else f"a random {config.model.preset!r} model (trained from scratch: "
+             f"{config.warmup.num_steps} warm-start steps)")
     if path:
         recipe = read_recipe(path)
         if recipe and recipe.get("world") != (config.envs.world or ""):
@@ -616,10 +627,18 @@ def collect_prompt_pool(config, model_config, params, tokenizer, mesh, train, cu
 
 
 def _policy_dir(config, policy_dir: str | None) -> str:
-    """The checkpoint to sample from: the given one, the config's model, or this workdir's trained policy."""
+    """The checkpoint to sample from: the given one (a directory or a shipped policy's name), else the config's
+    model when it names one explicitly, else this workdir's trained policy (export, then warmstart), else the
+    tiny preset's shipped starting policy."""
     workdir = os.path.abspath(config.workdir)
-    candidates = [policy_dir] if policy_dir else ([model_path(config)] if model_path(config) else
-                                                  [os.path.join(workdir, "export"), os.path.join(workdir, "warmstart")])
+    trained = [os.path.join(workdir, "export"), os.path.join(workdir, "warmstart")]
+    start = model_path(config)
+    if policy_dir:
+        candidates = [policies.resolve(policy_dir)]
+    elif start and config.model.path != policies.TINY_DEFAULT:
+        candidates = [start]
+    else:
+        candidates = trained + ([start] if start else [])
     for path in candidates:
         if path and os.path.isfile(os.path.join(path, "config.json")):
             return path

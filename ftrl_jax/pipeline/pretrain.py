@@ -186,7 +186,7 @@ the answer; the held-out scores below say how far it got.
 
 ## Held-out scores (greedy, this bfloat16 export)
 {ev['num_episodes']} held-out environments built as the main job builds its held-out set (build seed
-{config.eval.seed}; the main job's seed 0 uses build seed 2, and its default 64 environments are the first 64),
+{config.eval.seed}; the main job's seed 0 uses build seed 2 and, by default, these 256 environments),
 balanced over scenario types, questions never in the training data; at most {config.eval.max_turns} turns of
 {config.eval.max_new_tokens} new tokens; Solve-P/R/F1 in % (FTRL's metrics, averaged over scenario types). An
 episode without any tool call scores Solve-P 100 and Solve-R 0. How the episodes ended: {ends}.

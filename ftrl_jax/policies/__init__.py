@@ -26,10 +26,12 @@ def path(name: str) -> str:
     return os.path.join(_HERE, SHIPPED[name])
 
 
-def resolve(name_or_dir: str) -> str:
+def resolve(name_or_dir: str | os.PathLike) -> str:
     """A shipped policy's name -> its directory; anything else (a checkpoint directory, a GGUF file, "") is
-    returned unchanged. A directory of that name in the working directory wins over the shipped policy."""
-    if name_or_dir in SHIPPED and not os.path.exists(name_or_dir):
+    returned unchanged. A checkpoint directory of that name (holding config.json) in the working directory wins
+    over the shipped policy."""
+    name_or_dir = os.fspath(name_or_dir)
+    if name_or_dir in SHIPPED and not os.path.isfile(os.path.join(name_or_dir, "config.json")):
         return path(name_or_dir)
     return name_or_dir
 

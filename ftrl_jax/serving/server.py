@@ -65,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftrl_jax import policies
 from ftrl_jax.generate.sampling import bucket
 from ftrl_jax.models.transformer import logits_from_hidden, shared_prompt_hidden_states
 from ftrl_jax.rollout.episodes import GeneratedTurn, TurnGenerator
@@ -95,8 +96,9 @@ class LoadedPolicy:
 
 
 def resolve_policy_dir(path: str | os.PathLike) -> str:
-    """The Hugging Face directory of a policy: `path` itself, or `path/export` for a training WORKDIR."""
-    path = os.fspath(path)
+    """The Hugging Face directory of a policy: `path` itself, `path/export` for a training WORKDIR, or a shipped
+    policy's directory for its name (`ftrl_jax.policies`, e.g. "tiny-instruct")."""
+    path = policies.resolve(path)
     for candidate in (path, os.path.join(path, "export")):
         if os.path.isfile(os.path.join(candidate, "config.json")):
             return candidate

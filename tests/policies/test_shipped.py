@@ -61,6 +61,14 @@ def test_recipe_is_the_config_defaults_and_the_main_job_world(recipe):
     for key in ("workdir", "output", "resume"):
         recorded.pop(key), defaults.pop(key)
     assert recorded == defaults
+    # The command it was made with set, as flags, exactly what are defaults now.
+    config = tiny.get_config()
+    for flag in recipe["made_with"].split()[3:]:
+        key, _, value = flag.removeprefix("--config.").partition("=")
+        if key.startswith("--") or key == "resume":
+            continue
+        section, name = key.split(".")
+        assert str(config[section][name]) == value, flag
     assert recipe["world"] == TINY_WORLD == qwen.get_config().envs.world
     card = open(os.path.join(PATH, "README.md")).read()
     assert f"{100 * recipe['held_out']['solve_f1']:.2f}" in card and recipe["command"] in card
@@ -80,17 +88,41 @@ def test_tokenizer_round_trips_the_chat_template(held_out):
         assert len(tokenizer.encode(special, add_special_tokens=False)) == 1, special
 
 
-def test_main_job_default_starts_from_it_and_warmup_trains_from_scratch():
+def test_main_job_default_starts_from_it_and_warmup_trains_from_scratch(tmp_path, recipe):
     config = qwen.get_config()
     assert config.model.path == "tiny-instruct" and config.warmup.num_steps == 0
     assert main_job.model_path(config) == PATH
+    main_job.check_config(config)
+    # The job's tokenizer and model are the shipped ones.
+    tokenizer = main_job.prepare_tokenizer(config, str(tmp_path / "run"), [])
+    assert tokenizer.get_vocab() == load_tokenizer(PATH).get_vocab()
+    model_config, _ = main_job.prepare_model(config, tokenizer, main_job.parallel.make_mesh(1, 1, 1))
+    assert model_config.num_params == recipe["model_params"]
+    # A run directory holding another model's tokenizer is refused, not mixed with the shipped model.
+    other = tmp_path / "other"
+    (other / "tokenizer").mkdir(parents=True)
+    from ftrl_jax.text.tokenizer import build_default_tokenizer
+    build_default_tokenizer(["Alpha Beta", "Gamma"], vocab_size=300).save_pretrained(str(other / "tokenizer"))
+    with pytest.raises(main_job.TrainingError, match="another model's tokenizer"):
+        main_job.prepare_tokenizer(config, str(other), [])
+    # experiments.sample's policy: the run's trained one first, the shipped start when there is none.
+    config.workdir = str(tmp_path / "run")
+    assert main_job._policy_dir(config, None) == PATH
+    assert main_job._policy_dir(config, "tiny-instruct") == PATH
     config.warmup.num_steps = 5
     assert main_job.model_path(config) == ""
     config.model.path = PATH  # the directory itself: warm-start the shipped policy
     assert main_job.model_path(config) == PATH
+    config.model.path, config.warmup.num_steps = "", 0  # neither a policy nor a warm start: refused
+    with pytest.raises(main_job.TrainingError, match="random model"):
+        main_job.check_config(config)
     with pytest.raises(ValueError, match="tiny-instruct"):
         policies.path("tiny")
     assert policies.resolve("/some/dir") == "/some/dir" and policies.is_shipped("tiny-instruct")
+    # Analysis and serving take the name too.
+    from analysis.checkpoints import open_checkpoint
+    from ftrl_jax.serving.server import resolve_policy_dir
+    assert resolve_policy_dir("tiny-instruct") == PATH and open_checkpoint("tiny-instruct") is not None
 
 
 def test_it_plays_held_out_environments_greedily(held_out):
@@ -102,4 +134,4 @@ def test_it_plays_held_out_environments_greedily(held_out):
     with Sandbox() as sandbox:
         report = evaluate(policy, held_out, max_turns=6, sandbox=sandbox)
     f1 = [row["solve_f1"] for row in report.episodes]
-    assert len(f1) == 8 and sum(v == 1.0 for v in f1) >= 2, f1
+    assert len(f1) == 8 and np.mean(f1) >= 0.25, f1  # 0.46 when shipped
