@@ -2,7 +2,7 @@
 
     python -m experiments.build_envs --num=2000 --seed=0 --output=runs/envs/train.jsonl
     python -m experiments.build_envs --num=2000 --seed=0 --output=small.jsonl --complexity=low \\
-        --world=pool=32,relations=12,fixed_names=1
+        --world=pool=256,relations=12,fixed_names=1
     python -m experiments.build_envs --num=50 --seed=0 --output=envs.parquet --author=llm \\
         --base_url=http://127.0.0.1:8000/v1 --model_name=Qwen2.5-72B-Instruct
 
@@ -45,7 +45,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                         f"Preset {sorted(COMPLEXITY_PRESETS)}, level 0-3, or 'fg=1,pe=2,pt=1,te=3,hops=3,parallel=2' "
                         "(presets and levels take overrides: 'low,te=2').", flag_values=fv)
     flags.DEFINE_string("world", "full",
-                        "Procedural author: world size, 'full' or e.g. 'pool=32,relations=12,fixed_names=1' (names "
+                        "Procedural author: world size, 'full' or e.g. 'pool=256,relations=12,fixed_names=1' (names "
                         "per entity type, relation count or keys joined by '+', canonical tool names; seed=N picks "
                         "another pool and subset).", flag_values=fv)
     flags.DEFINE_string("split", "train", "Value of the `split` column.", flag_values=fv)

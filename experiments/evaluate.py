@@ -50,7 +50,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("backend", "local", ("local", "openai"),
                       "local: --model in-process on the jit sampler; openai: a chat-completions server.",
                       flag_values=fv)
-    flags.DEFINE_string("model", "", "local: Hugging Face policy directory, or a training WORKDIR (its export/).",
+    flags.DEFINE_string("model", "", "local: Hugging Face policy directory, a training WORKDIR (its export/), or a "
+                        "shipped policy's name (tiny-instruct).",
                         flag_values=fv)
     flags.DEFINE_string("tokenizer", "", "local: tokenizer directory (empty: the policy's).", flag_values=fv)
     flags.DEFINE_string("dtype", "float32", "local: parameter dtype (float32, bfloat16).", flag_values=fv)

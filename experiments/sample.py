@@ -28,7 +28,8 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                         "save_to_disk directory (required).", required=True,
                         flag_values=flag_values)
     flags.DEFINE_alias("out", "output", flag_values=flag_values)
-    flags.DEFINE_string("model", "", "Hugging Face checkpoint directory to sample from (empty: see above).",
+    flags.DEFINE_string("model", "", "Hugging Face checkpoint directory or shipped policy's name to sample from "
+                        "(empty: see above).",
                         flag_values=flag_values)
     flags.DEFINE_alias("policy", "model", flag_values=flag_values)
     flags.DEFINE_string("workdir", "", "Run directory whose environments and policy are used "

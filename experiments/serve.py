@@ -29,7 +29,8 @@ API_KEY_ENV = "FTRL_SERVE_API_KEY"
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    flags.DEFINE_string("model", None, "Hugging Face policy directory, or a training WORKDIR (its export/) (required).",
+    flags.DEFINE_string("model", None, "Hugging Face policy directory, a training WORKDIR (its export/), or a shipped "
+                        "policy's name (tiny-instruct) (required).",
                         required=True, flag_values=fv)
     flags.DEFINE_string("tokenizer", "", "Tokenizer directory (empty: the policy's).", flag_values=fv)
     flags.DEFINE_string("dtype", "float32", "Parameter dtype (float32, bfloat16).", flag_values=fv)

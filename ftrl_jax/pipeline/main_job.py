@@ -9,7 +9,7 @@ environments hold only training-side questions and held-out ones only held-out q
 Every stage leaves its result in the workdir so a killed run resumes where it stopped (`config.resume=True`):
 
   WORKDIR/envs/{train,eval}.jsonl   built environments (sample format, with oracle calls)
-  WORKDIR/tokenizer/                the tokenizer (embedded default or the checkpoint's)
+  WORKDIR/tokenizer/                the tokenizer (the starting checkpoint's, or the embedded one from scratch)
   WORKDIR/checkpoints/warmup/       orbax checkpoints of the supervised warm start (when there is one)
   WORKDIR/warmstart/                the policy RL starts from (HF format): RL's reference and the analysis base
   WORKDIR/eval_before.json          held-out evaluation before RL
@@ -796,7 +796,7 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
                     "--config.rl.aggregation=seq-mean-token-sum-norm", rc.aggregation)
     optimizer = make_optimizer(rc.learning_rate, weight_decay=rc.weight_decay, max_grad_norm=rc.max_grad_norm,
                                trainable=rc.trainable)
-    ref_params = jax.tree.map(jnp.copy, params)  # frozen reference policy (the warm-started one)
+    ref_params = jax.tree.map(jnp.copy, params)  # frozen reference policy (the one RL starts from)
     state = shard_state(create_train_state(params, optimizer), mesh)
     loss_cfg = _loss_config(config)
     step_fn = make_rl_step(model_config, optimizer, mesh, loss_cfg, num_minibatches=rc.num_minibatches,
