@@ -35,10 +35,3 @@ def resolve(name_or_dir: str | os.PathLike) -> str:
         return path(name_or_dir)
     return name_or_dir
 
-
-def is_shipped(name_or_dir: str) -> bool:
-    """Whether `name_or_dir` names (or resolves to) a shipped policy."""
-    if not name_or_dir:
-        return False
-    resolved = os.path.realpath(resolve(name_or_dir))
-    return any(resolved == os.path.realpath(path(name)) for name in SHIPPED)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -18,7 +19,7 @@ from ftrl_jax.pipeline import main_job
 from ftrl_jax.rollout.evaluation import evaluate
 from ftrl_jax.rollout.policy import LocalPolicy
 from ftrl_jax.text.chat import render_conversation
-from ftrl_jax.text.tokenizer import load_tokenizer
+from ftrl_jax.text.tokenizer import build_default_tokenizer, load_tokenizer
 
 PATH = policies.path("tiny-instruct")
 
@@ -49,7 +50,7 @@ def test_files_size_and_dtype(recipe):
     assert model_config.num_params == recipe["model_params"]
     assert (model_config.num_layers, model_config.hidden_size, model_config.vocab_size) == (
         recipe["model"]["num_layers"], recipe["model"]["hidden_size"], recipe["model"]["vocab_size"])
-    leaves = [np.asarray(x, np.float32) for x in __import__("jax").tree_util.tree_leaves(params)]
+    leaves = [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(params)]
     assert all(np.isfinite(x).all() for x in leaves)
 
 
@@ -101,7 +102,6 @@ def test_main_job_default_starts_from_it_and_warmup_trains_from_scratch(tmp_path
     # A run directory holding another model's tokenizer is refused, not mixed with the shipped model.
     other = tmp_path / "other"
     (other / "tokenizer").mkdir(parents=True)
-    from ftrl_jax.text.tokenizer import build_default_tokenizer
     build_default_tokenizer(["Alpha Beta", "Gamma"], vocab_size=300).save_pretrained(str(other / "tokenizer"))
     with pytest.raises(main_job.TrainingError, match="another model's tokenizer"):
         main_job.prepare_tokenizer(config, str(other), [])
@@ -118,7 +118,7 @@ def test_main_job_default_starts_from_it_and_warmup_trains_from_scratch(tmp_path
         main_job.check_config(config)
     with pytest.raises(ValueError, match="tiny-instruct"):
         policies.path("tiny")
-    assert policies.resolve("/some/dir") == "/some/dir" and policies.is_shipped("tiny-instruct")
+    assert policies.resolve("/some/dir") == "/some/dir" and policies.resolve("tiny-instruct") == PATH
     # Analysis and serving take the name too.
     from analysis.checkpoints import open_checkpoint
     from ftrl_jax.serving.server import resolve_policy_dir
