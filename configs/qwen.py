@@ -90,7 +90,10 @@ def _base() -> ml_collections.ConfigDict:
     c.rl.num_steps = 10
     c.rl.prompts_per_step = 16
     c.rl.num_rollouts = 8          # group size n
-    c.rl.refresh_every = 4         # collect fresh RL prompts from the current policy every k steps
+    c.rl.refresh_every = 4         # collect fresh RL prompts every k steps
+    # Step mode's prompts: policy (FTRL's: states of episodes the current policy plays) | oracle (states along
+    # each environment's oracle plan, where the next turn can still succeed)
+    c.rl.prompt_source = "policy"
     # Step mode: the n turns of a prompt share one copy of it in the log-prob passes and the update (the same
     # update as n full rows, for a fraction of the tokens); prompts_per_step must then divide over the mesh.
     c.rl.shared_prompt = True

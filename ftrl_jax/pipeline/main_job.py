@@ -56,7 +56,7 @@ from ftrl_jax.rl.dynamic_sampling import GroupCollector
 from ftrl_jax.rl.losses import LossConfig, registered_aggregations
 from ftrl_jax.rl import shared_prompt
 from ftrl_jax.rl.update import make_logprob_fn, make_rl_step, make_shared_prompt_logprob_fn, response_mask
-from ftrl_jax.rollout.episodes import play_episodes, rl_prompts_from_episode
+from ftrl_jax.rollout.episodes import play_episodes, rl_prompts_from_conversation, rl_prompts_from_episode
 from ftrl_jax.rollout.policy import LocalPolicy
 from ftrl_jax.training.sft import make_sft_step
 from ftrl_jax.text.tokenizer import PRETOKENIZE_PATTERNS, build_default_tokenizer, load_tokenizer
@@ -108,6 +108,8 @@ def check_config(config) -> None:
     if config.rl.mode == "trajectory" and config.model.template != "qwen2.5":
         raise TrainingError("config.rl.mode='trajectory' needs config.model.template='qwen2.5' (the Qwen3 template "
                             "rewrites earlier turns, so a trajectory is not one token sequence)")
+    if config.rl.prompt_source not in PROMPT_SOURCES:
+        raise TrainingError(f"config.rl.prompt_source={config.rl.prompt_source!r}; use one of {list(PROMPT_SOURCES)}")
     if config.rl.aggregation not in registered_aggregations():
         raise TrainingError(f"config.rl.aggregation={config.rl.aggregation!r}; use one of "
                             f"{', '.join(registered_aggregations())}")
@@ -612,16 +614,37 @@ def _pool_from_episodes(episodes) -> list[Sample]:
     return pool
 
 
+# Where step-mode RL prompts come from (`rl.prompt_source`).
+PROMPT_SOURCES = ("policy", "oracle")
+
+
 def collect_prompt_pool(config, model_config, params, tokenizer, mesh, train, cursor, sandbox, seed):
-    """FTRL's data: play training environments with the current policy; every state after a tool-calling
-    turn (and each fresh question) becomes an RL prompt."""
+    """The next RL prompts from `prompts_per_step * refresh_every / 2` training environments, shuffled, with the
+    advanced cursor and the episodes played (none for the oracle source).
+
+    `rl.prompt_source="policy"` is FTRL's data: the current policy plays the environments, and every state after
+    a tool-calling turn (and each fresh question) becomes an RL prompt, so an episode that keeps failing gives
+    a prompt per failed turn. `"oracle"`: the states along each environment's oracle plan instead (the fresh
+    question, then each state after an oracle turn and its tool responses), where the next turn can still
+    succeed.
+    """
     rc = config.rl
     num_envs = max(1, rc.prompts_per_step * rc.refresh_every // 2)
     envs = [train[(cursor + i) % len(train)] for i in range(num_envs)]
-    policy = _policy(config, model_config, params, tokenizer, mesh, greedy=False, seed=seed,
-                     max_new_tokens=config.rollout.max_new_tokens)
-    episodes = play_episodes(policy, envs, max_turns=config.rollout.max_turns, sandbox=sandbox)
-    pool = _pool_from_episodes(episodes)
+    if rc.prompt_source == "oracle":
+        if not any(env.oracle_calls for env in envs):
+            raise TrainingError("config.rl.prompt_source='oracle' needs environments with an oracle plan (built ones "
+                                "have one; sample-format files such as FTRL's rows do not): use "
+                                "--config.rl.prompt_source=policy")
+        conversations = warmstart.oracle_conversations(envs, sandbox)
+        pool = [state for env, conversation in zip(envs, conversations)
+                for state in rl_prompts_from_conversation(env, conversation)]
+        episodes = []
+    else:
+        policy = _policy(config, model_config, params, tokenizer, mesh, greedy=False, seed=seed,
+                         max_new_tokens=config.rollout.max_new_tokens)
+        episodes = play_episodes(policy, envs, max_turns=config.rollout.max_turns, sandbox=sandbox)
+        pool = _pool_from_episodes(episodes)
     order = np.random.default_rng(seed).permutation(len(pool))
     return [pool[i] for i in order], (cursor + num_envs) % len(train), episodes
 
@@ -825,8 +848,10 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
         if rc.mode == "step" and (step % rc.refresh_every == 0 or not pool):
             pool, cursor, episodes = collect_prompt_pool(config, model_config, state.params, tokenizer, mesh,
                                                          train, cursor, sandbox, seed)
-            logger.log("collect", step, {"pool_size": len(pool), "episode_solve_f1": float(np.mean(
-                [ep.metrics["solve_f1"] for ep in episodes]))})
+            collected = {"pool_size": len(pool)}
+            if episodes:
+                collected["episode_solve_f1"] = float(np.mean([ep.metrics["solve_f1"] for ep in episodes]))
+            logger.log("collect", step, collected)
         # One policy per step: each sampling round's call draws a fresh key from the step's seed.
         policy = _policy(config, model_config, state.params, tokenizer, mesh, greedy=False, seed=seed,
                          max_new_tokens=config.rollout.max_new_tokens)

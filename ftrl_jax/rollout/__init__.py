@@ -7,13 +7,15 @@
 """
 
 from ftrl_jax.rollout.episodes import (END_REASONS, Episode, GeneratedTurn, TurnGenerationError, TurnGenerator,
-                                       episode_token_arrays, play_episodes, rl_prompts_from_episode)
+                                       episode_token_arrays, play_episodes, rl_prompts_from_conversation,
+                                       rl_prompts_from_episode)
 
 # Loaded on first use: they bring JAX, which a remote-policy evaluation or the server's request path never needs.
 _LAZY = {"LocalPolicy": "ftrl_jax.rollout.policy", "evaluate": "ftrl_jax.rollout.evaluation"}
 
 __all__ = ["END_REASONS", "Episode", "GeneratedTurn", "LocalPolicy", "TurnGenerationError", "TurnGenerator",
-           "episode_token_arrays", "evaluate", "play_episodes", "rl_prompts_from_episode"]
+           "episode_token_arrays", "evaluate", "play_episodes", "rl_prompts_from_conversation",
+           "rl_prompts_from_episode"]
 
 
 def __getattr__(name: str):

@@ -276,6 +276,47 @@ def rl_prompts_from_episode(episode: Episode, *, include_initial: bool = True) -
     return states
 
 
+def rl_prompts_from_conversation(sample: Sample, conversation: Sequence[Mapping[str, Any]], *,
+                                 include_initial: bool = True) -> list[Sample]:
+    """RL prompts along a conversation given as messages, such as an environment's oracle play
+    (`ftrl_jax.training.warmstart.oracle_conversations`): every state right after an assistant turn with
+    structured `tool_calls` and its tool responses, as `rl_prompts_from_episode` makes them from a played
+    episode (messages so far, the `unsolved_set` reduced by the answers the tool outputs matched, the
+    `solve_rate`). The conversation must start with `sample.messages`; each such turn must be followed by one
+    tool message per call. Raises ValueError naming the message that breaks this.
+    """
+    sample = decode_sample(sample)
+    start = len(sample.messages)
+    if list(conversation[:start]) != list(sample.messages):
+        raise ValueError("the conversation does not start with the sample's messages; pass the conversation "
+                         "played from this sample")
+    states = [copy.deepcopy(sample)] if include_initial else []
+    expected = sample.num_expected
+    unsolved = sample.unsolved_set
+    index = start
+    while index < len(conversation):
+        message = conversation[index]
+        calls = (message.get("tool_calls") or []) if message.get("role") == "assistant" else []
+        index += 1
+        if not calls:
+            continue
+        names = [call["function"]["name"] for call in calls]
+        responses = list(conversation[index: index + len(names)])
+        if len(responses) < len(names) or any(r.get("role") != "tool" for r in responses):
+            raise ValueError(f"conversation[{index - 1}] makes {len(names)} tool calls but is not followed by "
+                             f"{len(names)} tool messages")
+        index += len(names)
+        _, unsolved = match_outputs(zip(names, (r["content"] for r in responses)), unsolved)
+        still_open = sum(len(answers) for answers in unsolved.values())
+        states.append(dataclasses.replace(
+            copy.deepcopy(sample),
+            messages=copy.deepcopy(list(conversation[:index])),
+            unsolved_set=copy.deepcopy(unsolved),
+            solve_rate=_solve_rate(sample.solve_rate, expected, still_open),
+        ))
+    return states
+
+
 def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 

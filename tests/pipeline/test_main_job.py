@@ -1,5 +1,6 @@
 """The main job end to end on a micro configuration: outputs, config errors, and exact resume."""
 
+import dataclasses
 import json
 import os
 
@@ -10,8 +11,10 @@ import pytest
 from configs import qwen
 from ftrl_jax.models.checkpoint_io import SafetensorsFile
 from ftrl_jax.envs.samples import read_samples
-from ftrl_jax.pipeline.main_job import (TrainingError, check_config, parse_overrides, sample_rl_prompts,
-                                        split_train_environments, train_and_evaluate)
+from ftrl_jax.envs import build
+from ftrl_jax.envs.sandbox import Sandbox
+from ftrl_jax.pipeline.main_job import (TrainingError, check_config, collect_prompt_pool, parse_overrides,
+                                        sample_rl_prompts, split_train_environments, train_and_evaluate)
 
 
 def micro_config(workdir, **rl):
@@ -201,3 +204,25 @@ def test_non_finite_loss_stops_the_run_with_what_to_do():
     assert _finite_loss({"loss": np.float32(1.5)}, "RL", 3, "/w/ck", "rl.learning_rate") == 1.5
     with pytest.raises(TrainingError, match="RL loss is nan at step 3.*/w/ck.*lower rl.learning_rate"):
         _finite_loss({"loss": np.float32("nan")}, "RL", 3, "/w/ck", "rl.learning_rate")
+
+
+def test_oracle_prompt_source_collects_the_states_along_each_oracle_plan(tmp_path):
+    c = micro_config(tmp_path)
+    c.rl.prompt_source = "oracle"
+    c.rl.prompts_per_step, c.rl.refresh_every = 3, 2  # 3 environments per collection
+    with Sandbox(num_workers=1) as sandbox:
+        environments, _ = build.build_environments(5, seed=3, sandbox=sandbox, batch_size=5)
+        train = [env.to_sample() for env in environments]
+        # No model is needed: the oracle plays.
+        pool, cursor, episodes = collect_prompt_pool(c, None, None, None, None, train, 4, sandbox, seed=0)
+        assert cursor == 2 and episodes == []
+        visited = [train[4], train[0], train[1]]
+        assert len(pool) == sum(len(env.oracle_calls) + 1 for env in visited)
+        assert [p.solve_rate for p in pool].count(1.0) == 3  # one finished state per environment
+        assert {p.messages[0]["content"] for p in pool} == {env.messages[0]["content"] for env in visited}
+        no_plan = [dataclasses.replace(env, oracle_calls=None) for env in train]
+        with pytest.raises(TrainingError, match="needs environments with an oracle plan"):
+            collect_prompt_pool(c, None, None, None, None, no_plan, 0, sandbox, seed=0)
+    c.rl.prompt_source = "teacher"
+    with pytest.raises(TrainingError, match="prompt_source='teacher'; use one of"):
+        check_config(c)

@@ -15,7 +15,8 @@ from ftrl_jax.envs.samples import Sample, decode_sample, encode_sample, read_sam
 from ftrl_jax.envs.sandbox import ERROR_PREFIX, Sandbox
 from ftrl_jax.rollout.policy import LocalPolicy
 from ftrl_jax.rollout.episodes import (GeneratedTurn, episode_token_arrays, play_episodes,
-                                       rl_prompts_from_episode)
+                                       rl_prompts_from_conversation, rl_prompts_from_episode)
+from ftrl_jax.training.warmstart import oracle_conversations
 from ftrl_jax.text.tokenizer import default_tokenizer
 from ftrl_jax.text.tool_calls import format_qwen_tool_call
 
@@ -274,6 +275,33 @@ def test_rl_prompts_reduce_the_unsolved_set_and_raise_the_solve_rate(sandbox):
     assert rl_prompts_from_episode(episode, include_initial=False) == states[1:]
     # A sample already half solved: the rate counts against its original answers, not the ones left.
     assert [s.solve_rate for s in rl_prompts_from_episode(half_episode)] == [0.5, 0.75, 1.0]
+
+
+def test_rl_prompts_along_the_oracle_conversation_match_those_of_the_oracle_episode(procedural_samples, sandbox):
+    episodes = play_episodes(OracleGenerator(procedural_samples), procedural_samples, sandbox=sandbox)
+    conversations = oracle_conversations(procedural_samples, sandbox)
+    for sample, episode, conversation in zip(procedural_samples, episodes, conversations):
+        from_episode = rl_prompts_from_episode(episode)
+        from_oracle = rl_prompts_from_conversation(sample, conversation)
+        # The fresh question, then one state per oracle turn: the last one has everything solved.
+        assert len(from_oracle) == len(sample.oracle_calls) + 1 == len(from_episode)
+        assert [s.unsolved_set for s in from_oracle] == [s.unsolved_set for s in from_episode]
+        assert [s.solve_rate for s in from_oracle] == [s.solve_rate for s in from_episode]
+        assert from_oracle[-1].unsolved_set == {} and from_oracle[-1].solve_rate == 1.0
+        for state, turn in zip(from_oracle[1:], range(len(sample.oracle_calls))):
+            # Ends with the turn's tool responses; the state is a valid FTRL row.
+            calls = sample.oracle_calls[turn]
+            assert [m["role"] for m in state.messages[-len(calls) - 1:]] == ["assistant"] + ["tool"] * len(calls)
+            assert decode_sample(json.loads(json.dumps(encode_sample(state)))) == state
+        assert rl_prompts_from_conversation(sample, conversation, include_initial=False) == from_oracle[1:]
+    sample, conversation = procedural_samples[0], conversations[0]
+    with pytest.raises(ValueError, match="does not start with the sample's messages"):
+        rl_prompts_from_conversation(sample, conversation[1:])
+    cut = conversation[: len(sample.messages) + 1]  # an oracle turn without its tool responses
+    n = len(sample.oracle_calls[0])
+    with pytest.raises(ValueError, match=rf"conversation\[{len(sample.messages)}\] makes {n} tool calls but is not "
+                                         rf"followed by {n} tool messages"):
+        rl_prompts_from_conversation(sample, cut)
 
 
 # --- whole-trajectory token arrays -----------------------------------------------------------
