@@ -110,6 +110,9 @@ def check_config(config) -> None:
                             "rewrites earlier turns, so a trajectory is not one token sequence)")
     if config.rl.prompt_source not in PROMPT_SOURCES:
         raise TrainingError(f"config.rl.prompt_source={config.rl.prompt_source!r}; use one of {list(PROMPT_SOURCES)}")
+    if config.rl.prompt_source != "policy" and config.rl.mode != "step":
+        raise TrainingError(f"config.rl.prompt_source={config.rl.prompt_source!r} chooses step mode's prompts; "
+                            "config.rl.mode='trajectory' plays whole episodes: use --config.rl.prompt_source=policy")
     if config.rl.aggregation not in registered_aggregations():
         raise TrainingError(f"config.rl.aggregation={config.rl.aggregation!r}; use one of "
                             f"{', '.join(registered_aggregations())}")
@@ -618,6 +621,16 @@ def _pool_from_episodes(episodes) -> list[Sample]:
 PROMPT_SOURCES = ("policy", "oracle")
 
 
+def check_oracle_plans(envs: Sequence[Sample]) -> None:
+    """`rl.prompt_source='oracle'` needs every RL environment to carry an oracle plan; TrainingError otherwise."""
+    missing = [i for i, env in enumerate(envs) if not env.oracle_calls]
+    if missing:
+        raise TrainingError(f"config.rl.prompt_source='oracle' needs environments with an oracle plan, and "
+                            f"{len(missing)} of {len(envs)} have none (the first: #{missing[0]}); built environments "
+                            "have one, sample-format files such as FTRL's rows do not: use "
+                            "--config.rl.prompt_source=policy")
+
+
 def collect_prompt_pool(config, model_config, params, tokenizer, mesh, train, cursor, sandbox, seed):
     """The next RL prompts from `prompts_per_step * refresh_every / 2` training environments, shuffled, with the
     advanced cursor and the episodes played (none for the oracle source).
@@ -632,10 +645,7 @@ def collect_prompt_pool(config, model_config, params, tokenizer, mesh, train, cu
     num_envs = max(1, rc.prompts_per_step * rc.refresh_every // 2)
     envs = [train[(cursor + i) % len(train)] for i in range(num_envs)]
     if rc.prompt_source == "oracle":
-        if not any(env.oracle_calls for env in envs):
-            raise TrainingError("config.rl.prompt_source='oracle' needs environments with an oracle plan (built ones "
-                                "have one; sample-format files such as FTRL's rows do not): use "
-                                "--config.rl.prompt_source=policy")
+        check_oracle_plans(envs)
         conversations = warmstart.oracle_conversations(envs, sandbox)
         pool = [state for env, conversation in zip(envs, conversations)
                 for state in rl_prompts_from_conversation(env, conversation)]
@@ -932,6 +942,8 @@ def train_and_evaluate(config) -> dict[str, Any]:
     logger = MetricsLogger(workdir)
     with Sandbox() as sandbox:
         train, held_out = prepare_environments(config, workdir, sandbox)
+        if config.rl.prompt_source == "oracle":
+            check_oracle_plans(train)  # before anything heavy
         tokenizer = prepare_tokenizer(config, workdir, train)
         model_config, params = prepare_model(config, tokenizer, mesh)
         log.info("model: %s, %.2fM parameters; %d train / %d held-out environments", model_config.model_type,

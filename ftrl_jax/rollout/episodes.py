@@ -283,7 +283,9 @@ def rl_prompts_from_conversation(sample: Sample, conversation: Sequence[Mapping[
     structured `tool_calls` and its tool responses, as `rl_prompts_from_episode` makes them from a played
     episode (messages so far, the `unsolved_set` reduced by the answers the tool outputs matched, the
     `solve_rate`). The conversation must start with `sample.messages`; each such turn must be followed by one
-    tool message per call. Raises ValueError naming the message that breaks this.
+    tool message per call. Only structured `tool_calls` count: calls written as text in an assistant message's
+    content (how `play_episodes` records the "qwen" format) are not read, so pass such an episode to
+    `rl_prompts_from_episode` instead. Raises ValueError naming the message that breaks this.
     """
     sample = decode_sample(sample)
     start = len(sample.messages)

@@ -13,8 +13,9 @@ from ftrl_jax.models.checkpoint_io import SafetensorsFile
 from ftrl_jax.envs.samples import read_samples
 from ftrl_jax.envs import build
 from ftrl_jax.envs.sandbox import Sandbox
-from ftrl_jax.pipeline.main_job import (TrainingError, check_config, collect_prompt_pool, parse_overrides,
-                                        sample_rl_prompts, split_train_environments, train_and_evaluate)
+from ftrl_jax.pipeline.main_job import (TrainingError, check_config, check_oracle_plans, collect_prompt_pool,
+                                        parse_overrides, sample_rl_prompts, split_train_environments,
+                                        train_and_evaluate)
 
 
 def micro_config(workdir, **rl):
@@ -221,8 +222,14 @@ def test_oracle_prompt_source_collects_the_states_along_each_oracle_plan(tmp_pat
         assert [p.solve_rate for p in pool].count(1.0) == 3  # one finished state per environment
         assert {p.messages[0]["content"] for p in pool} == {env.messages[0]["content"] for env in visited}
         no_plan = [dataclasses.replace(env, oracle_calls=None) for env in train]
-        with pytest.raises(TrainingError, match="needs environments with an oracle plan"):
+        with pytest.raises(TrainingError, match="needs environments with an oracle plan, and 3 of 3 have none"):
             collect_prompt_pool(c, None, None, None, None, no_plan, 0, sandbox, seed=0)
+        with pytest.raises(TrainingError, match="1 of 5 have none"):
+            check_oracle_plans(train[:2] + no_plan[2:3] + train[3:])
+    check_config(c)
+    c.rl.mode = "trajectory"
+    with pytest.raises(TrainingError, match="use --config.rl.prompt_source=policy"):
+        check_config(c)
     c.rl.prompt_source = "teacher"
     with pytest.raises(TrainingError, match="prompt_source='teacher'; use one of"):
         check_config(c)
