@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -249,6 +249,26 @@ def _solve_rate(start_rate: float, expected_at_start: int, still_open: int) -> f
     return 1.0 - (1.0 - start_rate) * still_open / expected_at_start
 
 
+def _rl_states(sample: Sample, turns: Iterable[tuple[Sequence[Mapping[str, Any]], Sequence[str], Sequence[str]]],
+               *, include_initial: bool) -> list[Sample]:
+    """The RL prompts of `sample` after each tool-calling turn, given per turn as (the messages through its tool
+    responses, its call names, their outputs): the `unsolved_set` reduced by the answers matched so far and the
+    `solve_rate` that follows; other fields copied from `sample`. The fresh question first if `include_initial`."""
+    states = [copy.deepcopy(sample)] if include_initial else []
+    expected = sample.num_expected
+    unsolved = sample.unsolved_set
+    for messages, names, outputs in turns:
+        _, unsolved = match_outputs(zip(names, outputs), unsolved)
+        still_open = sum(len(answers) for answers in unsolved.values())
+        states.append(dataclasses.replace(
+            copy.deepcopy(sample),
+            messages=copy.deepcopy(list(messages)),
+            unsolved_set=copy.deepcopy(unsolved),
+            solve_rate=_solve_rate(sample.solve_rate, expected, still_open),
+        ))
+    return states
+
+
 def rl_prompts_from_episode(episode: Episode, *, include_initial: bool = True) -> list[Sample]:
     """FTRL's RL prompts from one episode: every state right after a turn whose tool calls were run.
 
@@ -256,24 +276,14 @@ def rl_prompts_from_episode(episode: Episode, *, include_initial: bool = True) -
     the answers already matched and its `solve_rate`; other fields are copied from the episode's sample.
     With `include_initial`, the sample itself (the fresh question) comes first.
     """
-    sample = episode.sample
-    states = [copy.deepcopy(sample)] if include_initial else []
-    expected = sample.num_expected
-    unsolved = sample.unsolved_set
-    end = len(sample.messages)
-    for turn in episode.turns:
-        end += 1 + len(turn.tool_outputs)
-        if not turn.tool_calls:
-            continue
-        _, unsolved = match_outputs(zip((c.name for c in turn.tool_calls), turn.tool_outputs), unsolved)
-        still_open = sum(len(answers) for answers in unsolved.values())
-        states.append(dataclasses.replace(
-            copy.deepcopy(sample),
-            messages=copy.deepcopy(episode.messages[:end]),
-            unsolved_set=copy.deepcopy(unsolved),
-            solve_rate=_solve_rate(sample.solve_rate, expected, still_open),
-        ))
-    return states
+    def turns():
+        end = len(episode.sample.messages)
+        for turn in episode.turns:
+            end += 1 + len(turn.tool_outputs)
+            if turn.tool_calls:
+                yield episode.messages[:end], [c.name for c in turn.tool_calls], turn.tool_outputs
+
+    return _rl_states(episode.sample, turns(), include_initial=include_initial)
 
 
 def rl_prompts_from_conversation(sample: Sample, conversation: Sequence[Mapping[str, Any]], *,
@@ -292,31 +302,24 @@ def rl_prompts_from_conversation(sample: Sample, conversation: Sequence[Mapping[
     if list(conversation[:start]) != list(sample.messages):
         raise ValueError("the conversation does not start with the sample's messages; pass the conversation "
                          "played from this sample")
-    states = [copy.deepcopy(sample)] if include_initial else []
-    expected = sample.num_expected
-    unsolved = sample.unsolved_set
-    index = start
-    while index < len(conversation):
-        message = conversation[index]
-        calls = (message.get("tool_calls") or []) if message.get("role") == "assistant" else []
-        index += 1
-        if not calls:
-            continue
-        names = [call["function"]["name"] for call in calls]
-        responses = list(conversation[index: index + len(names)])
-        if len(responses) < len(names) or any(r.get("role") != "tool" for r in responses):
-            raise ValueError(f"conversation[{index - 1}] makes {len(names)} tool calls but is not followed by "
-                             f"{len(names)} tool messages")
-        index += len(names)
-        _, unsolved = match_outputs(zip(names, (r["content"] for r in responses)), unsolved)
-        still_open = sum(len(answers) for answers in unsolved.values())
-        states.append(dataclasses.replace(
-            copy.deepcopy(sample),
-            messages=copy.deepcopy(list(conversation[:index])),
-            unsolved_set=copy.deepcopy(unsolved),
-            solve_rate=_solve_rate(sample.solve_rate, expected, still_open),
-        ))
-    return states
+
+    def turns():
+        index = start
+        while index < len(conversation):
+            message = conversation[index]
+            calls = (message.get("tool_calls") or []) if message.get("role") == "assistant" else []
+            index += 1
+            if not calls:
+                continue
+            names = [call["function"]["name"] for call in calls]
+            responses = list(conversation[index: index + len(names)])
+            if len(responses) < len(names) or any(r.get("role") != "tool" for r in responses):
+                raise ValueError(f"conversation[{index - 1}] makes {len(names)} tool calls but is not followed by "
+                                 f"{len(names)} tool messages")
+            index += len(names)
+            yield conversation[:index], names, [r["content"] for r in responses]
+
+    return _rl_states(sample, turns(), include_initial=include_initial)
 
 
 def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
