@@ -260,12 +260,9 @@ def _rl_states(sample: Sample, turns: Iterable[tuple[Sequence[Mapping[str, Any]]
     for messages, names, outputs in turns:
         _, unsolved = match_outputs(zip(names, outputs), unsolved)
         still_open = sum(len(answers) for answers in unsolved.values())
-        states.append(dataclasses.replace(
-            copy.deepcopy(sample),
-            messages=copy.deepcopy(list(messages)),
-            unsolved_set=copy.deepcopy(unsolved),
-            solve_rate=_solve_rate(sample.solve_rate, expected, still_open),
-        ))
+        states.append(copy.deepcopy(dataclasses.replace(
+            sample, messages=list(messages), unsolved_set=unsolved,
+            solve_rate=_solve_rate(sample.solve_rate, expected, still_open))))
     return states
 
 
