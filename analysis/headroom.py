@@ -1,0 +1,197 @@
+"""Where RL's signal can raise greedy decoding: per state, the greedy turn's reward against k sampled turns'.
+
+    python -m analysis.headroom --model=DIR --data=FILE.jsonl [--states=initial|oracle] [--num=256]
+        [--temperature=0.7] [--num_samples=16] [--output=OUT.json]
+
+RL with a sampled, verifiable reward moves probability toward the turns it samples that score well, while the
+main job's evaluation decodes greedily. A state whose greedy turn already succeeds can only get sharper; the
+states where greedy fails and some sample succeeds are where an update can change what greedy writes. This
+measures how much of the sampled signal lands there. For each state of the first `--num` environments of a
+sample-format file (`--states=initial`: each environment's question; `oracle`: every state along its oracle
+plan, as `rl.prompt_source=oracle` makes RL prompts), one greedy turn and `--num_samples` turns at
+`--temperature` are generated with the main job's sampler and scored with its step reward (FTRL's, kind
+`--reward_kind`); a turn succeeds when its reward is at least `--success_threshold`. Per scenario type and
+over all states (fractions in [0, 1], rewards in the reward's units):
+
+    greedy_success           share of states whose greedy turn succeeds
+    best_of_k                share of states with at least one successful sample
+    flippable                share of states where greedy fails and at least one sample succeeds
+    sampled_success_greedy_succeeds / _greedy_fails
+                             success rate of the samples on the states where greedy succeeds / fails
+                             (None when there are no such states)
+    successes_where_greedy_fails
+                             share of all successful samples that are on states where greedy fails: the part of
+                             RL's positive signal that could change a greedy turn (None without successes)
+    greedy_reward, sampled_reward   mean step reward of the greedy turns, of the samples
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from absl import flags
+
+from experiments import cli
+
+STATES = ("initial", "oracle")
+
+
+def _rate(values: np.ndarray) -> float | None:
+    return float(values.mean()) if values.size else None
+
+
+def figures(greedy: np.ndarray, sampled: np.ndarray, threshold: float = 1.0) -> dict[str, Any]:
+    """The module docstring's figures for `greedy` rewards `[S]` and `sampled` rewards `[S, k]` (float, any
+    reward units); a turn succeeds when its reward >= `threshold`. Raises ValueError on mismatched shapes or an
+    empty set."""
+    greedy = np.asarray(greedy, np.float64)
+    sampled = np.asarray(sampled, np.float64)
+    if greedy.ndim != 1 or sampled.ndim != 2 or sampled.shape[0] != greedy.shape[0] or not greedy.size \
+            or not sampled.shape[1]:
+        raise ValueError(f"need greedy [S] and sampled [S, k] rewards with S, k >= 1; got shapes {greedy.shape} "
+                         f"and {sampled.shape}")
+    wins = greedy >= threshold
+    hits = sampled >= threshold
+    total_hits = int(hits.sum())
+    return {
+        "states": int(greedy.size), "num_samples": int(sampled.shape[1]),
+        "greedy_success": float(wins.mean()),
+        "best_of_k": float(hits.any(axis=1).mean()),
+        "flippable": float((~wins & hits.any(axis=1)).mean()),
+        "sampled_success_greedy_succeeds": _rate(hits[wins]),
+        "sampled_success_greedy_fails": _rate(hits[~wins]),
+        "successes_where_greedy_fails": float(hits[~wins].sum() / total_hits) if total_hits else None,
+        "greedy_reward": float(greedy.mean()), "sampled_reward": float(sampled.mean()),
+    }
+
+
+def figures_by_source(greedy: np.ndarray, sampled: np.ndarray, sources: Sequence[str],
+                      threshold: float = 1.0) -> dict[str, dict[str, Any]]:
+    """`figures` per data source (scenario type), sorted by name, and over all states as `"all"`."""
+    sources = np.asarray(list(sources), dtype=object)
+    if sources.shape != (len(greedy),):
+        raise ValueError(f"need one source per state: {len(sources)} sources for {len(greedy)} states")
+    out = {str(s): figures(np.asarray(greedy)[sources == s], np.asarray(sampled)[sources == s], threshold)
+           for s in sorted(set(sources.tolist()))}
+    out["all"] = figures(greedy, sampled, threshold)
+    return out
+
+
+def states_of(samples: Sequence[Any], kind: str, sandbox: Any) -> list[Any]:
+    """The RL prompt states of `samples`: their questions (`initial`) or every state along their oracle plans
+    (`oracle`; samples without a plan are an error)."""
+    if kind == "initial":
+        return list(samples)
+    if kind != "oracle":
+        raise ValueError(f"states must be one of {', '.join(STATES)}, got {kind!r}")
+    from ftrl_jax.rollout.episodes import rl_prompts_from_conversation
+    from ftrl_jax.training.warmstart import oracle_conversations
+
+    missing = [i for i, s in enumerate(samples) if not s.oracle_calls]
+    if missing:
+        raise ValueError(f"--states=oracle needs samples with an oracle plan; {len(missing)} of {len(samples)} "
+                         f"have none (the first: #{missing[0]}); use --states=initial")
+    return [state for sample, conversation in zip(samples, oracle_conversations(samples, sandbox))
+            for state in rl_prompts_from_conversation(sample, conversation)]
+
+
+def turn_rewards(policy: Any, states: Sequence[Any], repeats: int, sandbox: Any, *, reward_kind: str = "f1",
+                 semantics: str = "ftrl") -> np.ndarray:
+    """`[len(states), repeats]` float step rewards of `policy`'s turns from each state, scored as RL scores them
+    (`rewards.step_rewards`; a turn cut at the token limit does not run its calls)."""
+    from ftrl_jax.envs import rewards
+
+    repeated = [s for s in states for _ in range(repeats)]
+    turns = policy([(s.messages, s.tools) for s in repeated])
+    scores = rewards.step_rewards([t.text for t in turns], repeated, reward_kind, sandbox=sandbox,
+                                  semantics=semantics, truncated=[t.truncated for t in turns])
+    return np.asarray(scores, np.float64).reshape(len(states), repeats)
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("model", None, "Policy: a Hugging Face directory or a shipped policy's name "
+                        "(tiny-instruct) (required).", required=True, flag_values=fv)
+    flags.DEFINE_string("data", None, "Sample-format .jsonl/.parquet of environments (required), e.g. a run's "
+                        "envs/eval.jsonl.", required=True, flag_values=fv)
+    flags.DEFINE_enum("states", "initial", STATES, "initial: each environment's question; oracle: every state "
+                      "along its oracle plan.", flag_values=fv)
+    flags.DEFINE_integer("num", 256, "Use the first NUM environments.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_float("temperature", 0.7, "Sampling temperature of the k samples.", lower_bound=0.0, flag_values=fv)
+    flags.DEFINE_integer("num_samples", 16, "k: sampled turns per state.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+    flags.DEFINE_string("template", "qwen2.5", "Chat template the policy was trained with.", flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 96, "Token limit of a turn.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("reward_kind", "f1", "Step reward kind (f1 | precision | rate | pr | f1_no_format_penalty).",
+                        flag_values=fv)
+    flags.DEFINE_float("success_threshold", 1.0, "A turn succeeds when its reward is at least this.", flag_values=fv)
+    flags.DEFINE_string("output", "", "Also write the figures and per-state rewards to this JSON file.",
+                        flag_values=fv)
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        args = cli.parse(argv, define_flags, __doc__)
+    except cli.UsageError as exc:
+        return cli.fail(exc)
+    from ftrl_jax import models, policies
+    from ftrl_jax.envs.samples import read_samples
+    from ftrl_jax.envs.sandbox import Sandbox
+    from ftrl_jax.rollout.policy import LocalPolicy
+    from ftrl_jax.text.tokenizer import load_tokenizer
+
+    out_dir = os.path.dirname(os.path.abspath(args.output)) if args.output else None
+    if out_dir and not (os.path.isdir(out_dir) and os.access(out_dir, os.W_OK)):
+        return cli.fail(f"--output={args.output}: {out_dir} is not a writable directory")
+    try:
+        samples, errors = read_samples(args.data)
+        model_dir = policies.resolve(args.model)
+        model_config, params = models.load_pretrained(model_dir, dtype="float32")
+        tokenizer = load_tokenizer(model_dir)
+
+        def policy(temperature: float) -> LocalPolicy:
+            return LocalPolicy(model_config, params, tokenizer, template=args.template,
+                               max_new_tokens=args.max_new_tokens, temperature=temperature, seed=args.seed)
+
+        greedy_policy, sampler = policy(0.0), policy(args.temperature)
+    except (OSError, ValueError) as exc:
+        return cli.fail(exc)
+    samples = samples[:args.num]
+    if not samples:
+        return cli.fail(f"{args.data} has no readable samples ({len(errors)} unreadable rows)")
+    with Sandbox() as sandbox:
+        try:
+            states = states_of(samples, args.states, sandbox)
+            greedy = turn_rewards(greedy_policy, states, 1, sandbox, reward_kind=args.reward_kind)[:, 0]
+            sampled = turn_rewards(sampler, states, args.num_samples, sandbox, reward_kind=args.reward_kind)
+        except ValueError as exc:
+            return cli.fail(exc)
+    table = figures_by_source(greedy, sampled, [s.data_source for s in states], args.success_threshold)
+    print(f"{len(states)} {args.states} states of {len(samples)} environments of {args.data}; greedy against "
+          f"{args.num_samples} samples at temperature {args.temperature:g}; success: reward >= "
+          f"{args.success_threshold:g}")
+    print("| states of | states | greedy success | best of k | flippable | sampled success where greedy succeeds "
+          "/ fails | successes where greedy fails | greedy / sampled reward |\n|---|---|---|---|---|---|---|---|")
+    for source, f in table.items():
+        print(f"| {source} | {f['states']} | {f['greedy_success']:.3f} | {f['best_of_k']:.3f} | "
+              f"{f['flippable']:.3f} | {_cell(f['sampled_success_greedy_succeeds'])} / "
+              f"{_cell(f['sampled_success_greedy_fails'])} | {_cell(f['successes_where_greedy_fails'])} | "
+              f"{f['greedy_reward']:.3f} / {f['sampled_reward']:.3f} |")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"model": args.model, "data": args.data, "states": args.states, "num_envs": len(samples),
+                       "temperature": args.temperature, "num_samples": args.num_samples, "seed": args.seed,
+                       "success_threshold": args.success_threshold, "figures": table,
+                       "greedy_rewards": greedy.tolist(), "sampled_rewards": sampled.tolist()}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

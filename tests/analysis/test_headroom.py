@@ -1,0 +1,93 @@
+"""analysis.headroom: greedy against sampled step rewards per state, and the command on the shipped policy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from analysis import headroom
+from configs import qwen
+from ftrl_jax import policies
+from ftrl_jax.envs.samples import write_samples
+from ftrl_jax.envs.sandbox import Sandbox
+from ftrl_jax.envs.world import TINY_WORLD
+from ftrl_jax.pipeline import main_job
+
+
+def test_figures_by_hand():
+    # State 0: greedy succeeds, 1 of 4 samples does. State 1: greedy fails, 2 samples succeed (flippable).
+    # State 2: greedy fails (a partial 0.5), no sample succeeds.
+    greedy = np.array([1.0, 0.0, 0.5])
+    sampled = np.array([[1.0, 0.0, 0.0, -0.3], [1.0, 1.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    f = headroom.figures(greedy, sampled)
+    assert f["states"] == 3 and f["num_samples"] == 4
+    assert f["greedy_success"] == pytest.approx(1 / 3)
+    assert f["best_of_k"] == pytest.approx(2 / 3)
+    assert f["flippable"] == pytest.approx(1 / 3)
+    assert f["sampled_success_greedy_succeeds"] == pytest.approx(1 / 4)
+    assert f["sampled_success_greedy_fails"] == pytest.approx(2 / 8)
+    assert f["successes_where_greedy_fails"] == pytest.approx(2 / 3)
+    assert f["greedy_reward"] == pytest.approx(0.5)
+    assert f["sampled_reward"] == pytest.approx(sampled.mean())
+    # A lower threshold counts the partial 0.5 turns as successes.
+    assert headroom.figures(greedy, sampled, threshold=0.5)["greedy_success"] == pytest.approx(2 / 3)
+
+
+def test_figures_without_successes_or_failures_say_none():
+    f = headroom.figures(np.zeros(2), np.zeros((2, 3)))
+    assert f["sampled_success_greedy_succeeds"] is None and f["successes_where_greedy_fails"] is None
+    assert f["sampled_success_greedy_fails"] == 0.0 and f["flippable"] == 0.0
+
+
+def test_figures_reject_mismatched_shapes():
+    with pytest.raises(ValueError, match="shapes"):
+        headroom.figures(np.zeros(2), np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="shapes"):
+        headroom.figures(np.zeros(0), np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="one source per state"):
+        headroom.figures_by_source(np.zeros(2), np.zeros((2, 1)), ["a"])
+
+
+def test_figures_by_source_groups_and_adds_all():
+    table = headroom.figures_by_source(np.array([1.0, 0.0, 0.0]), np.array([[1.0], [1.0], [0.0]]), ["b", "a", "b"])
+    assert list(table) == ["a", "b", "all"]
+    assert table["a"]["flippable"] == 1.0 and table["b"]["states"] == 2 and table["all"]["states"] == 3
+
+
+@pytest.fixture(scope="module")
+def held_out_file(tmp_path_factory):
+    with Sandbox() as sandbox:
+        envs = main_job.build_split("eval", 4, 2, kinds=main_job._kinds(qwen.get_config()), complexity="low",
+                                    world=TINY_WORLD, sandbox=sandbox)
+    path = tmp_path_factory.mktemp("headroom") / "eval.jsonl"
+    write_samples(path, envs)
+    return str(path), envs
+
+
+def test_command_at_temperature_zero_samples_the_greedy_turn(held_out_file, tmp_path):
+    # Sampling at temperature 0 is greedy decoding: every sample is the greedy turn, so nothing is flippable
+    # and the samples succeed exactly where greedy does.
+    path, envs = held_out_file
+    out = tmp_path / "h.json"
+    rc = headroom.main(["prog", f"--model={policies.path('tiny-instruct')}", f"--data={path}", "--states=oracle",
+                        "--temperature=0", "--num_samples=2", f"--output={out}"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    greedy, sampled = np.array(result["greedy_rewards"]), np.array(result["sampled_rewards"])
+    assert sampled.shape == (len(greedy), 2) and len(greedy) > len(envs)  # oracle plans have several states
+    np.testing.assert_array_equal(sampled, np.stack([greedy, greedy], axis=1))
+    everything = result["figures"]["all"]
+    assert everything["flippable"] == 0.0 and everything["best_of_k"] == everything["greedy_success"]
+    assert set(result["figures"]) == {e.data_source for e in envs} | {"all"}
+
+
+def test_command_reports_bad_input(held_out_file, tmp_path, capsys):
+    path, _ = held_out_file
+    model = f"--model={policies.path('tiny-instruct')}"
+    assert headroom.main(["prog", model, f"--data={tmp_path / 'missing.jsonl'}"]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert headroom.main(["prog", model, f"--data={path}", f"--output={tmp_path / 'no' / 'x.json'}"]) == 2
+    assert "not a writable directory" in capsys.readouterr().err
+    assert headroom.main(["prog", model, f"--data={path}", "--states=later"]) == 2
