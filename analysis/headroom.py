@@ -3,15 +3,19 @@
     python -m analysis.headroom --model=DIR --data=FILE.jsonl [--states=initial|oracle] [--num=256]
         [--temperature=0.7] [--num_samples=16] [--output=OUT.json]
 
-RL with a sampled, verifiable reward moves probability toward the turns it samples that score well, while the
-main job's evaluation decodes greedily. A state whose greedy turn already succeeds can only get sharper; the
-states where greedy fails and some sample succeeds are where an update can change what greedy writes. This
-measures how much of the sampled signal lands there. For each state of the first `--num` environments of a
-sample-format file (`--states=initial`: each environment's question; `oracle`: every state along its oracle
-plan, as `rl.prompt_source=oracle` makes RL prompts), one greedy turn and `--num_samples` turns at
-`--temperature` are generated with the main job's sampler and scored with its step reward (FTRL's, kind
-`--reward_kind`); a turn succeeds when its reward is at least `--success_threshold`. Per scenario type and
-over all states (fractions in [0, 1], rewards in the reward's units):
+RL with a sampled, verifiable reward raises the probability of the sampled turns that score above their
+group, while the main job's evaluation decodes greedily. On a state whose greedy turn already succeeds, the
+successful samples mostly push toward what greedy writes anyway; the states where greedy fails and some sample
+succeeds are where a positive advantage pushes toward a different greedy turn (updates are shared, so any state's
+greedy turn can still change, for better or worse). This measures how much of the sampled success lands there.
+For each state of the first `--num` environments of a sample-format file (`--states=initial`: each
+environment's question; `oracle`: every state along its oracle plan, as `rl.prompt_source=oracle` makes RL
+prompts), one greedy turn and `--num_samples` turns at `--temperature` are generated with the main job's sampler
+(prompts of at most `--max_prompt_tokens`, the main job's default; a state with a longer prompt is left out and
+counted) and scored with RL's step reward (FTRL's semantics, kind `--reward_kind`); a turn succeeds when its
+reward is at least `--success_threshold` (with the default f1 kind and threshold 1: every call solves an answer
+and every expected answer of the state is solved, e.g. two calls solving one of two answers score 0.667, a
+failure). Per scenario type and over all states (fractions in [0, 1], rewards in the reward's units):
 
     greedy_success           share of states whose greedy turn succeeds
     best_of_k                share of states with at least one successful sample
@@ -81,11 +85,11 @@ def figures_by_source(greedy: np.ndarray, sampled: np.ndarray, sources: Sequence
     return out
 
 
-def states_of(samples: Sequence[Any], kind: str, sandbox: Any) -> list[Any]:
-    """The RL prompt states of `samples`: their questions (`initial`) or every state along their oracle plans
-    (`oracle`; samples without a plan are an error)."""
+def states_of(samples: Sequence[Any], kind: str, sandbox: Any) -> tuple[list[Any], list[int]]:
+    """The RL prompt states of `samples` and the index of the sample each comes from: their questions
+    (`initial`) or every state along their oracle plans (`oracle`; samples without a plan: ValueError)."""
     if kind == "initial":
-        return list(samples)
+        return list(samples), list(range(len(samples)))
     if kind != "oracle":
         raise ValueError(f"states must be one of {', '.join(STATES)}, got {kind!r}")
     from ftrl_jax.rollout.episodes import rl_prompts_from_conversation
@@ -95,21 +99,25 @@ def states_of(samples: Sequence[Any], kind: str, sandbox: Any) -> list[Any]:
     if missing:
         raise ValueError(f"--states=oracle needs samples with an oracle plan; {len(missing)} of {len(samples)} "
                          f"have none (the first: #{missing[0]}); use --states=initial")
-    return [state for sample, conversation in zip(samples, oracle_conversations(samples, sandbox))
-            for state in rl_prompts_from_conversation(sample, conversation)]
+    pairs = [(state, index) for index, (sample, conversation)
+             in enumerate(zip(samples, oracle_conversations(samples, sandbox)))
+             for state in rl_prompts_from_conversation(sample, conversation)]
+    return [state for state, _ in pairs], [index for _, index in pairs]
 
 
 def turn_rewards(policy: Any, states: Sequence[Any], repeats: int, sandbox: Any, *, reward_kind: str = "f1",
-                 semantics: str = "ftrl") -> np.ndarray:
+                 semantics: str = "ftrl") -> tuple[np.ndarray, np.ndarray]:
     """`[len(states), repeats]` float step rewards of `policy`'s turns from each state, scored as RL scores them
-    (`rewards.step_rewards`; a turn cut at the token limit does not run its calls)."""
+    (`rewards.step_rewards`; a turn cut at the token limit does not run its calls), and `[len(states)]` bool:
+    the policy refused a state's prompt as too long (its turns are empty; leave such states out)."""
     from ftrl_jax.envs import rewards
 
     repeated = [s for s in states for _ in range(repeats)]
     turns = policy([(s.messages, s.tools) for s in repeated])
     scores = rewards.step_rewards([t.text for t in turns], repeated, reward_kind, sandbox=sandbox,
                                   semantics=semantics, truncated=[t.truncated for t in turns])
-    return np.asarray(scores, np.float64).reshape(len(states), repeats)
+    too_long = np.asarray([t.prompt_too_long for t in turns], bool).reshape(len(states), repeats)
+    return np.asarray(scores, np.float64).reshape(len(states), repeats), too_long.any(axis=1)
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -125,6 +133,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
     flags.DEFINE_string("template", "qwen2.5", "Chat template the policy was trained with.", flag_values=fv)
     flags.DEFINE_integer("max_new_tokens", 96, "Token limit of a turn.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("max_prompt_tokens", 1024, "Longest prompt generated from (the main job's "
+                         "rollout.max_prompt_tokens); states with longer prompts are left out.", lower_bound=1,
+                         flag_values=fv)
     flags.DEFINE_string("reward_kind", "f1", "Step reward kind (f1 | precision | rate | pr | f1_no_format_penalty).",
                         flag_values=fv)
     flags.DEFINE_float("success_threshold", 1.0, "A turn succeeds when its reward is at least this.", flag_values=fv)
@@ -142,11 +153,16 @@ def main(argv: Sequence[str]) -> int:
     except cli.UsageError as exc:
         return cli.fail(exc)
     from ftrl_jax import models, policies
+    from ftrl_jax.envs.rewards import REWARD_KINDS
     from ftrl_jax.envs.samples import read_samples
     from ftrl_jax.envs.sandbox import Sandbox
     from ftrl_jax.rollout.policy import LocalPolicy
     from ftrl_jax.text.tokenizer import load_tokenizer
 
+    if args.reward_kind not in REWARD_KINDS:
+        return cli.fail(f"--reward_kind={args.reward_kind}: use one of {', '.join(sorted(REWARD_KINDS))}")
+    if args.output and os.path.isdir(args.output):
+        return cli.fail(f"--output={args.output} is a directory; give a file name such as {args.output}/headroom.json")
     out_dir = os.path.dirname(os.path.abspath(args.output)) if args.output else None
     if out_dir and not (os.path.isdir(out_dir) and os.access(out_dir, os.W_OK)):
         return cli.fail(f"--output={args.output}: {out_dir} is not a writable directory")
@@ -158,7 +174,8 @@ def main(argv: Sequence[str]) -> int:
 
         def policy(temperature: float) -> LocalPolicy:
             return LocalPolicy(model_config, params, tokenizer, template=args.template,
-                               max_new_tokens=args.max_new_tokens, temperature=temperature, seed=args.seed)
+                               max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                               temperature=temperature, seed=args.seed)
 
         greedy_policy, sampler = policy(0.0), policy(args.temperature)
     except (OSError, ValueError) as exc:
@@ -168,27 +185,36 @@ def main(argv: Sequence[str]) -> int:
         return cli.fail(f"{args.data} has no readable samples ({len(errors)} unreadable rows)")
     with Sandbox() as sandbox:
         try:
-            states = states_of(samples, args.states, sandbox)
-            greedy = turn_rewards(greedy_policy, states, 1, sandbox, reward_kind=args.reward_kind)[:, 0]
-            sampled = turn_rewards(sampler, states, args.num_samples, sandbox, reward_kind=args.reward_kind)
+            states, env_index = states_of(samples, args.states, sandbox)
+            greedy, too_long = turn_rewards(greedy_policy, states, 1, sandbox, reward_kind=args.reward_kind)
+            kept = np.flatnonzero(~too_long)
+            states, env_index, greedy = [states[i] for i in kept], [env_index[i] for i in kept], greedy[kept, 0]
+            if not states:
+                return cli.fail(f"every prompt is longer than --max_prompt_tokens={args.max_prompt_tokens}")
+            sampled, _ = turn_rewards(sampler, states, args.num_samples, sandbox, reward_kind=args.reward_kind)
         except ValueError as exc:
             return cli.fail(exc)
-    table = figures_by_source(greedy, sampled, [s.data_source for s in states], args.success_threshold)
+    sources = [s.data_source for s in states]
+    table = figures_by_source(greedy, sampled, sources, args.success_threshold)
     print(f"{len(states)} {args.states} states of {len(samples)} environments of {args.data}; greedy against "
           f"{args.num_samples} samples at temperature {args.temperature:g}; success: reward >= "
           f"{args.success_threshold:g}")
-    print("| states of | states | greedy success | best of k | flippable | sampled success where greedy succeeds "
-          "/ fails | successes where greedy fails | greedy / sampled reward |\n|---|---|---|---|---|---|---|---|")
+    if too_long.any():
+        print(f"{int(too_long.sum())} states left out: prompt longer than --max_prompt_tokens={args.max_prompt_tokens}")
+    print("| scenario type | states | greedy success | best of k | flippable | sampled success where greedy "
+          "succeeds / fails | successes where greedy fails | greedy / sampled reward |\n|---|---|---|---|---|---|---|---|")
     for source, f in table.items():
         print(f"| {source} | {f['states']} | {f['greedy_success']:.3f} | {f['best_of_k']:.3f} | "
               f"{f['flippable']:.3f} | {_cell(f['sampled_success_greedy_succeeds'])} / "
               f"{_cell(f['sampled_success_greedy_fails'])} | {_cell(f['successes_where_greedy_fails'])} | "
               f"{f['greedy_reward']:.3f} / {f['sampled_reward']:.3f} |")
     if args.output:
+        settings = {k: getattr(args, k) for k in ("model", "data", "states", "num", "temperature", "num_samples",
+                                                  "seed", "template", "max_new_tokens", "max_prompt_tokens",
+                                                  "reward_kind", "success_threshold")}
         with open(args.output, "w") as f:
-            json.dump({"model": args.model, "data": args.data, "states": args.states, "num_envs": len(samples),
-                       "temperature": args.temperature, "num_samples": args.num_samples, "seed": args.seed,
-                       "success_threshold": args.success_threshold, "figures": table,
+            json.dump({**settings, "num_envs": len(samples), "states_too_long": int(too_long.sum()),
+                       "figures": table, "data_source": sources, "env_index": env_index,
                        "greedy_rewards": greedy.tolist(), "sampled_rewards": sampled.tolist()}, f, indent=2)
     return 0
 

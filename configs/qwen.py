@@ -85,7 +85,7 @@ def _base() -> ml_collections.ConfigDict:
     # rft: rejection-sampling fine-tuning (cross-entropy on the successful samples; no ratio, clip, KL)
     c.rl.algorithm = "grpo"
     c.rl.mode = "step"             # step: FTRL's per-turn prompts; trajectory: whole multi-turn episodes
-    # 10 steps of 16 prompts x 8 rollouts: 13-46 s a step on 2 CPU cores (prompt collection included), the whole
+    # 10 steps of 16 prompts x 8 rollouts: 13-46 s a step on 2 CPU cores (a prompt collection included), the whole
     # job with its two 256-environment evaluations 7.7 minutes (15.5 on an earlier, slower 2-core machine).
     c.rl.num_steps = 10
     c.rl.prompts_per_step = 16

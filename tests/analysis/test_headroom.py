@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -79,8 +80,14 @@ def test_command_at_temperature_zero_samples_the_greedy_turn(held_out_file, tmp_
     assert sampled.shape == (len(greedy), 2) and len(greedy) > len(envs)  # oracle plans have several states
     np.testing.assert_array_equal(sampled, np.stack([greedy, greedy], axis=1))
     everything = result["figures"]["all"]
-    assert everything["flippable"] == 0.0 and everything["best_of_k"] == everything["greedy_success"]
+    assert everything["best_of_k"] == everything["greedy_success"]
     assert set(result["figures"]) == {e.data_source for e in envs} | {"all"}
+    # Each state names its environment and scenario type; every environment's question is a state.
+    assert len(result["env_index"]) == len(result["data_source"]) == len(greedy) and result["states_too_long"] == 0
+    assert sorted(set(result["env_index"])) == list(range(len(envs)))
+    assert [result["data_source"][result["env_index"].index(i)] for i in range(len(envs))] == \
+        [e.data_source for e in envs]
+    assert result["reward_kind"] == "f1" and result["max_prompt_tokens"] == 1024
 
 
 def test_command_reports_bad_input(held_out_file, tmp_path, capsys):
@@ -91,3 +98,19 @@ def test_command_reports_bad_input(held_out_file, tmp_path, capsys):
     assert headroom.main(["prog", model, f"--data={path}", f"--output={tmp_path / 'no' / 'x.json'}"]) == 2
     assert "not a writable directory" in capsys.readouterr().err
     assert headroom.main(["prog", model, f"--data={path}", "--states=later"]) == 2
+    assert "initial" in capsys.readouterr().err
+    assert headroom.main(["prog", model, f"--data={path}", f"--output={tmp_path}"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert headroom.main(["prog", model, f"--data={path}", "--reward_kind=f2"]) == 2
+    assert "f1_no_format_penalty" in capsys.readouterr().err
+    assert headroom.main(["prog", model, f"--data={path}", "--max_prompt_tokens=8", "--num_samples=1"]) == 2
+    assert "longer than --max_prompt_tokens=8" in capsys.readouterr().err
+
+
+def test_oracle_states_need_oracle_plans(held_out_file, tmp_path, capsys):
+    _, envs = held_out_file
+    path = tmp_path / "no_plans.jsonl"
+    write_samples(path, [dataclasses.replace(e, oracle_calls=None) for e in envs])
+    assert headroom.main(["prog", f"--model={policies.path('tiny-instruct')}", f"--data={path}",
+                          "--states=oracle"]) == 2
+    assert "--states=initial" in capsys.readouterr().err
