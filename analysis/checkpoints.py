@@ -347,3 +347,14 @@ def load_params(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, np.ndar
     """(config, {our flat path: array}) of the checkpoint in `path`, in its stored dtype (no float32 copy)."""
     source = open_checkpoint(path)
     return source.config, source.load_params()
+
+
+def load_policy(name_or_dir: str | os.PathLike) -> tuple[ModelConfig, Any, Any]:
+    """A policy to run, by a shipped policy's name (`ftrl_jax.policies`) or a Hugging Face directory: (model
+    config, float32 params, its tokenizer). Raises OSError / ValueError as the loaders do."""
+    from ftrl_jax import models
+    from ftrl_jax.text.tokenizer import load_tokenizer
+
+    model_dir = policies.resolve(name_or_dir)
+    config, params = models.load_pretrained(model_dir, dtype="float32")
+    return config, params, load_tokenizer(model_dir)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from typing import Any, Callable, Sequence
 
@@ -251,22 +250,19 @@ def main(argv: Sequence[str]) -> int:
         args = cli.parse(argv, define_flags, __doc__)
     except cli.UsageError as exc:
         return cli.fail(exc)
-    from ftrl_jax import models, policies
+    from analysis.checkpoints import load_policy
     from ftrl_jax.envs.samples import read_samples
     from ftrl_jax.envs.sandbox import Sandbox
     from ftrl_jax.text.chat import TEMPLATES
-    from ftrl_jax.text.tokenizer import load_tokenizer
 
     if args.template not in TEMPLATES:
         return cli.fail(f"--template={args.template}: use one of {', '.join(sorted(TEMPLATES))}")
-    out_dir = os.path.dirname(os.path.abspath(args.output)) if args.output else None
-    if out_dir and not (os.path.isdir(out_dir) and os.access(out_dir, os.W_OK)):
-        return cli.fail(f"--output={args.output}: {out_dir} is not a writable directory")
+    problem = cli.output_file_problem(args.output)
+    if problem:
+        return cli.fail(problem)
     try:
         samples, errors = read_samples(args.data)
-        model_dir = policies.resolve(args.model)
-        model_config, params = models.load_pretrained(model_dir, dtype="float32")
-        tokenizer = load_tokenizer(model_dir)
+        model_config, params, tokenizer = load_policy(args.model)
     except (OSError, ValueError) as exc:
         return cli.fail(exc)
     if not getattr(tokenizer, "is_fast", False):

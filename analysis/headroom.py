@@ -32,7 +32,6 @@ failure). Per scenario type and over all states (fractions in [0, 1], rewards in
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -152,25 +151,20 @@ def main(argv: Sequence[str]) -> int:
         args = cli.parse(argv, define_flags, __doc__)
     except cli.UsageError as exc:
         return cli.fail(exc)
-    from ftrl_jax import models, policies
+    from analysis.checkpoints import load_policy
     from ftrl_jax.envs.rewards import REWARD_KINDS
     from ftrl_jax.envs.samples import read_samples
     from ftrl_jax.envs.sandbox import Sandbox
     from ftrl_jax.rollout.policy import LocalPolicy
-    from ftrl_jax.text.tokenizer import load_tokenizer
 
     if args.reward_kind not in REWARD_KINDS:
         return cli.fail(f"--reward_kind={args.reward_kind}: use one of {', '.join(sorted(REWARD_KINDS))}")
-    if args.output and os.path.isdir(args.output):
-        return cli.fail(f"--output={args.output} is a directory; give a file name such as {args.output}/headroom.json")
-    out_dir = os.path.dirname(os.path.abspath(args.output)) if args.output else None
-    if out_dir and not (os.path.isdir(out_dir) and os.access(out_dir, os.W_OK)):
-        return cli.fail(f"--output={args.output}: {out_dir} is not a writable directory")
+    problem = cli.output_file_problem(args.output)
+    if problem:
+        return cli.fail(problem)
     try:
         samples, errors = read_samples(args.data)
-        model_dir = policies.resolve(args.model)
-        model_config, params = models.load_pretrained(model_dir, dtype="float32")
-        tokenizer = load_tokenizer(model_dir)
+        model_config, params, tokenizer = load_policy(args.model)
 
         def policy(temperature: float) -> LocalPolicy:
             return LocalPolicy(model_config, params, tokenizer, template=args.template,

@@ -22,6 +22,7 @@ in one process (tests, notebooks) without flags remembered from an earlier call.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -143,6 +144,20 @@ def parse(argv: Sequence[str], define: DefineFlags, doc: str | None, *, config: 
             raise UsageError(f"--config={values['config'].serialize().split('=', 1)[-1]}: "
                              f"{lines[-1] if lines else exc}") from None
     return values
+
+
+def output_file_problem(path: str, flag: str = "output") -> str | None:
+    """Why `--FLAG=path` cannot be written as a file (it is a directory, or its parent is not a writable
+    directory), as a usage-error message; None when it can or `path` is empty (no output asked for). Checked
+    before any work, so a long run does not end in a traceback."""
+    if not path:
+        return None
+    if os.path.isdir(path):
+        return f"--{flag}={path} is a directory; give a file name inside it"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        return f"--{flag}={path}: {parent} is not a writable directory"
+    return None
 
 
 def fail(error: Exception | str) -> int:

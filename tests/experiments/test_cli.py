@@ -246,3 +246,11 @@ def test_benchmark_choices_are_checked_before_any_run(name, mistake, capsys):
     assert module.main([name, mistake]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: flag {mistake.split('=')[0]}="), err
+
+
+def test_output_file_problem_names_what_cannot_be_written(tmp_path):
+    assert cli.output_file_problem("") is None
+    assert cli.output_file_problem(str(tmp_path / "out.json")) is None
+    assert "is a directory" in cli.output_file_problem(str(tmp_path))
+    missing = cli.output_file_problem(str(tmp_path / "missing" / "out.json"), flag="report")
+    assert missing.startswith("--report=") and "not a writable directory" in missing
