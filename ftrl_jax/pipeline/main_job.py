@@ -110,6 +110,12 @@ def check_config(config) -> None:
                             "rewrites earlier turns, so a trajectory is not one token sequence)")
     if config.rl.prompt_source not in PROMPT_SOURCES:
         raise TrainingError(f"config.rl.prompt_source={config.rl.prompt_source!r}; use one of {list(PROMPT_SOURCES)}")
+    if config.rl.prompt_filter not in PROMPT_FILTERS:
+        raise TrainingError(f"config.rl.prompt_filter={config.rl.prompt_filter!r}; use one of {list(PROMPT_FILTERS)}")
+    if config.rl.prompt_filter != "none" and (config.rl.mode != "step" or not config.rl.dynamic_sampling):
+        raise TrainingError(f"config.rl.prompt_filter={config.rl.prompt_filter!r} rejects step-mode prompt groups "
+                            "and lets dynamic sampling draw more: use it with --config.rl.mode=step "
+                            "--config.rl.dynamic_sampling=True")
     if config.rl.prompt_source != "policy" and config.rl.mode != "step":
         raise TrainingError(f"config.rl.prompt_source={config.rl.prompt_source!r} chooses step mode's prompts; "
                             "config.rl.mode='trajectory' plays whole episodes: use --config.rl.prompt_source=policy")
@@ -619,6 +625,8 @@ def _pool_from_episodes(episodes) -> list[Sample]:
 
 # Where step-mode RL prompts come from (`rl.prompt_source`).
 PROMPT_SOURCES = ("policy", "oracle")
+# Which drawn step-mode prompts may train (`rl.prompt_filter`): all, or those whose greedy turn does not succeed.
+PROMPT_FILTERS = ("none", "greedy_fails")
 
 
 def check_oracle_plans(envs: Sequence[Sample]) -> None:
@@ -719,6 +727,17 @@ def _sample_step_groups(config, policy, prompts, sandbox) -> tuple[list[Any], np
     return turns, scores
 
 
+def greedy_solved(config, greedy_policy, prompts, sandbox) -> np.ndarray:
+    """Bool `[len(prompts)]`: the prompt's greedy turn (`greedy_policy`, temperature 0) earns at least
+    `rl.success_threshold` of RL's step reward, so a successful sample there only confirms what greedy
+    decoding already writes (`rl.prompt_filter="greedy_fails"`; `analysis.headroom` measures how often)."""
+    rc = config.rl
+    turns = greedy_policy([(p.messages, p.tools) for p in prompts])
+    scores = rewards.step_rewards([t.text for t in turns], list(prompts), rc.reward_kind, sandbox=sandbox,
+                                  semantics=rc.reward_semantics, truncated=[t.truncated for t in turns])
+    return np.asarray(scores, np.float64) >= rc.success_threshold
+
+
 def _reward_stats(scores: np.ndarray, group_size: int, lengths: np.ndarray) -> dict[str, float]:
     """A batch's logged reward statistics: mean, spread, group signal and mean response length (tokens)."""
     return {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
@@ -778,7 +797,8 @@ def _sampling_rounds(config) -> int:
 
 
 def _collect_groups(config, draw) -> tuple[list[Any], np.ndarray, dict[str, float]]:
-    """One step's `prompts_per_step` groups from `draw(round) -> (group-major items, rewards)`.
+    """One step's `prompts_per_step` groups from `draw(round) -> (group-major items, rewards[, eligible])`
+    (`eligible`: bool per group, only with dynamic sampling; `GroupCollector.add`).
 
     Without `rl.dynamic_sampling`: one round, as drawn. With it (DAPO, sec. 3.2): rounds of fresh prompts until
     `prompts_per_step` groups whose rewards differ (and, with `rl.dynamic_sampling_require_success`, that hold a
@@ -865,6 +885,8 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
         # One policy per step: each sampling round's call draws a fresh key from the step's seed.
         policy = _policy(config, model_config, state.params, tokenizer, mesh, greedy=False, seed=seed,
                          max_new_tokens=config.rollout.max_new_tokens)
+        greedy = (_policy(config, model_config, state.params, tokenizer, mesh, greedy=True, seed=0,
+                          max_new_tokens=config.rollout.max_new_tokens) if rc.prompt_filter == "greedy_fails" else None)
         if rc.mode == "trajectory":
             def draw(round_index, first=cursor):
                 envs = [train[(first + round_index * rc.prompts_per_step + i) % len(train)]
@@ -880,7 +902,10 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
             def draw(round_index):
                 first = (k * rounds + round_index) * rc.prompts_per_step
                 prompts = [pool[(first + i) % len(pool)] for i in range(rc.prompts_per_step)]
-                return _sample_step_groups(config, policy, prompts, sandbox)
+                turns, scores = _sample_step_groups(config, policy, prompts, sandbox)
+                if greedy is None:
+                    return turns, scores
+                return turns, scores, ~greedy_solved(config, greedy, prompts, sandbox)
 
             turns, scores, sampling = _collect_groups(config, draw)
             arrays, stats = _step_arrays(config, turns, scores, tokenizer)

@@ -42,7 +42,9 @@ class GroupCollector:
     """Fills a batch of `num_groups` groups over sampling rounds, informative groups first.
 
     Call `add(items, rewards)` with each round's group-major items (any per-rollout objects: sampled turns,
-    episodes) and their rewards `[k * group_size]`; it returns True once the batch is full. `batch()` returns
+    episodes) and their rewards `[k * group_size]`; it returns True once the batch is full. `add`'s optional
+    `eligible` (bool `[k]`) rejects the groups it marks False whatever their rewards, e.g. prompts whose greedy
+    turn already succeeds (`rl.prompt_filter`). `batch()` returns
     `(items, rewards)` of exactly `num_groups` groups: the kept groups in the order drawn, then, if the rounds
     ran out, the earliest rejected ones as filler. `stats()` gives the counts to log.
     """
@@ -54,6 +56,7 @@ class GroupCollector:
     kept: list[tuple[list[Any], np.ndarray]] = dataclasses.field(default_factory=list)
     rejected: list[tuple[list[Any], np.ndarray]] = dataclasses.field(default_factory=list)
     groups_drawn: int = 0
+    groups_ineligible: int = 0
     rounds: int = 0
     all_rewards: list[np.ndarray] = dataclasses.field(default_factory=list)
 
@@ -66,12 +69,18 @@ class GroupCollector:
     def full(self) -> bool:
         return len(self.kept) >= self.num_groups
 
-    def add(self, items: Sequence[Any], rewards) -> bool:
+    def add(self, items: Sequence[Any], rewards, eligible=None) -> bool:
         scores = np.asarray(rewards, np.float32)
         if len(items) != scores.size:
             raise ValueError(f"got {len(items)} items for {scores.size} rewards")
         keep = informative_groups(scores, self.group_size, require_success=self.require_success,
                                   success_threshold=self.success_threshold)
+        if eligible is not None:
+            eligible = np.asarray(eligible, bool)
+            if eligible.shape != keep.shape:
+                raise ValueError(f"got eligibility for {eligible.size} groups, rewards for {keep.size}")
+            self.groups_ineligible += int((~eligible).sum())
+            keep &= eligible
         n = self.group_size
         for g, kept in enumerate(keep):
             group = (list(items[g * n:(g + 1) * n]), scores[g * n:(g + 1) * n])
@@ -92,10 +101,12 @@ class GroupCollector:
 
     def stats(self) -> dict[str, float]:
         """`groups_drawn`, `groups_kept` (informative groups found, may exceed the batch), `groups_filler`
-        (rejected groups that filled the batch), `sampling_rounds`, `reward_mean_drawn` (over every rollout
-        drawn: unlike the batch's reward, not raised by the filter)."""
+        (rejected groups that filled the batch), `groups_ineligible` (groups `add`'s `eligible` rejected),
+        `sampling_rounds`, `reward_mean_drawn` (over every rollout drawn: unlike the batch's reward, not raised by
+        the filter)."""
         drawn = np.concatenate(self.all_rewards) if self.all_rewards else np.zeros(0, np.float32)
         return {"groups_drawn": float(self.groups_drawn), "groups_kept": float(len(self.kept)),
+                "groups_ineligible": float(self.groups_ineligible),
                 "groups_filler": float(max(0, self.num_groups - len(self.kept))),
                 "sampling_rounds": float(self.rounds),
                 "reward_mean_drawn": float(drawn.mean()) if drawn.size else 0.0}

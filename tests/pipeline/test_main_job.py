@@ -233,3 +233,32 @@ def test_oracle_prompt_source_collects_the_states_along_each_oracle_plan(tmp_pat
     c.rl.prompt_source = "teacher"
     with pytest.raises(TrainingError, match="prompt_source='teacher'; use one of"):
         check_config(c)
+
+
+def test_greedy_fails_filter_runs_and_logs_what_it_rejected(tmp_path, monkeypatch):
+    from ftrl_jax.pipeline import main_job
+
+    c = micro_config(tmp_path, num_steps=2)
+    c.rl.dynamic_sampling, c.rl.prompt_filter, c.rl.max_sampling_rounds = True, "greedy_fails", 2
+    c.eval.num_samples = c.eval.num_train_envs = c.eval.curve_every = 0
+    checked = []
+    real = main_job.greedy_solved
+
+    def first_prompt_solved(config, greedy_policy, prompts, sandbox):
+        # The real greedy check runs (a random micro model solves nothing); the first prompt of each round is
+        # then declared solved, so the filter has something to reject.
+        solved = real(config, greedy_policy, prompts, sandbox)
+        assert greedy_policy.temperature == 0.0 and not solved.any()
+        solved[0] = True
+        checked.append(len(prompts))
+        return solved
+
+    monkeypatch.setattr(main_job, "greedy_solved", first_prompt_solved)
+    train_and_evaluate(c)
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        rl = [row for row in map(json.loads, f) if row["phase"] == "rl"]
+    assert len(rl) == 2 and checked == [c.rl.prompts_per_step] * int(sum(r["sampling_rounds"] for r in rl))
+    for row in rl:
+        assert row["groups_drawn"] == c.rl.prompts_per_step * row["sampling_rounds"]
+        assert row["groups_ineligible"] == row["sampling_rounds"]  # one per round
+        assert row["groups_kept"] <= row["groups_drawn"] - row["groups_ineligible"]

@@ -40,8 +40,8 @@ def test_collector_fills_the_batch_with_informative_groups_in_the_order_drawn():
     items, scores = collector.batch()
     assert items == ["a3", "a4", "a5", "b0", "b1", "b2"]
     np.testing.assert_array_equal(scores, np.asarray(REWARDS[3:9], np.float32))
-    assert collector.stats() == {"groups_drawn": 5.0, "groups_kept": 3.0, "groups_filler": 0.0,
-                                 "sampling_rounds": 2.0,
+    assert collector.stats() == {"groups_drawn": 5.0, "groups_kept": 3.0, "groups_ineligible": 0.0,
+                                 "groups_filler": 0.0, "sampling_rounds": 2.0,
                                  "reward_mean_drawn": pytest.approx(float(np.mean(REWARDS + [0.0, 2.0, 0.0])))}
 
 
@@ -63,3 +63,14 @@ def test_collector_errors():
     collector.add(["x"] * 2, [0.0, 1.0])
     with pytest.raises(ValueError, match="only 1 groups were drawn for a batch of 3"):
         collector.batch()
+
+
+def test_ineligible_groups_are_rejected_whatever_their_rewards():
+    collector = GroupCollector(num_groups=2, group_size=3)
+    # Groups 1 and 2 differ; group 1 is ineligible (say, its greedy turn already succeeds).
+    assert not collector.add(*_round("a", REWARDS), eligible=[True, False, True, True])
+    items, _ = collector.batch()
+    assert items == ["a6", "a7", "a8", "a0", "a1", "a2"]  # the only kept group, then the first rejected one
+    assert collector.stats()["groups_ineligible"] == 1.0 and collector.stats()["groups_filler"] == 1.0
+    with pytest.raises(ValueError, match="eligibility for 2 groups, rewards for 4"):
+        collector.add(*_round("b", REWARDS), eligible=[True, True])

@@ -125,3 +125,37 @@ def test_new_options_default_to_the_previous_behaviour():
     rc = qwen.get_config().rl
     assert (rc.algorithm, rc.reward_kind, rc.aggregation, rc.trainable) == ("grpo", "f1", "seq-mean-token-mean", "all")
     assert rc.dynamic_sampling is False and rc.dynamic_sampling_require_success is False
+
+
+def test_greedy_solved_marks_prompts_whose_greedy_turn_succeeds(sandbox):
+    sample = decode_sample(make_sample())
+    solved = main_job.greedy_solved(_config(), ScriptedPolicy(SOLVING_CALL, False), [sample, sample], sandbox)
+    np.testing.assert_array_equal(solved, [True, True])
+    wrong = calls(("lake_finder", {"shape": "square"}), end="")
+    assert not main_job.greedy_solved(_config(), ScriptedPolicy(wrong, False), [sample], sandbox).any()
+    # A cut turn runs no call, as in evaluation: not a success.
+    assert not main_job.greedy_solved(_config(), ScriptedPolicy(SOLVING_CALL, True), [sample], sandbox).any()
+
+
+def test_prompt_filter_keeps_only_eligible_groups():
+    rounds = [[0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]]
+
+    def draw(round_index):
+        scores = np.asarray(rounds[round_index], np.float32)
+        # The first prompt of every round has a greedy turn that already succeeds.
+        return [f"r{round_index}i{i}" for i in range(scores.size)], scores, np.array([False, True])
+
+    items, _, stats = main_job._collect_groups(
+        _config(dynamic_sampling=True, prompt_filter="greedy_fails", max_sampling_rounds=2), draw)
+    assert items == ["r0i2", "r0i3", "r0i0", "r0i1"]  # the one eligible mixed group, then filler
+    assert (stats["groups_ineligible"], stats["groups_kept"], stats["groups_filler"]) == (2, 1, 1)
+
+
+def test_prompt_filter_needs_step_mode_with_dynamic_sampling():
+    for rl, message in (({"prompt_filter": "greedy"}, "prompt_filter='greedy'; use one of"),
+                        ({"prompt_filter": "greedy_fails"}, "--config.rl.dynamic_sampling=True"),
+                        ({"prompt_filter": "greedy_fails", "dynamic_sampling": True, "mode": "trajectory"},
+                         "--config.rl.mode=step")):
+        with pytest.raises(main_job.TrainingError, match=message):
+            main_job.check_config(_config(**rl))
+    main_job.check_config(_config(prompt_filter="greedy_fails", dynamic_sampling=True))
