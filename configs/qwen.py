@@ -94,8 +94,10 @@ def _base() -> ml_collections.ConfigDict:
     # Step mode's prompts: policy (FTRL's: states of episodes the current policy plays) | oracle (states along
     # each environment's oracle plan, where the next turn can still succeed)
     c.rl.prompt_source = "policy"
-    # Step mode with dynamic sampling: none | greedy_fails (reject groups whose prompt's greedy turn already earns
-    # success_threshold: train only where a successful sample can change what greedy decoding writes)
+    # Step mode with dynamic sampling: none | greedy_fails (groups kept for their rewards are rejected when their
+    # prompt's greedy turn already earns success_threshold; with dynamic_sampling_require_success the batch then
+    # holds groups where greedy fails and a sample succeeds, and filler when too few are found; the greedy turns
+    # run on a second decode copy of the weights)
     c.rl.prompt_filter = "none"
     # Step mode: the n turns of a prompt share one copy of it in the log-prob passes and the update (the same
     # update as n full rows, for a fraction of the tokens); prompts_per_step must then divide over the mesh.

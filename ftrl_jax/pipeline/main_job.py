@@ -52,7 +52,7 @@ from ftrl_jax.training.optim import TRAINABLE_ALL, TRAINABLE_PRESETS, make_optim
 from ftrl_jax.rl import batch as rl_batch
 from ftrl_jax.rl.advantages import (RFT_ESTIMATOR, compute_advantages, group_signal,
                                     registered_advantage_estimators)
-from ftrl_jax.rl.dynamic_sampling import GroupCollector
+from ftrl_jax.rl.dynamic_sampling import GroupCollector, informative_groups
 from ftrl_jax.rl.losses import LossConfig, registered_aggregations
 from ftrl_jax.rl import shared_prompt
 from ftrl_jax.rl.update import make_logprob_fn, make_rl_step, make_shared_prompt_logprob_fn, response_mask
@@ -717,25 +717,39 @@ def _sample_step_groups(config, policy, prompts, sandbox) -> tuple[list[Any], np
 
     A turn cut at max_new_tokens is scored as evaluation treats it: its calls are not run (`truncated=`).
     """
+    return _scored_turns(config, policy, prompts, config.rl.num_rollouts, sandbox)
+
+
+def _scored_turns(config, policy, prompts, repeats: int, sandbox) -> tuple[list[Any], np.ndarray]:
+    """`repeats` turns of `policy` per prompt, prompt-major, and their step rewards (float32; a cut turn's calls
+    are not run)."""
     rc = config.rl
-    n = rc.num_rollouts
-    turns = policy([(p.messages, p.tools) for p in prompts for _ in range(n)])
-    group_samples = [p for p in prompts for _ in range(n)]
-    scores = np.asarray(rewards.step_rewards([t.text for t in turns], group_samples, rc.reward_kind, sandbox=sandbox,
-                                             semantics=rc.reward_semantics,
-                                             truncated=[t.truncated for t in turns]), np.float32)
-    return turns, scores
+    repeated = [p for p in prompts for _ in range(repeats)]
+    turns = policy([(p.messages, p.tools) for p in repeated])
+    scores = rewards.step_rewards([t.text for t in turns], repeated, rc.reward_kind, sandbox=sandbox,
+                                  semantics=rc.reward_semantics, truncated=[t.truncated for t in turns])
+    return turns, np.asarray(scores, np.float32)
 
 
 def greedy_solved(config, greedy_policy, prompts, sandbox) -> np.ndarray:
     """Bool `[len(prompts)]`: the prompt's greedy turn (`greedy_policy`, temperature 0) earns at least
     `rl.success_threshold` of RL's step reward, so a successful sample there only confirms what greedy
     decoding already writes (`rl.prompt_filter="greedy_fails"`; `analysis.headroom` measures how often)."""
+    _, scores = _scored_turns(config, greedy_policy, prompts, 1, sandbox)
+    return scores >= config.rl.success_threshold
+
+
+def _eligible_groups(config, greedy_policy, prompts, scores, sandbox) -> np.ndarray:
+    """`rl.prompt_filter="greedy_fails"`: bool per group, False where the group would be kept for its rewards
+    but its prompt's greedy turn already succeeds (the greedy turn is generated for those prompts only)."""
     rc = config.rl
-    turns = greedy_policy([(p.messages, p.tools) for p in prompts])
-    scores = rewards.step_rewards([t.text for t in turns], list(prompts), rc.reward_kind, sandbox=sandbox,
-                                  semantics=rc.reward_semantics, truncated=[t.truncated for t in turns])
-    return np.asarray(scores, np.float64) >= rc.success_threshold
+    informative = informative_groups(scores, rc.num_rollouts, require_success=rc.dynamic_sampling_require_success,
+                                     success_threshold=rc.success_threshold)
+    eligible = np.ones(len(prompts), bool)
+    candidates = np.flatnonzero(informative)
+    if candidates.size:
+        eligible[candidates] = ~greedy_solved(config, greedy_policy, [prompts[i] for i in candidates], sandbox)
+    return eligible
 
 
 def _reward_stats(scores: np.ndarray, group_size: int, lengths: np.ndarray) -> dict[str, float]:
@@ -905,7 +919,7 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
                 turns, scores = _sample_step_groups(config, policy, prompts, sandbox)
                 if greedy is None:
                     return turns, scores
-                return turns, scores, ~greedy_solved(config, greedy, prompts, sandbox)
+                return turns, scores, _eligible_groups(config, greedy, prompts, scores, sandbox)
 
             turns, scores, sampling = _collect_groups(config, draw)
             arrays, stats = _step_arrays(config, turns, scores, tokenizer)

@@ -44,9 +44,9 @@ class GroupCollector:
     Call `add(items, rewards)` with each round's group-major items (any per-rollout objects: sampled turns,
     episodes) and their rewards `[k * group_size]`; it returns True once the batch is full. `add`'s optional
     `eligible` (bool `[k]`) rejects the groups it marks False whatever their rewards, e.g. prompts whose greedy
-    turn already succeeds (`rl.prompt_filter`). `batch()` returns
-    `(items, rewards)` of exactly `num_groups` groups: the kept groups in the order drawn, then, if the rounds
-    ran out, the earliest rejected ones as filler. `stats()` gives the counts to log.
+    turn already succeeds (`rl.prompt_filter`). `batch()` returns `(items, rewards)` of exactly `num_groups`
+    groups: the kept groups in the order drawn, then, if the rounds ran out, the earliest rejected ones as filler,
+    ineligible ones only after every other rejected group. `stats()` gives the counts to log.
     """
 
     num_groups: int
@@ -55,8 +55,8 @@ class GroupCollector:
     success_threshold: float = 1.0
     kept: list[tuple[list[Any], np.ndarray]] = dataclasses.field(default_factory=list)
     rejected: list[tuple[list[Any], np.ndarray]] = dataclasses.field(default_factory=list)
+    ineligible: list[tuple[list[Any], np.ndarray]] = dataclasses.field(default_factory=list)
     groups_drawn: int = 0
-    groups_ineligible: int = 0
     rounds: int = 0
     all_rewards: list[np.ndarray] = dataclasses.field(default_factory=list)
 
@@ -75,16 +75,13 @@ class GroupCollector:
             raise ValueError(f"got {len(items)} items for {scores.size} rewards")
         keep = informative_groups(scores, self.group_size, require_success=self.require_success,
                                   success_threshold=self.success_threshold)
-        if eligible is not None:
-            eligible = np.asarray(eligible, bool)
-            if eligible.shape != keep.shape:
-                raise ValueError(f"got eligibility for {eligible.size} groups, rewards for {keep.size}")
-            self.groups_ineligible += int((~eligible).sum())
-            keep &= eligible
+        eligible = np.ones_like(keep) if eligible is None else np.asarray(eligible, bool)
+        if eligible.shape != keep.shape:
+            raise ValueError(f"got eligibility for {eligible.size} groups, rewards for {keep.size}")
         n = self.group_size
-        for g, kept in enumerate(keep):
+        for g, (kept, allowed) in enumerate(zip(keep, eligible)):
             group = (list(items[g * n:(g + 1) * n]), scores[g * n:(g + 1) * n])
-            (self.kept if kept else self.rejected).append(group)
+            (self.ineligible if not allowed else self.kept if kept else self.rejected).append(group)
         self.groups_drawn += len(keep)
         self.rounds += 1
         self.all_rewards.append(scores)
@@ -96,17 +93,20 @@ class GroupCollector:
                              "more rounds first")
         chosen = self.kept[:self.num_groups]
         chosen += self.rejected[:self.num_groups - len(chosen)]
+        chosen += self.ineligible[:self.num_groups - len(chosen)]
         items = [item for group, _ in chosen for item in group]
         return items, np.concatenate([scores for _, scores in chosen])
 
     def stats(self) -> dict[str, float]:
         """`groups_drawn`, `groups_kept` (informative groups found, may exceed the batch), `groups_filler`
-        (rejected groups that filled the batch), `groups_ineligible` (groups `add`'s `eligible` rejected),
-        `sampling_rounds`, `reward_mean_drawn` (over every rollout drawn: unlike the batch's reward, not raised by
-        the filter)."""
+        (rejected groups that filled the batch), `groups_ineligible` (groups `add`'s `eligible` rejected) and
+        `groups_filler_ineligible` (those of them in the batch), `sampling_rounds`, `reward_mean_drawn` (over
+        every rollout drawn: unlike the batch's reward, not raised by the filter)."""
         drawn = np.concatenate(self.all_rewards) if self.all_rewards else np.zeros(0, np.float32)
+        filler = max(0, self.num_groups - len(self.kept))
         return {"groups_drawn": float(self.groups_drawn), "groups_kept": float(len(self.kept)),
-                "groups_ineligible": float(self.groups_ineligible),
-                "groups_filler": float(max(0, self.num_groups - len(self.kept))),
+                "groups_ineligible": float(len(self.ineligible)),
+                "groups_filler": float(filler),
+                "groups_filler_ineligible": float(max(0, filler - len(self.rejected))),
                 "sampling_rounds": float(self.rounds),
                 "reward_mean_drawn": float(drawn.mean()) if drawn.size else 0.0}

@@ -41,7 +41,7 @@ def test_collector_fills_the_batch_with_informative_groups_in_the_order_drawn():
     assert items == ["a3", "a4", "a5", "b0", "b1", "b2"]
     np.testing.assert_array_equal(scores, np.asarray(REWARDS[3:9], np.float32))
     assert collector.stats() == {"groups_drawn": 5.0, "groups_kept": 3.0, "groups_ineligible": 0.0,
-                                 "groups_filler": 0.0, "sampling_rounds": 2.0,
+                                 "groups_filler": 0.0, "groups_filler_ineligible": 0.0, "sampling_rounds": 2.0,
                                  "reward_mean_drawn": pytest.approx(float(np.mean(REWARDS + [0.0, 2.0, 0.0])))}
 
 
@@ -65,12 +65,16 @@ def test_collector_errors():
         collector.batch()
 
 
-def test_ineligible_groups_are_rejected_whatever_their_rewards():
-    collector = GroupCollector(num_groups=2, group_size=3)
-    # Groups 1 and 2 differ; group 1 is ineligible (say, its greedy turn already succeeds).
-    assert not collector.add(*_round("a", REWARDS), eligible=[True, False, True, True])
+def test_ineligible_groups_are_rejected_whatever_their_rewards_and_fill_last():
+    collector = GroupCollector(num_groups=3, group_size=3)
+    # Groups 1 and 2 differ; group 2 (with a success) is ineligible (say, its greedy turn already succeeds).
+    assert not collector.add(*_round("a", REWARDS), eligible=[True, True, False, True])
     items, _ = collector.batch()
-    assert items == ["a6", "a7", "a8", "a0", "a1", "a2"]  # the only kept group, then the first rejected one
-    assert collector.stats()["groups_ineligible"] == 1.0 and collector.stats()["groups_filler"] == 1.0
+    # The kept group, then groups rejected for their rewards; the ineligible group only if nothing else is left.
+    assert items == ["a3", "a4", "a5", "a0", "a1", "a2", "a9", "a10", "a11"]
+    assert collector.stats()["groups_ineligible"] == 1.0 and collector.stats()["groups_filler_ineligible"] == 0.0
+    short = GroupCollector(num_groups=4, group_size=3)
+    short.add(*_round("a", REWARDS), eligible=[True, True, False, True])
+    assert short.batch()[0][-3:] == ["a6", "a7", "a8"] and short.stats()["groups_filler_ineligible"] == 1.0
     with pytest.raises(ValueError, match="eligibility for 2 groups, rewards for 4"):
         collector.add(*_round("b", REWARDS), eligible=[True, True])

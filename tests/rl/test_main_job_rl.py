@@ -125,6 +125,7 @@ def test_new_options_default_to_the_previous_behaviour():
     rc = qwen.get_config().rl
     assert (rc.algorithm, rc.reward_kind, rc.aggregation, rc.trainable) == ("grpo", "f1", "seq-mean-token-mean", "all")
     assert rc.dynamic_sampling is False and rc.dynamic_sampling_require_success is False
+    assert rc.prompt_filter == "none"
 
 
 def test_greedy_solved_marks_prompts_whose_greedy_turn_succeeds(sandbox):
@@ -147,8 +148,28 @@ def test_prompt_filter_keeps_only_eligible_groups():
 
     items, _, stats = main_job._collect_groups(
         _config(dynamic_sampling=True, prompt_filter="greedy_fails", max_sampling_rounds=2), draw)
-    assert items == ["r0i2", "r0i3", "r0i0", "r0i1"]  # the one eligible mixed group, then filler
+    # The one eligible mixed group, then filler: the group rejected for its rewards before an ineligible one.
+    assert items == ["r0i2", "r0i3", "r1i2", "r1i3"]
     assert (stats["groups_ineligible"], stats["groups_kept"], stats["groups_filler"]) == (2, 1, 1)
+    assert stats["groups_filler_ineligible"] == 0
+
+
+def test_greedy_check_runs_only_where_the_rewards_would_keep_the_group(sandbox):
+    sample = decode_sample(make_sample())
+    asked = []
+
+    class Recording(ScriptedPolicy):
+        def __call__(self, conversations):
+            asked.append(len(conversations))
+            return super().__call__(conversations)
+
+    config = _config(dynamic_sampling=True, prompt_filter="greedy_fails", dynamic_sampling_require_success=True)
+    scores = np.asarray([0.0, 0.0, 0.0, 1.0, -0.3, 0.0], np.float32)  # groups: none, a success, failures only
+    eligible = main_job._eligible_groups(config, Recording(SOLVING_CALL, False), [sample] * 3, scores, sandbox)
+    assert asked == [1] and eligible.tolist() == [True, False, True]
+    asked.clear()
+    assert main_job._eligible_groups(config, Recording(SOLVING_CALL, False), [sample] * 3, np.zeros(6),
+                                     sandbox).all() and asked == []
 
 
 def test_prompt_filter_needs_step_mode_with_dynamic_sampling():
