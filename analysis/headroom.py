@@ -107,14 +107,11 @@ def states_of(samples: Sequence[Any], kind: str, sandbox: Any) -> tuple[list[Any
 def turn_rewards(policy: Any, states: Sequence[Any], repeats: int, sandbox: Any, *, reward_kind: str = "f1",
                  semantics: str = "ftrl") -> tuple[np.ndarray, np.ndarray]:
     """`[len(states), repeats]` float step rewards of `policy`'s turns from each state, scored as RL scores them
-    (`rewards.step_rewards`; a turn cut at the token limit does not run its calls), and `[len(states)]` bool:
+    (`pipeline.main_job.scored_turns`), and `[len(states)]` bool:
     the policy refused a state's prompt as too long (its turns are empty; leave such states out)."""
-    from ftrl_jax.envs import rewards
+    from ftrl_jax.pipeline.main_job import scored_turns
 
-    repeated = [s for s in states for _ in range(repeats)]
-    turns = policy([(s.messages, s.tools) for s in repeated])
-    scores = rewards.step_rewards([t.text for t in turns], repeated, reward_kind, sandbox=sandbox,
-                                  semantics=semantics, truncated=[t.truncated for t in turns])
+    turns, scores = scored_turns(policy, states, repeats, sandbox, reward_kind=reward_kind, semantics=semantics)
     too_long = np.asarray([t.prompt_too_long for t in turns], bool).reshape(len(states), repeats)
     return np.asarray(scores, np.float64).reshape(len(states), repeats), too_long.any(axis=1)
 

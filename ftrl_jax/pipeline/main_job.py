@@ -717,17 +717,20 @@ def _sample_step_groups(config, policy, prompts, sandbox) -> tuple[list[Any], np
 
     A turn cut at max_new_tokens is scored as evaluation treats it: its calls are not run (`truncated=`).
     """
-    return _scored_turns(config, policy, prompts, config.rl.num_rollouts, sandbox)
-
-
-def _scored_turns(config, policy, prompts, repeats: int, sandbox) -> tuple[list[Any], np.ndarray]:
-    """`repeats` turns of `policy` per prompt, prompt-major, and their step rewards (float32; a cut turn's calls
-    are not run)."""
     rc = config.rl
+    return scored_turns(policy, prompts, rc.num_rollouts, sandbox, reward_kind=rc.reward_kind,
+                        semantics=rc.reward_semantics)
+
+
+def scored_turns(policy, prompts, repeats: int, sandbox, *, reward_kind: str = "f1",
+                 semantics: str = "ftrl") -> tuple[list[Any], np.ndarray]:
+    """`repeats` turns of `policy` (a `TurnGenerator`) per prompt, prompt-major, and their step rewards
+    `[len(prompts) * repeats]` float32, scored as RL scores them (`rewards.step_rewards`; a turn cut at the token
+    limit does not run its calls)."""
     repeated = [p for p in prompts for _ in range(repeats)]
     turns = policy([(p.messages, p.tools) for p in repeated])
-    scores = rewards.step_rewards([t.text for t in turns], repeated, rc.reward_kind, sandbox=sandbox,
-                                  semantics=rc.reward_semantics, truncated=[t.truncated for t in turns])
+    scores = rewards.step_rewards([t.text for t in turns], repeated, reward_kind, sandbox=sandbox,
+                                  semantics=semantics, truncated=[t.truncated for t in turns])
     return turns, np.asarray(scores, np.float32)
 
 
@@ -735,8 +738,10 @@ def greedy_solved(config, greedy_policy, prompts, sandbox) -> np.ndarray:
     """Bool `[len(prompts)]`: the prompt's greedy turn (`greedy_policy`, temperature 0) earns at least
     `rl.success_threshold` of RL's step reward, so a successful sample there only confirms what greedy
     decoding already writes (`rl.prompt_filter="greedy_fails"`; `analysis.headroom` measures how often)."""
-    _, scores = _scored_turns(config, greedy_policy, prompts, 1, sandbox)
-    return scores >= config.rl.success_threshold
+    rc = config.rl
+    _, scores = scored_turns(greedy_policy, prompts, 1, sandbox, reward_kind=rc.reward_kind,
+                             semantics=rc.reward_semantics)
+    return scores >= rc.success_threshold
 
 
 def _eligible_groups(config, greedy_policy, prompts, scores, sandbox) -> np.ndarray:
