@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.output = ""                  # the policy directory; empty: WORKDIR/policy
     c.seed = 0                     # model initialisation and batch order
     c.resume = False
+    c.init = ""                    # a policy directory (or shipped name) to continue from; empty: random init
 
     c.envs = ml_collections.ConfigDict()
     c.envs.world = TINY_WORLD

@@ -1,4 +1,5 @@
-"""The recipe of a tiny instruct policy: supervised training on oracle trajectories from random init.
+"""The recipe of a tiny instruct policy: supervised training on oracle trajectories from random init (or, with
+`init`, continued from a policy directory).
 
 `pretrain(config)` (config: `configs/tiny.py`) runs
 
@@ -7,6 +8,8 @@
   held-out      `eval.num_envs` held-out environments built as the main job builds them for seed 0
                 (`main_job.build_split("eval", ...)`, build seed `eval.seed`)  -> WORKDIR/envs/held_out.jsonl
   tokenizer     the embedded byte-level BPE learned on the supervised environments' text -> WORKDIR/tokenizer/
+                (with `init`: the starting policy's tokenizer, weights and architecture; `model.*` and
+                `tokenizer.*` are then not used)
   training      cross-entropy on the assistant tokens of each environment's oracle conversation (calls,
                 then the final answer), AdamW + cosine schedule; resumable from WORKDIR/checkpoints/pretrain/;
                 greedy held-out Solve-F1 on the first `eval.curve_envs` environments every `eval.every` steps
@@ -29,7 +32,7 @@ from typing import Any
 
 import jax
 
-from ftrl_jax import models, parallel
+from ftrl_jax import models, parallel, policies
 from ftrl_jax.envs.samples import read_samples, write_samples
 from ftrl_jax.envs.stages import SCENARIO_KINDS
 from ftrl_jax.envs.sandbox import Sandbox
@@ -43,6 +46,8 @@ from ftrl_jax.training.metrics import MetricsLogger
 log = logging.getLogger(__name__)
 PHASE, CURVE_PHASE = "pretrain", "pretrain_eval"
 EVAL_KEYS = main_job.EVAL_KEYS
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "vocab.json", "merges.txt")
 
 
 class PretrainError(main_job.TrainingError):
@@ -62,6 +67,10 @@ def check_config(config) -> None:
     for name, value in (("eval.every", ec.every), ("eval.curve_envs", ec.curve_envs)):
         if value < 0:
             raise PretrainError(f"config.{name}={value}; use 0 (off) or a positive number")
+    if config.init and not os.path.isfile(os.path.join(_init_dir(config), "config.json")):
+        raise PretrainError(f"config.init={config.init!r} is not a policy directory (no config.json there); use a "
+                            "Hugging Face directory such as one this recipe wrote, a shipped policy's name "
+                            "(tiny-instruct), or '' for random initialisation")
     if config.checkpoint.every < 1:
         raise PretrainError(f"config.checkpoint.every={config.checkpoint.every}; use a positive number of steps")
     unknown = [k for k in _kinds(config) if k not in SCENARIO_KINDS]
@@ -86,7 +95,7 @@ def _data_settings(config) -> dict[str, Any]:
     """The settings the workdir's environments and tokenizer were made with (checked on every rerun)."""
     return {"envs": json.loads(config.envs.to_json()), "eval_num_envs": config.eval.num_envs,
             "eval_seed": config.eval.seed, "vocab_size": config.tokenizer.vocab_size, "template": config.model.template,
-            "pretokenizer": config.tokenizer.pretokenizer}
+            "pretokenizer": config.tokenizer.pretokenizer, "init": _init_dir(config)}
 
 
 def _check_data_settings(config, workdir: str) -> None:
@@ -95,7 +104,8 @@ def _check_data_settings(config, workdir: str) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             made_with = json.load(f)
-        made_with.setdefault("pretokenizer", "qwen2")  # workdirs made before the setting existed
+        made_with.setdefault("pretokenizer", "qwen2")  # workdirs made before these settings existed
+        made_with.setdefault("init", "")
         if made_with != settings:
             changed = sorted(k for k in settings if settings[k] != made_with.get(k))
             raise PretrainError(f"{workdir} holds environments and a tokenizer made with other settings ({', '.join(changed)}"
@@ -127,9 +137,25 @@ def _environments(config, workdir: str, sandbox: Sandbox):
     return out
 
 
+def _init_dir(config) -> str:
+    """The absolute directory `config.init` names (a path or a shipped policy's name); '' for random init."""
+    return os.path.abspath(policies.resolve(config.init)) if config.init else ""
+
+
 def _tokenizer(config, workdir: str, train):
     tok_dir = os.path.join(workdir, "tokenizer")
     if os.path.isdir(tok_dir):
+        return load_tokenizer(tok_dir)
+    if config.init:
+        # The files themselves: loaded from a directory with a qwen2 config.json, transformers rebuilds the
+        # pre-tokenizer as Qwen2's split, and saving that would replace the starting policy's own.
+        partial = tok_dir + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(_init_dir(config), name)):
+                shutil.copy(os.path.join(_init_dir(config), name), partial)
+        os.replace(partial, tok_dir)
         return load_tokenizer(tok_dir)
     tokenizer = main_job.embedded_tokenizer(train, config.model.template, config.tokenizer.vocab_size,
                                             config.tokenizer.pretokenizer)
@@ -138,6 +164,8 @@ def _tokenizer(config, workdir: str, train):
 
 
 def _model(config, tokenizer):
+    if config.init:  # float32 master weights from the (possibly bfloat16) export
+        return models.load_pretrained(_init_dir(config), dtype="float32", compute_dtype="float32")
     return main_job.random_model(config.model.preset, config.model.overrides, tokenizer, param_dtype="float32",
                                  dtype="float32", seed=config.seed)
 
@@ -153,6 +181,11 @@ def greedy_eval(config, model_config, params, tokenizer, samples, sandbox) -> di
 def _card(config, recipe: dict[str, Any]) -> str:
     ev, tc = recipe["held_out"], config.train
     ends = ", ".join(f"{reason} {count}" for reason, count in sorted(ev["end_reasons"].items(), key=lambda kv: -kv[1]))
+    start = (f"continued from `{config.init}` (its weights, architecture and tokenizer; its own recipe is "
+             f"`init_recipe` in recipe.json; batch order seed {config.seed})" if config.init
+             else f"random initialisation (seed {config.seed})")
+    tokenizer = ("the starting policy's" if config.init else
+                 f"learned on the same environments' text (pre-tokenizer `{config.tokenizer.pretokenizer}`)")
     rows = "\n".join(f"| {kind.split('/')[-1]} | {100 * m['solve_precision']:.2f} | {100 * m['solve_rate']:.2f} | "
                      f"{100 * m['solve_f1']:.2f} |" for kind, m in sorted(ev["by_scenario"].items()))
     return f"""---
@@ -177,12 +210,12 @@ the answer; the held-out scores below say how far it got.
   procedural environments (build seed {config.envs.seed}; {', '.join(_kinds(config))}; complexity
   {config.envs.complexity}), questions from the training side of the fixed question partition only
   (`ftrl_jax/envs/splits.py`); {recipe['dropped_too_long']} longer than {tc.max_len} tokens left out.
-- Training: random initialisation (seed {config.seed}), {tc.num_steps} steps of {tc.batch_size} conversations
+- Training: {start}, {tc.num_steps} steps of {tc.batch_size} conversations
   (about {recipe['epochs']:.1f} epochs), cross-entropy on assistant tokens only, AdamW lr {tc.learning_rate:g}
   (cosine, {tc.warmup_steps} warm-up steps), weight decay {tc.weight_decay:g}, gradient norm clip
   {tc.max_grad_norm:g}, float32; exported in bfloat16.
-- Tokenizer: byte-level BPE, {recipe['model']['vocab_size']} tokens, learned on the same environments' text
-  (pre-tokenizer `{config.tokenizer.pretokenizer}`); the {config.model.template} chat template with tools.
+- Tokenizer: byte-level BPE, {recipe['model']['vocab_size']} tokens, {tokenizer}; the {config.model.template} chat
+  template with tools.
 
 ## Held-out scores (greedy, this bfloat16 export)
 {ev['num_episodes']} held-out environments built as the main job builds its held-out set (build seed
@@ -284,6 +317,8 @@ def pretrain(config, *, command: str = "python -m experiments.pretrain --config=
         "machine": _machine(),
         "held_out": {k: v for k, v in held.items() if k != "episodes"}, "curve": curve,
     }
+    if config.init:
+        recipe["init_recipe"] = _read_json(os.path.join(_init_dir(config), main_job.RECIPE_FILE), None)
     _write_json(os.path.join(partial, main_job.RECIPE_FILE), recipe)
     with open(os.path.join(partial, "README.md"), "w") as f:
         f.write(_card(config, recipe))

@@ -134,3 +134,31 @@ def test_recipe_guards_its_output_its_data_and_its_lengths(tmp_path):
     config.tokenizer.pretokenizer = "stable_names"
     with pytest.raises(PretrainError, match=r"other settings \(pretokenizer\)"):
         _check_data_settings(config, str(tmp_path / "run"))
+
+
+def test_recipe_continues_from_a_policy_directory(tmp_path):
+    start = micro_config(tmp_path / "a", num_steps=2)
+    start.eval.every = 0
+    pretrain(start)
+    init = tmp_path / "a" / "policy"
+    config = micro_config(tmp_path / "b", num_steps=2)
+    config.init = str(init)
+    config.model.overrides = "num_layers=3"  # not used: the architecture is the starting policy's
+    config.envs.seed = 7  # other supervised environments than the starting policy's
+    recipe = pretrain(config)
+    out = tmp_path / "b" / "policy"
+    assert (out / "tokenizer.json").read_text() == (init / "tokenizer.json").read_text()
+    model_config, _ = models.load_pretrained(str(out))
+    assert (model_config.num_layers, model_config.hidden_size) == (1, 64)
+    before, after = _tensors(init), _tensors(out)
+    assert before.keys() == after.keys() and before != after  # trained further
+    assert recipe["init_recipe"] == read_recipe(str(init)) and recipe["config"]["init"] == str(init)
+    assert f"continued from `{init}`" in (out / "README.md").read_text()
+    # The run directory remembers what it continued from.
+    config.init = ""
+    config.resume = True
+    with pytest.raises(PretrainError, match=r"other settings \(init\)"):
+        _check_data_settings(config, str(tmp_path / "b"))
+    config.init = str(tmp_path)  # not a policy directory
+    with pytest.raises(PretrainError, match="is not a policy directory"):
+        check_config(config)
