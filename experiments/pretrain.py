@@ -1,8 +1,9 @@
 """A tiny instruct policy's recipe: `python -m experiments.pretrain --config=configs/tiny.py [--output=DIR]`.
 
 Builds training-side procedural environments, learns the embedded tokenizer on them, trains the `tiny` model
-from random initialisation on their oracle trajectories, evaluates it greedily on the main job's seed-0
-held-out environments and writes a bfloat16 Hugging Face directory with recipe.json and a model card. See
+from random initialisation on their oracle trajectories (or, with `--config.init=DIR`, continues that policy
+directory with its own tokenizer), evaluates it greedily on the main job's seed-0 held-out environments and writes
+a bfloat16 Hugging Face directory with recipe.json and a model card. See
 ftrl_jax/pipeline/pretrain.py for the stages and files. The main job starts RL from it with
 `--config.model.path=DIR`; its default start, the shipped `tiny-instruct`, was made with these defaults.
 """

@@ -8,8 +8,9 @@
   held-out      `eval.num_envs` held-out environments built as the main job builds them for seed 0
                 (`main_job.build_split("eval", ...)`, build seed `eval.seed`)  -> WORKDIR/envs/held_out.jsonl
   tokenizer     the embedded byte-level BPE learned on the supervised environments' text -> WORKDIR/tokenizer/
-                (with `init`: the starting policy's tokenizer, weights and architecture; `model.*` and
-                `tokenizer.*` are then not used)
+                (with `init`: the starting policy's tokenizer files, weights and architecture; `model.preset`,
+                `model.overrides` and `tokenizer.*` are then not used, and `model.template` must be the
+                chat format it was trained with)
   training      cross-entropy on the assistant tokens of each environment's oracle conversation (calls,
                 then the final answer), AdamW + cosine schedule; resumable from WORKDIR/checkpoints/pretrain/;
                 greedy held-out Solve-F1 on the first `eval.curve_envs` environments every `eval.every` steps
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 PHASE, CURVE_PHASE = "pretrain", "pretrain_eval"
 EVAL_KEYS = main_job.EVAL_KEYS
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "vocab.json", "merges.txt")
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
 class PretrainError(main_job.TrainingError):
@@ -67,10 +68,8 @@ def check_config(config) -> None:
     for name, value in (("eval.every", ec.every), ("eval.curve_envs", ec.curve_envs)):
         if value < 0:
             raise PretrainError(f"config.{name}={value}; use 0 (off) or a positive number")
-    if config.init and not os.path.isfile(os.path.join(_init_dir(config), "config.json")):
-        raise PretrainError(f"config.init={config.init!r} is not a policy directory (no config.json there); use a "
-                            "Hugging Face directory such as one this recipe wrote, a shipped policy's name "
-                            "(tiny-instruct), or '' for random initialisation")
+    if config.init:
+        _check_init(config)
     if config.checkpoint.every < 1:
         raise PretrainError(f"config.checkpoint.every={config.checkpoint.every}; use a positive number of steps")
     unknown = [k for k in _kinds(config) if k not in SCENARIO_KINDS]
@@ -95,7 +94,7 @@ def _data_settings(config) -> dict[str, Any]:
     """The settings the workdir's environments and tokenizer were made with (checked on every rerun)."""
     return {"envs": json.loads(config.envs.to_json()), "eval_num_envs": config.eval.num_envs,
             "eval_seed": config.eval.seed, "vocab_size": config.tokenizer.vocab_size, "template": config.model.template,
-            "pretokenizer": config.tokenizer.pretokenizer, "init": _init_dir(config)}
+            "pretokenizer": config.tokenizer.pretokenizer, "init": _init_label(config)}
 
 
 def _check_data_settings(config, workdir: str) -> None:
@@ -142,6 +141,39 @@ def _init_dir(config) -> str:
     return os.path.abspath(policies.resolve(config.init)) if config.init else ""
 
 
+def _init_label(config) -> str:
+    """How the card, recipe.json and the workdir's settings name the start: a shipped policy by its name (the same in
+    every checkout), any other directory by its absolute path; '' for random init."""
+    return config.init if config.init in policies.SHIPPED else _init_dir(config)
+
+
+def _check_init(config) -> None:
+    """Refuses an `init` that is not a policy directory whose weights, tokenizer and chat format this recipe can
+    continue."""
+    init = _init_dir(config)
+    what = (f"config.init={config.init!r}: use a Hugging Face policy directory (such as WORKDIR/policy of an earlier "
+            "run of this recipe) or a shipped policy's name (tiny-instruct), or '' for random initialisation")
+    if not os.path.isdir(init):
+        raise PretrainError(f"{init} is not a directory; {what}")
+    if os.path.isdir(os.path.join(init, "checkpoints")) or os.path.isfile(os.path.join(init, "data_settings.json")):
+        raise PretrainError(f"{init} is a run directory of this recipe, not a policy; use "
+                            f"{os.path.join(init, 'policy')} ({what})")
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    tokenizer = ("tokenizer.json", "tokenizer_config.json")
+    for need, names in (("a config.json", ("config.json",)), ("weights (model.safetensors)", weights),
+                        ("a tokenizer (tokenizer.json)", tokenizer)):
+        if not any(os.path.isfile(os.path.join(init, name)) for name in names):
+            raise PretrainError(f"{init} holds no {need}; {what}")
+    trained = (_read_json(os.path.join(init, main_job.RECIPE_FILE), None) or {}).get("config", {})
+    template = trained.get("model", {}).get("template")
+    if template and template != config.model.template:
+        raise PretrainError(f"config.model.template={config.model.template!r}, but {init} was trained with the "
+                            f"{template!r} chat format (its recipe.json); pass --config.model.template={template}")
+    output = os.path.abspath(config.output or os.path.join(config.workdir, "policy"))
+    if output == init:
+        raise PretrainError(f"the output {output} is the starting policy config.init; choose another --output")
+
+
 def _tokenizer(config, workdir: str, train):
     tok_dir = os.path.join(workdir, "tokenizer")
     if os.path.isdir(tok_dir):
@@ -155,6 +187,10 @@ def _tokenizer(config, workdir: str, train):
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(_init_dir(config), name)):
                 shutil.copy(os.path.join(_init_dir(config), name), partial)
+        try:
+            load_tokenizer(partial)
+        except ValueError as err:
+            raise PretrainError(f"the starting policy's tokenizer does not load ({err})") from err
         os.replace(partial, tok_dir)
         return load_tokenizer(tok_dir)
     tokenizer = main_job.embedded_tokenizer(train, config.model.template, config.tokenizer.vocab_size,
@@ -181,11 +217,12 @@ def greedy_eval(config, model_config, params, tokenizer, samples, sandbox) -> di
 def _card(config, recipe: dict[str, Any]) -> str:
     ev, tc = recipe["held_out"], config.train
     ends = ", ".join(f"{reason} {count}" for reason, count in sorted(ev["end_reasons"].items(), key=lambda kv: -kv[1]))
-    start = (f"continued from `{config.init}` (its weights, architecture and tokenizer; its own recipe is "
-             f"`init_recipe` in recipe.json; batch order seed {config.seed})" if config.init
-             else f"random initialisation (seed {config.seed})")
-    tokenizer = ("the starting policy's" if config.init else
-                 f"learned on the same environments' text (pre-tokenizer `{config.tokenizer.pretokenizer}`)")
+    own = "its own recipe is `init_recipe` in recipe.json; " if recipe.get("init_recipe") else ""
+    start = (f"continued from `{_init_label(config)}` (its weights, architecture and tokenizer; {own}batch order "
+             f"seed {config.seed})" if config.init else f"random initialisation (seed {config.seed})")
+    tokenizer = (f"the starting policy's ({recipe['model']['vocab_size']} tokens)" if config.init else
+                 f"byte-level BPE, {recipe['model']['vocab_size']} tokens, learned on the same environments' text "
+                 f"(pre-tokenizer `{config.tokenizer.pretokenizer}`)")
     rows = "\n".join(f"| {kind.split('/')[-1]} | {100 * m['solve_precision']:.2f} | {100 * m['solve_rate']:.2f} | "
                      f"{100 * m['solve_f1']:.2f} |" for kind, m in sorted(ev["by_scenario"].items()))
     return f"""---
@@ -214,8 +251,7 @@ the answer; the held-out scores below say how far it got.
   (about {recipe['epochs']:.1f} epochs), cross-entropy on assistant tokens only, AdamW lr {tc.learning_rate:g}
   (cosine, {tc.warmup_steps} warm-up steps), weight decay {tc.weight_decay:g}, gradient norm clip
   {tc.max_grad_norm:g}, float32; exported in bfloat16.
-- Tokenizer: byte-level BPE, {recipe['model']['vocab_size']} tokens, {tokenizer}; the {config.model.template} chat
-  template with tools.
+- Tokenizer: {tokenizer}; the {config.model.template} chat template with tools.
 
 ## Held-out scores (greedy, this bfloat16 export)
 {ev['num_episodes']} held-out environments built as the main job builds its held-out set (build seed
@@ -318,6 +354,7 @@ def pretrain(config, *, command: str = "python -m experiments.pretrain --config=
         "held_out": {k: v for k, v in held.items() if k != "episodes"}, "curve": curve,
     }
     if config.init:
+        recipe["init"] = _init_label(config)
         recipe["init_recipe"] = _read_json(os.path.join(_init_dir(config), main_job.RECIPE_FILE), None)
     _write_json(os.path.join(partial, main_job.RECIPE_FILE), recipe)
     with open(os.path.join(partial, "README.md"), "w") as f:

@@ -152,13 +152,46 @@ def test_recipe_continues_from_a_policy_directory(tmp_path):
     assert (model_config.num_layers, model_config.hidden_size) == (1, 64)
     before, after = _tensors(init), _tensors(out)
     assert before.keys() == after.keys() and before != after  # trained further
-    assert recipe["init_recipe"] == read_recipe(str(init)) and recipe["config"]["init"] == str(init)
+    assert recipe["init_recipe"] == read_recipe(str(init)) and recipe["init"] == str(init)
     assert f"continued from `{init}`" in (out / "README.md").read_text()
+    # A resumed run continues from its own checkpoint and writes the same bytes.
+    config.resume = True
+    pretrain(config)
+    assert _tensors(out) == after
+    # The weights trained are the starting policy's: at learning rate 0 the export is its bytes.
+    frozen = micro_config(tmp_path / "c", num_steps=2)
+    frozen.init, frozen.train.learning_rate, frozen.eval.every = str(init), 0.0, 0
+    pretrain(frozen)
+    assert _tensors(tmp_path / "c" / "policy") == before
     # The run directory remembers what it continued from.
     config.init = ""
-    config.resume = True
     with pytest.raises(PretrainError, match=r"other settings \(init\)"):
         _check_data_settings(config, str(tmp_path / "b"))
-    config.init = str(tmp_path)  # not a policy directory
-    with pytest.raises(PretrainError, match="is not a policy directory"):
+
+
+def test_recipe_refuses_a_start_it_cannot_continue(tmp_path):
+    start = micro_config(tmp_path / "a", num_steps=2)
+    start.eval.every = 0
+    pretrain(start)
+    config = micro_config(tmp_path / "b")
+    for init, message in ((tmp_path / "none", "is not a directory"),
+                          (tmp_path / "a", r"run directory of this recipe, not a policy; use .*a/policy")):
+        config.init = str(init)
+        with pytest.raises(PretrainError, match=message):
+            check_config(config)
+    partial = tmp_path / "weights_only"
+    partial.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (partial / name).write_bytes((tmp_path / "a" / "policy" / name).read_bytes())
+    config.init = str(partial)
+    with pytest.raises(PretrainError, match=r"holds no a tokenizer \(tokenizer.json\)"):
         check_config(config)
+    config.init = str(tmp_path / "a" / "policy")
+    config.model.template = "qwen3"
+    with pytest.raises(PretrainError, match="trained with the 'qwen2.5' chat format.*--config.model.template=qwen2.5"):
+        check_config(config)
+    config.model.template = "qwen2.5"
+    config.output = config.init
+    with pytest.raises(PretrainError, match="is the starting policy"):
+        check_config(config)
+    assert not (tmp_path / "b").exists()  # refused before anything was written
