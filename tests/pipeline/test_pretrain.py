@@ -136,11 +136,18 @@ def test_recipe_guards_its_output_its_data_and_its_lengths(tmp_path):
         _check_data_settings(config, str(tmp_path / "run"))
 
 
-def test_recipe_continues_from_a_policy_directory(tmp_path):
-    start = micro_config(tmp_path / "a", num_steps=2)
-    start.eval.every = 0
-    pretrain(start)
-    init = tmp_path / "a" / "policy"
+@pytest.fixture(scope="module")
+def start_run(tmp_path_factory):
+    """The run directory of a 2-step micro recipe; its policy is WORKDIR/policy."""
+    workdir = tmp_path_factory.mktemp("start")
+    config = micro_config(workdir, num_steps=2)
+    config.eval.every = 0
+    pretrain(config)
+    return workdir
+
+
+def test_recipe_continues_from_a_policy_directory(tmp_path, start_run):
+    init = start_run / "policy"
     config = micro_config(tmp_path / "b", num_steps=2)
     config.init = str(init)
     config.model.overrides = "num_layers=3"  # not used: the architecture is the starting policy's
@@ -169,24 +176,21 @@ def test_recipe_continues_from_a_policy_directory(tmp_path):
         _check_data_settings(config, str(tmp_path / "b"))
 
 
-def test_recipe_refuses_a_start_it_cannot_continue(tmp_path):
-    start = micro_config(tmp_path / "a", num_steps=2)
-    start.eval.every = 0
-    pretrain(start)
+def test_recipe_refuses_a_start_it_cannot_continue(tmp_path, start_run):
     config = micro_config(tmp_path / "b")
     for init, message in ((tmp_path / "none", "is not a directory"),
-                          (tmp_path / "a", r"run directory of this recipe, not a policy; use .*a/policy")):
+                          (start_run, r"run directory of this recipe, not a policy; use .*/policy")):
         config.init = str(init)
         with pytest.raises(PretrainError, match=message):
             check_config(config)
     partial = tmp_path / "weights_only"
     partial.mkdir()
     for name in ("config.json", "model.safetensors"):
-        (partial / name).write_bytes((tmp_path / "a" / "policy" / name).read_bytes())
+        (partial / name).write_bytes((start_run / "policy" / name).read_bytes())
     config.init = str(partial)
     with pytest.raises(PretrainError, match=r"holds no a tokenizer \(tokenizer.json\)"):
         check_config(config)
-    config.init = str(tmp_path / "a" / "policy")
+    config.init = str(start_run / "policy")
     config.model.template = "qwen3"
     with pytest.raises(PretrainError, match="trained with the 'qwen2.5' chat format.*--config.model.template=qwen2.5"):
         check_config(config)
