@@ -181,12 +181,12 @@ def _tokenizer(config, workdir: str, train):
     if config.init:
         # The files themselves: loaded from a directory with a qwen2 config.json, transformers rebuilds the
         # pre-tokenizer as Qwen2's split, and saving that would replace the starting policy's own.
-        partial = tok_dir + ".partial"
+        init, partial = _init_dir(config), tok_dir + ".partial"
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
         for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(_init_dir(config), name)):
-                shutil.copy(os.path.join(_init_dir(config), name), partial)
+            if os.path.isfile(os.path.join(init, name)):
+                shutil.copy(os.path.join(init, name), partial)
         try:
             load_tokenizer(partial)
         except ValueError as err:

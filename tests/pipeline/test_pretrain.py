@@ -197,5 +197,5 @@ def test_recipe_refuses_a_start_it_cannot_continue(tmp_path, start_run):
     config.model.template = "qwen2.5"
     config.output = config.init
     with pytest.raises(PretrainError, match="is the starting policy"):
-        check_config(config)
-    assert not (tmp_path / "b").exists()  # refused before anything was written
+        pretrain(config)
+    assert not (tmp_path / "b").exists()  # the run refused before writing anything
