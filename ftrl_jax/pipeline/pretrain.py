@@ -160,10 +160,10 @@ def _check_init(config) -> None:
                             f"{os.path.join(init, 'policy')} ({what})")
     weights = ("model.safetensors", "model.safetensors.index.json")
     tokenizer = ("tokenizer.json", "tokenizer_config.json")
-    for need, names in (("a config.json", ("config.json",)), ("weights (model.safetensors)", weights),
-                        ("a tokenizer (tokenizer.json)", tokenizer)):
+    for need, names in (("config.json", ("config.json",)), ("weights (model.safetensors)", weights),
+                        ("tokenizer (tokenizer.json)", tokenizer)):
         if not any(os.path.isfile(os.path.join(init, name)) for name in names):
-            raise PretrainError(f"{init} holds no {need}; {what}")
+            raise PretrainError(f"{init} has no {need}; {what}")
     trained = (_read_json(os.path.join(init, main_job.RECIPE_FILE), None) or {}).get("config", {})
     template = trained.get("model", {}).get("template")
     if template and template != config.model.template:

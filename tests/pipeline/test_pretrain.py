@@ -188,7 +188,7 @@ def test_recipe_refuses_a_start_it_cannot_continue(tmp_path, start_run):
     for name in ("config.json", "model.safetensors"):
         (partial / name).write_bytes((start_run / "policy" / name).read_bytes())
     config.init = str(partial)
-    with pytest.raises(PretrainError, match=r"holds no a tokenizer \(tokenizer.json\)"):
+    with pytest.raises(PretrainError, match=r"has no tokenizer \(tokenizer.json\)"):
         check_config(config)
     config.init = str(start_run / "policy")
     config.model.template = "qwen3"
