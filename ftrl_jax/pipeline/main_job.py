@@ -48,7 +48,8 @@ from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.rollout.evaluation import SCENARIO_TYPES, evaluate, evaluate_sampled, summarize
 from ftrl_jax.reporting import plots, report as run_report, stats
 from ftrl_jax.training.metrics import MetricsLogger
-from ftrl_jax.training.optim import TRAINABLE_ALL, TRAINABLE_PRESETS, make_optimizer, num_trainable
+from ftrl_jax.training.optim import (SCHEDULES, TRAINABLE_ALL, TRAINABLE_PRESETS, make_optimizer, make_schedule,
+                                    num_trainable)
 from ftrl_jax.rl import batch as rl_batch
 from ftrl_jax.rl.advantages import (RFT_ESTIMATOR, compute_advantages, group_signal,
                                     registered_advantage_estimators)
@@ -122,6 +123,11 @@ def check_config(config) -> None:
     if config.rl.aggregation not in registered_aggregations():
         raise TrainingError(f"config.rl.aggregation={config.rl.aggregation!r}; use one of "
                             f"{', '.join(registered_aggregations())}")
+    if config.rl.lr_schedule not in SCHEDULES:
+        raise TrainingError(f"config.rl.lr_schedule={config.rl.lr_schedule!r}; use one of {list(SCHEDULES)}")
+    if config.rl.lr_warmup_steps < 0 or 0 < _rl_updates(config) <= config.rl.lr_warmup_steps:
+        raise TrainingError(f"config.rl.lr_warmup_steps={config.rl.lr_warmup_steps} must be at least 0 and fewer "
+                            f"than RL's {_rl_updates(config)} optimizer updates (rl.num_steps x rl.num_minibatches)")
     if config.rl.max_sampling_rounds < 1:
         raise TrainingError(f"config.rl.max_sampling_rounds={config.rl.max_sampling_rounds}; dynamic sampling needs "
                             "at least 1 round")
@@ -851,6 +857,11 @@ def _loss_config(config) -> LossConfig:
                       policy_loss="nll" if rft else "ppo_clip", norm_length=budget)
 
 
+def _rl_updates(config) -> int:
+    """RL's optimizer updates, the length of its learning-rate schedule: one per mini-batch per step."""
+    return config.rl.num_steps * config.rl.num_minibatches
+
+
 def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sandbox, logger, on_step=None) -> Any:
     """RL on the verifiable reward with fresh samples from the current policy: GRPO, Dr. GRPO, RLOO,
     Reinforce++ (`rl.algorithm`, an advantage estimator) or the RFT baseline (`rl.algorithm="rft"`).
@@ -867,7 +878,10 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
         log.warning("rl.algorithm='dr_grpo' with rl.aggregation=%r: Dr. GRPO's loss is "
                     "--config.rl.aggregation=seq-mean-token-sum-norm", rc.aggregation)
     optimizer = make_optimizer(rc.learning_rate, weight_decay=rc.weight_decay, max_grad_norm=rc.max_grad_norm,
-                               trainable=rc.trainable)
+                               trainable=rc.trainable, schedule=rc.lr_schedule, warmup_steps=rc.lr_warmup_steps,
+                               total_steps=_rl_updates(config))
+    lr_at = make_schedule(rc.learning_rate, warmup_steps=rc.lr_warmup_steps, schedule=rc.lr_schedule,
+                          total_steps=_rl_updates(config))
     ref_params = jax.tree.map(jnp.copy, params)  # frozen reference policy (the one RL starts from)
     state = shard_state(create_train_state(params, optimizer), mesh)
     loss_cfg = _loss_config(config)
@@ -943,8 +957,9 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
         dt = time.perf_counter() - t0
         # Tokens the model ran (a shared prompt counts once).
         tokens = float(sum(arrays[k].sum() for k in ("attention_mask", "prompt_mask", "response_mask") if k in arrays))
+        # The rate of this step's last update (state.step counts updates done).
         logger.log("rl", step + 1, {**metrics, **stats, "step_time": dt, "sample_time": t_sample,
-                                    "tokens_per_sec": tokens / dt})
+                                    "tokens_per_sec": tokens / dt, "learning_rate": float(lr_at(int(state.step) - 1))})
         bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{float(metrics.get('kl', 0.0)):.4f}")
         if (step + 1) % config.checkpoint.every == 0 or step + 1 == rc.num_steps:
             ckpt.save(step + 1, state, {"rl_step": step + 1, "cursor": cursor,
