@@ -21,7 +21,10 @@ has no scenario types) and the share of the RL gain it keeps,
 
 which is undefined (left empty, and said so) when |F1_tuned - F1_base| < --min_gain. If the lower-layer
 MLP carries the gain, as the FTRL paper argues, `restore:mlp_lower` keeps little of it and
-`graft:mlp_lower` much.
+`graft:mlp_lower` much. Every variant is also compared with base and with tuned environment by environment:
+the paired percentile bootstrap of the Solve-F1 difference, resampled within scenario types as the main
+job's before/after interval (`ftrl_jax.reporting.stats.paired_rows_bootstrap`), so a share can be told
+apart from noise: a restore whose interval against tuned straddles zero loses nothing measurable.
 
 Memory: both checkpoints are held on the host in their stored dtype (a bf16 7B pair is about 30 GB, never
 a float32 copy), and each variant is made by exchanging the group's layer slices between the two trees in
@@ -53,14 +56,19 @@ from experiments import cli
 from ftrl_jax import parallel
 from ftrl_jax.envs.samples import Sample, read_samples
 from ftrl_jax.envs.sandbox import Sandbox
-from ftrl_jax.rollout.evaluation import METRICS, evaluate
+from ftrl_jax.reporting import stats
+from ftrl_jax.rollout.evaluation import METRICS, SCENARIO_TYPES, evaluate
 from ftrl_jax.models import ModelConfig
 from ftrl_jax.models.checkpoint_io import flatten_params, unflatten_params
 from ftrl_jax.rollout.policy import LocalPolicy
 from ftrl_jax.text.chat import TEMPLATES
 from ftrl_jax.text.tokenizer import load_tokenizer
 
-CSV_COLUMNS = ("variant", "direction", "group", "layers", "num_params", *METRICS, "gain_kept", "note")
+# The paired intervals against each reference (REFERENCES), in Solve-F1 units.
+REFERENCES = ("base", "tuned")
+INTERVAL_COLUMNS = tuple(f"vs_{ref}_{end}" for ref in REFERENCES for end in ("delta", "low", "high"))
+CSV_COLUMNS = ("variant", "direction", "group", "layers", "num_params", *METRICS, "gain_kept", *INTERVAL_COLUMNS,
+               "note")
 DEFAULT_MIN_GAIN = 1e-3  # a tenth of a Solve-F1 point: below it the gain is noise and its share meaningless
 
 # Module kind -> the prefix of its parameters in the stacked tree (layer axis first).
@@ -210,7 +218,10 @@ class VariantResult:
     num_params: int          # values exchanged with the other checkpoint
     metrics: dict[str, float] | None
     per_source: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    episodes: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per sample, in order
     gain_kept: float | None = None
+    # reference name -> stats.paired_bootstrap of this variant's Solve-F1 minus the reference's (none for itself)
+    intervals: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     note: str = ""
     seconds: float = 0.0
 
@@ -261,7 +272,7 @@ class Evaluator:
         report = evaluate(policy, self.samples, max_turns=s.max_turns, sandbox=self.sandbox)
         del policy, params  # the device copy goes before the host trees are exchanged again
         metrics, self.basis = headline_metrics(report)
-        return metrics, report.per_source
+        return metrics, report.per_source, report.episodes
 
 
 def _layers_label(group: ParamGroup, num_layers: int) -> str:
@@ -273,20 +284,23 @@ def _layers_label(group: ParamGroup, num_layers: int) -> str:
 
 
 def attribute(base: dict[str, np.ndarray], tuned: dict[str, np.ndarray], evaluate_params, groups: Sequence[ParamGroup],
-              *, min_gain: float = DEFAULT_MIN_GAIN, log=print) -> list[VariantResult]:
+              *, min_gain: float = DEFAULT_MIN_GAIN, bootstrap: Mapping[str, Any] | None = None,
+              log=print) -> list[VariantResult]:
     """Evaluates base, tuned and every group's restore and graft variant; `base`/`tuned` are exchanged in place
-    while a variant is evaluated and are as given again on return. `evaluate_params(flat) -> (metrics, per_source)`."""
+    while a variant is evaluated and are as given again on return.
+    `evaluate_params(flat) -> (metrics, per_source, episodes)`, `episodes` one row per sample in a fixed order
+    (`data_source`, `solve_f1`; `EvalReport.episodes`). `bootstrap` goes to `add_paired_intervals`."""
     num_layers = num_layers_of(tuned)
 
     def timed(flat):
         started = time.perf_counter()
-        metrics, per_source = evaluate_params(flat)
-        return metrics, per_source, time.perf_counter() - started
+        metrics, per_source, episodes = evaluate_params(flat)
+        return metrics, per_source, list(episodes), time.perf_counter() - started
 
     results = []
-    for name, flat in (("base", base), ("tuned", tuned)):
-        metrics, per_source, seconds = timed(flat)
-        results.append(VariantResult(name, "reference", "", "", 0, metrics, per_source, seconds=seconds))
+    for name, flat in zip(REFERENCES, (base, tuned)):
+        metrics, per_source, episodes, seconds = timed(flat)
+        results.append(VariantResult(name, "reference", "", "", 0, metrics, per_source, episodes, seconds=seconds))
         log(f"{name:<22} Solve-F1 {metrics['solve_f1']:.4f}  ({seconds:.1f} s)")
     for group in groups:
         label = _layers_label(group, num_layers)
@@ -298,13 +312,14 @@ def attribute(base: dict[str, np.ndarray], tuned: dict[str, np.ndarray], evaluat
         moved = exchange_groups(tuned, base, [group])  # tuned -> restore variant, base -> graft variant
         try:
             for direction, flat in (("restore", tuned), ("graft", base)):
-                metrics, per_source, seconds = timed(flat)
+                metrics, per_source, episodes, seconds = timed(flat)
                 results.append(VariantResult(f"{direction}:{group.name}", direction, group.name, label, moved,
-                                             metrics, per_source, seconds=seconds))
+                                             metrics, per_source, episodes, seconds=seconds))
                 log(f"{direction + ':' + group.name:<22} Solve-F1 {metrics['solve_f1']:.4f}  ({seconds:.1f} s)")
         finally:
             exchange_groups(tuned, base, [group])
     add_gain_shares(results, min_gain)
+    add_paired_intervals(results, **(bootstrap or {}))
     return results
 
 
@@ -322,33 +337,61 @@ def add_gain_shares(results: list[VariantResult], min_gain: float = DEFAULT_MIN_
             r.note = "; ".join(n for n in (r.note, undefined) if n)
 
 
+def add_paired_intervals(results: list[VariantResult], **bootstrap: Any) -> None:
+    """Fills each evaluated variant's `intervals` against base and tuned: `stats.paired_rows_bootstrap` of its
+    per-sample Solve-F1 minus the reference's, within scenario types (every sample when the data has none).
+    `bootstrap`: num_resamples, confidence, seed (defaults: 10,000, 0.95, 0). Variants without per-sample
+    rows (an evaluator that gives none) get no interval."""
+    by_name = {r.variant: r for r in results}
+    for r in results:
+        if r.metrics is None or not r.episodes:
+            continue
+        for ref in REFERENCES:
+            if ref != r.variant and by_name[ref].episodes:
+                r.intervals[ref] = stats.paired_rows_bootstrap(by_name[ref].episodes, r.episodes,
+                                                               headline_sources=SCENARIO_TYPES, **bootstrap)
+
+
 # ---------------------------------------------------------------------------- files
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "" if value is None else format(value, spec)
 
 
+def _interval(result: Mapping[str, Any] | None) -> str:
+    if result is None:
+        return "-"
+    return f"{100 * result['delta']:+.2f} [{100 * result['low']:+.2f}, {100 * result['high']:+.2f}]"
+
+
 def write_csv(results: Sequence[VariantResult], path: str) -> None:
-    """variant,direction,group,layers,num_params,solve_precision,solve_rate,solve_f1,gain_kept,note."""
+    """CSV_COLUMNS: the variant, its metrics, gain_kept, the paired differences from base and tuned with their
+    interval ends (empty where there is none), and the note."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         for r in results:
             metrics = [repr(r.metrics[m]) if r.metrics else "" for m in METRICS]
+            intervals = [repr(r.intervals[ref][key]) if ref in r.intervals else ""
+                         for ref in REFERENCES for key in ("delta", "low", "high")]
             writer.writerow([r.variant, r.direction, r.group, r.layers, r.num_params, *metrics,
-                             "" if r.gain_kept is None else repr(r.gain_kept), r.note])
+                             "" if r.gain_kept is None else repr(r.gain_kept), *intervals, r.note])
 
 
 def summary_markdown(results: Sequence[VariantResult], record: Mapping[str, Any]) -> str:
-    """A table of every variant in percent, with the share of the RL gain kept."""
+    """A table of every variant in percent, with the share of the RL gain kept and the paired Solve-F1
+    differences from base and tuned in points with their intervals."""
+    confidence = next((iv["confidence"] for r in results for iv in r.intervals.values()), 0.95)
     lines = ["# Restore-based attribution", "",
              f"base: `{record['base']}`  ", f"tuned: `{record['tuned']}`  ",
              f"data: `{record['data']}` ({record['num_samples']} samples; metrics: {record['metric_basis']})", "",
-             "| variant | layers | Solve-P | Solve-R | Solve-F1 | gain kept |", "|---|---|---|---|---|---|"]
+             f"| variant | layers | Solve-P | Solve-R | Solve-F1 | gain kept | F1 - base [{100 * confidence:.0f}%] "
+             f"| F1 - tuned [{100 * confidence:.0f}%] |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         cells = [_fmt(100 * r.metrics[m], ".2f") if r.metrics else "-" for m in METRICS]
         kept = "n/a" if r.gain_kept is None else f"{100 * r.gain_kept:.0f}%"
-        lines.append(f"| {r.variant} | {r.layers or '-'} | " + " | ".join(cells) + f" | {kept} |")
+        cells += [kept] + [_interval(r.intervals.get(ref)) for ref in REFERENCES]
+        lines.append(f"| {r.variant} | {r.layers or '-'} | " + " | ".join(cells) + " |")
     notes = sorted({r.note for r in results if r.note})
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
@@ -427,8 +470,10 @@ def _matching_dtypes(base: dict[str, np.ndarray], tuned: dict[str, np.ndarray]) 
 
 def run(base_dir: str, tuned_dir: str, data_path: str, out_dir: str, *, limit: int | None = None,
         settings: EvalSettings = EvalSettings(), groups: Sequence[str] = tuple(GROUPS),
-        tokenizer_dir: str | None = None, min_gain: float = DEFAULT_MIN_GAIN, log=print) -> dict[str, Any]:
-    """Evaluates every variant, writes the four output files into out_dir and returns the JSON record."""
+        tokenizer_dir: str | None = None, min_gain: float = DEFAULT_MIN_GAIN,
+        bootstrap: Mapping[str, Any] | None = None, log=print) -> dict[str, Any]:
+    """Evaluates every variant, writes the four output files into out_dir and returns the JSON record.
+    `bootstrap`: the paired intervals' num_resamples, confidence and seed (`add_paired_intervals`)."""
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         raise ValueError(f"unknown parameter groups {unknown}; choose from {', '.join(GROUPS)}")
@@ -451,7 +496,8 @@ def run(base_dir: str, tuned_dir: str, data_path: str, out_dir: str, *, limit: i
         f"{2 + 2 * len(groups)} evaluations")
     with Sandbox() as sandbox:
         evaluator = Evaluator(config, tokenizer, samples, settings, sandbox)
-        results = attribute(base, tuned, evaluator, [GROUPS[g] for g in groups], min_gain=min_gain, log=log)
+        results = attribute(base, tuned, evaluator, [GROUPS[g] for g in groups], min_gain=min_gain,
+                            bootstrap=bootstrap, log=log)
 
     record = {
         "base": base_source.path, "tuned": tuned_source.path, "data": os.path.abspath(data_path),
@@ -494,6 +540,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_float("min_gain", DEFAULT_MIN_GAIN,
                        "Smallest |F1_tuned - F1_base| for which the share of the gain is reported.", lower_bound=0.0,
                        flag_values=fv)
+    flags.DEFINE_integer("bootstrap_resamples", stats.DEFAULT_RESAMPLES,
+                         "Resamples of the paired intervals against base and tuned.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("bootstrap_seed", 0, "Seed of the paired intervals' resampling.", flag_values=fv)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -509,7 +558,8 @@ def main(argv: Sequence[str]) -> int:
     log = lambda message: print(message, flush=True)  # noqa: E731
     try:
         record = run(args.base, args.tuned, args.data, args.output, limit=args.limit or None, settings=settings,
-                     groups=groups, tokenizer_dir=args.tokenizer or None, min_gain=args.min_gain, log=log)
+                     groups=groups, tokenizer_dir=args.tokenizer or None, min_gain=args.min_gain,
+                     bootstrap={"num_resamples": args.bootstrap_resamples, "seed": args.bootstrap_seed}, log=log)
     except (OSError, KeyError, ValueError) as exc:
         return cli.fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)  # KeyError's str() adds quotes
     with open(os.path.join(args.output, "attribution.md")) as f:

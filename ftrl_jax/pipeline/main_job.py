@@ -497,15 +497,12 @@ def paired_deltas(config, before: dict[str, Any], after: dict[str, Any]) -> dict
              (after.get("sampled") or {}).get("environments"))):
         if not rows_before or not rows_after:
             continue
-        sources = [r["data_source"] for r in rows_before]
-        if sources != [r["data_source"] for r in rows_after]:
-            out["note"] = f"{name}: before and after evaluations hold different environments; no interval"
-            continue
-        keep = [i for i, s in enumerate(sources) if s in SCENARIO_TYPES] or list(range(len(sources)))
-        out[name] = stats.paired_bootstrap([rows_before[i]["solve_f1"] for i in keep],
-                                           [rows_after[i]["solve_f1"] for i in keep], [sources[i] for i in keep],
-                                           num_resamples=ec.bootstrap_resamples, confidence=ec.confidence,
-                                           seed=ec.bootstrap_seed)
+        try:
+            out[name] = stats.paired_rows_bootstrap(rows_before, rows_after, headline_sources=SCENARIO_TYPES,
+                                                    num_resamples=ec.bootstrap_resamples, confidence=ec.confidence,
+                                                    seed=ec.bootstrap_seed)
+        except ValueError as err:
+            out["note"] = f"{name}: {err}"
     if "greedy_solve_f1" not in out and "note" not in out:
         out["note"] = "the evaluations carry no per-environment rows (an eval_before.json from an older run)"
     return out

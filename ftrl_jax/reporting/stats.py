@@ -10,7 +10,7 @@ stratified resampling is their section 8.4 / Davison and Hinkley (1997) section 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -99,3 +99,25 @@ def paired_bootstrap(before: Sequence[float] | np.ndarray, after: Sequence[float
             "num_decreased": int((diff < 0).sum()), "num_pairs": int(diff.size),
             "num_strata": len(groups), "pairs_by_stratum": {str(label): int(idx.size) for label, idx in groups},
             "num_resamples": int(num_resamples), "confidence": float(confidence), "seed": int(seed)}
+
+
+def paired_rows_bootstrap(rows_before: Sequence[Mapping[str, Any]], rows_after: Sequence[Mapping[str, Any]],
+                          metric: str = "solve_f1", *, headline_sources: Collection[str] = (),
+                          **kwargs: Any) -> dict[str, Any]:
+    """`paired_bootstrap` of per-environment rows (dicts with `data_source` and `metric`, e.g. an evaluation
+    report's episodes), stratified by `data_source`.
+
+    Both lists must hold the same environments in the same order. When some rows' sources are in
+    `headline_sources` (the scenario types a headline averages) only those rows count, as in the headline;
+    otherwise every row does. `kwargs` go to `paired_bootstrap` (num_resamples, confidence, seed).
+
+    Raises ValueError when the lists differ in length or in their sequence of sources (not the same
+    environments), or on what `paired_bootstrap` refuses.
+    """
+    sources = [r["data_source"] for r in rows_before]
+    if sources != [r["data_source"] for r in rows_after]:
+        raise ValueError(f"the two evaluations hold different environments ({len(rows_before)} and "
+                         f"{len(rows_after)} rows, or their sources differ in order); no paired interval")
+    keep = [i for i, s in enumerate(sources) if s in headline_sources] or list(range(len(sources)))
+    return paired_bootstrap([rows_before[i][metric] for i in keep], [rows_after[i][metric] for i in keep],
+                            [sources[i] for i in keep], **kwargs)

@@ -190,7 +190,8 @@ def test_gain_kept_arithmetic():
 
 def scoring_evaluator(base, tuned):
     """A stand-in for the model evaluation: F1 = 0.2 + 0.3 if the lower MLP is tuned's + 0.1 if the upper
-    attention is, so every variant's score says which parameters it was given."""
+    attention is, so every variant's score says which parameters it was given. Per sample: two single-hop
+    samples, one scoring that F1 and one 0.0 throughout, and a multi-hop sample scoring it twice over."""
     seen = []
 
     def evaluate_params(flat):
@@ -198,7 +199,11 @@ def scoring_evaluator(base, tuned):
         mlp = np.array_equal(flat["layers/mlp/gate_proj/kernel"][:2], tuned["layers/mlp/gate_proj/kernel"][:2])
         attention = np.array_equal(flat["layers/self_attn/q_norm/scale"][5], tuned["layers/self_attn/q_norm/scale"][5])
         f1 = 0.2 + 0.3 * mlp + 0.1 * attention
-        return {"solve_precision": 1.0, "solve_rate": f1, "solve_f1": f1}, {"self/multi_hop": {"solve_f1": f1}}
+        episodes = [{"data_source": "self/single_hop", "solve_f1": f1},
+                    {"data_source": "self/single_hop", "solve_f1": 0.0},
+                    {"data_source": "self/multi_hop", "solve_f1": 2 * f1}]
+        metrics = {"solve_precision": 1.0, "solve_rate": f1, "solve_f1": f1}
+        return metrics, {"self/multi_hop": {"solve_f1": f1}}, episodes
 
     return evaluate_params, seen
 
@@ -231,11 +236,35 @@ def test_attribute_evaluates_every_variant_and_puts_the_trees_back(pair):
     assert by_name["graft:mlp_lower"].num_params == sum(pair[0][p][:2].size for p in MLP_PATHS)
 
 
+def test_every_variant_gets_paired_intervals_against_base_and_tuned(pair):
+    evaluate_params, _ = scoring_evaluator(pair[0], pair[1])
+    base, tuned = ({p: v.copy() for p, v in tree.items()} for tree in pair)
+    results = attribution.attribute(base, tuned, evaluate_params, [GROUPS["mlp_lower"], GROUPS["mlp_upper"]],
+                                    bootstrap={"num_resamples": 300, "seed": 1}, log=lambda _: None)
+    by_name = {r.variant: r for r in results}
+    assert set(by_name["base"].intervals) == {"tuned"} and set(by_name["tuned"].intervals) == {"base"}
+    # Restoring the lower MLP costs 0.3 on the first single-hop sample and 0.6 on the multi-hop one: the mean
+    # over the two scenario types of their mean differences is (-0.3 / 2 - 0.6) / 2.
+    lost = by_name["restore:mlp_lower"].intervals["tuned"]
+    assert lost["delta"] == pytest.approx(-0.375) and lost["high"] < 0 and lost["num_decreased"] == 2
+    assert lost["num_pairs"] == 3 and lost["num_resamples"] == 300 and lost["seed"] == 1
+    assert by_name["graft:mlp_lower"].intervals["base"]["delta"] == pytest.approx(0.375)
+    # An unchanged group: its restore is tuned itself, a difference of exactly zero on every sample.
+    same = by_name["restore:mlp_upper"].intervals["tuned"]
+    assert same["delta"] == same["low"] == same["high"] == 0.0 and same["num_increased"] == same["num_decreased"] == 0
+    table = attribution.summary_markdown(results, {"base": "b", "tuned": "t", "data": "d", "num_samples": 3,
+                                                   "metric_basis": "x"})
+    assert "| F1 - base [95%] | F1 - tuned [95%] |" in table
+    # Per sample against base: +0.1 and 0 (single-hop), +0.2 (multi-hop): (0.05 + 0.2) / 2.
+    assert "| restore:mlp_lower | 0-1 | 100.00 | 30.00 | 30.00 | 25% | +12.50 [" in table
+    assert "| base | - | 100.00 | 20.00 | 20.00 | 0% | - | -50.00 [" in table
+
+
 def test_no_gain_makes_every_share_undefined_and_says_so(pair):
     base, tuned = pair
 
     def flat_score(_):
-        return {"solve_precision": 0.5, "solve_rate": 0.0, "solve_f1": 0.0}, {}
+        return {"solve_precision": 0.5, "solve_rate": 0.0, "solve_f1": 0.0}, {}, []
 
     results = attribution.attribute({p: v.copy() for p, v in base.items()}, {p: v.copy() for p, v in tuned.items()},
                                     flat_score, [GROUPS["mlp_lower"]], log=lambda _: None)
@@ -250,7 +279,7 @@ def test_empty_thirds_are_reported_not_evaluated():
 
     def count(flat):
         calls.append(1)
-        return {"solve_precision": 1.0, "solve_rate": 0.5, "solve_f1": 0.5}, {}
+        return {"solve_precision": 1.0, "solve_rate": 0.5, "solve_f1": 0.5}, {}, []
 
     results = attribution.attribute(base, {p: v + 1 for p, v in base.items()}, count,
                                     [GROUPS["mlp_lower"], GROUPS["mlp_upper"]], log=lambda _: None)
@@ -423,6 +452,9 @@ def test_command_line_on_a_run(run_dir, tmp_path, capsys):
         for metric in ("solve_precision", "solve_rate", "solve_f1"):
             assert 0.0 <= float(r[metric]) <= 1.0
         assert (r["gain_kept"] == "") == ("undefined" in r["note"])
+        assert (r["vs_base_delta"] == "") == (r["variant"] == "base")
+        if r["vs_tuned_delta"]:
+            assert float(r["vs_tuned_low"]) <= float(r["vs_tuned_delta"]) <= float(r["vs_tuned_high"])
     assert rows[2]["num_params"] == str(2 * 3 * CONFIG.hidden_size * CONFIG.intermediate_size)  # 2 layers' MLP
 
     record = json.loads((out / "attribution.json").read_text())

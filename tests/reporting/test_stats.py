@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ftrl_jax.reporting.stats import paired_bootstrap, stratified_mean
+from ftrl_jax.reporting.stats import paired_bootstrap, paired_rows_bootstrap, stratified_mean
 
 
 def test_a_known_paired_difference_is_covered_and_excludes_zero():
@@ -119,3 +119,20 @@ def test_the_environments_that_changed_are_counted():
     after[20] = -0.2
     result = paired_bootstrap(before, after, num_resamples=100, seed=0)
     assert result["num_increased"] == 3 and result["num_decreased"] == 1 and result["num_pairs"] == 64
+
+
+def test_rows_are_paired_by_position_and_the_headline_sources_alone_count():
+    before = [{"data_source": "single_hop", "solve_f1": 0.0}, {"data_source": "multi_hop", "solve_f1": 0.5},
+              {"data_source": "toolhop", "solve_f1": 0.0}]
+    after = [dict(before[0], solve_f1=1.0), dict(before[1], solve_f1=0.5), dict(before[2], solve_f1=1.0)]
+    everything = paired_rows_bootstrap(before, after, num_resamples=200)
+    assert everything["delta"] == pytest.approx((1.0 + 0.0 + 1.0) / 3) and everything["num_strata"] == 3
+    headline = paired_rows_bootstrap(before, after, headline_sources=("single_hop", "multi_hop"), num_resamples=200)
+    assert headline["delta"] == pytest.approx(0.5) and headline["num_pairs"] == 2  # toolhop left out
+    # No row from a headline source: every row counts.
+    assert paired_rows_bootstrap(before, after, headline_sources=("parallel_single_hop",),
+                                 num_resamples=200)["num_pairs"] == 3
+    with pytest.raises(ValueError, match="different environments"):
+        paired_rows_bootstrap(before, after[::-1], num_resamples=200)
+    with pytest.raises(ValueError, match="different environments"):
+        paired_rows_bootstrap(before, after[:2], num_resamples=200)
