@@ -57,6 +57,7 @@ from ftrl_jax import parallel
 from ftrl_jax.envs.samples import Sample, read_samples
 from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.reporting import stats
+from ftrl_jax.reporting.report import interval_text
 from ftrl_jax.rollout.evaluation import METRICS, SCENARIO_TYPES, evaluate
 from ftrl_jax.models import ModelConfig
 from ftrl_jax.models.checkpoint_io import flatten_params, unflatten_params
@@ -341,15 +342,20 @@ def add_paired_intervals(results: list[VariantResult], **bootstrap: Any) -> None
     """Fills each evaluated variant's `intervals` against base and tuned: `stats.paired_rows_bootstrap` of its
     per-sample Solve-F1 minus the reference's, within scenario types (every sample when the data has none).
     `bootstrap`: num_resamples, confidence, seed (defaults: 10,000, 0.95, 0). Variants without per-sample
-    rows (an evaluator that gives none) get no interval."""
+    rows (an evaluator that gives none) get no interval; one that cannot be computed (rows that do not pair,
+    a non-finite score) gets none either, and a note that says why."""
     by_name = {r.variant: r for r in results}
     for r in results:
         if r.metrics is None or not r.episodes:
             continue
         for ref in REFERENCES:
-            if ref != r.variant and by_name[ref].episodes:
+            if ref == r.variant or not by_name[ref].episodes:
+                continue
+            try:
                 r.intervals[ref] = stats.paired_rows_bootstrap(by_name[ref].episodes, r.episodes,
                                                                headline_sources=SCENARIO_TYPES, **bootstrap)
+            except ValueError as err:
+                r.note = "; ".join(n for n in (r.note, f"no interval against {ref}: {err}") if n)
 
 
 # ---------------------------------------------------------------------------- files
@@ -358,10 +364,6 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "" if value is None else format(value, spec)
 
 
-def _interval(result: Mapping[str, Any] | None) -> str:
-    if result is None:
-        return "-"
-    return f"{100 * result['delta']:+.2f} [{100 * result['low']:+.2f}, {100 * result['high']:+.2f}]"
 
 
 def write_csv(results: Sequence[VariantResult], path: str) -> None:
@@ -390,7 +392,7 @@ def summary_markdown(results: Sequence[VariantResult], record: Mapping[str, Any]
     for r in results:
         cells = [_fmt(100 * r.metrics[m], ".2f") if r.metrics else "-" for m in METRICS]
         kept = "n/a" if r.gain_kept is None else f"{100 * r.gain_kept:.0f}%"
-        cells += [kept] + [_interval(r.intervals.get(ref)) for ref in REFERENCES]
+        cells += [kept] + [interval_text(r.intervals.get(ref)) or "-" for ref in REFERENCES]
         lines.append(f"| {r.variant} | {r.layers or '-'} | " + " | ".join(cells) + " |")
     notes = sorted({r.note for r in results if r.note})
     if notes:
@@ -504,7 +506,9 @@ def run(base_dir: str, tuned_dir: str, data_path: str, out_dir: str, *, limit: i
         "tokenizer": os.path.abspath(tokenizer_dir), "num_samples": len(samples), "metric_basis": evaluator.basis,
         "settings": {**dataclasses.asdict(settings), "template": evaluator.template, "dtype": config.dtype},
         "min_gain": min_gain, "num_layers": config.num_layers, "depth_ranges": depth_ranges(config.num_layers),
-        "variants": [dataclasses.asdict(r) for r in results], "warnings": notes,
+        # Per-sample Solve-F1 of every variant, in the order of `episode_data_sources` (the samples' order).
+        "episode_data_sources": [e["data_source"] for e in next((r.episodes for r in results if r.episodes), [])],
+        "variants": [_variant_record(r) for r in results], "warnings": notes,
     }
     os.makedirs(out_dir, exist_ok=True)
     write_csv(results, os.path.join(out_dir, "attribution.csv"))
@@ -513,6 +517,13 @@ def run(base_dir: str, tuned_dir: str, data_path: str, out_dir: str, *, limit: i
     with open(os.path.join(out_dir, "attribution.md"), "w") as f:
         f.write(summary_markdown(results, record))
     bar_figure(results).savefig(os.path.join(out_dir, "attribution.png"), dpi=120)
+    return record
+
+
+def _variant_record(result: VariantResult) -> dict[str, Any]:
+    """A variant for attribution.json: its fields, the per-sample rows reduced to their Solve-F1."""
+    record = dataclasses.asdict(result)
+    record["episode_solve_f1"] = [e["solve_f1"] for e in record.pop("episodes")]
     return record
 
 
@@ -543,6 +554,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("bootstrap_resamples", stats.DEFAULT_RESAMPLES,
                          "Resamples of the paired intervals against base and tuned.", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("bootstrap_seed", 0, "Seed of the paired intervals' resampling.", flag_values=fv)
+    flags.DEFINE_float("confidence", 0.95, "Confidence level of the paired intervals.", lower_bound=0.5,
+                       upper_bound=0.999, flag_values=fv)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -559,7 +572,8 @@ def main(argv: Sequence[str]) -> int:
     try:
         record = run(args.base, args.tuned, args.data, args.output, limit=args.limit or None, settings=settings,
                      groups=groups, tokenizer_dir=args.tokenizer or None, min_gain=args.min_gain,
-                     bootstrap={"num_resamples": args.bootstrap_resamples, "seed": args.bootstrap_seed}, log=log)
+                     bootstrap={"num_resamples": args.bootstrap_resamples, "seed": args.bootstrap_seed,
+                                "confidence": args.confidence}, log=log)
     except (OSError, KeyError, ValueError) as exc:
         return cli.fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)  # KeyError's str() adds quotes
     with open(os.path.join(args.output, "attribution.md")) as f:

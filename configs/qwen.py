@@ -107,8 +107,8 @@ def _base() -> ml_collections.ConfigDict:
     # project's earlier reward (the product parser)
     c.rl.reward_semantics = "ftrl"
     c.rl.learning_rate = 5e-5
-    # Over RL's num_steps x num_minibatches optimizer updates: constant | cosine (decays to 0 at the last update),
-    # after lr_warmup_steps updates of linear warmup from 0 (training/optim.py)
+    # Over RL's num_steps x num_minibatches optimizer updates: constant | cosine (decays towards 0, which it would
+    # reach one update after the last), after lr_warmup_steps updates of linear warmup from 0 (the first at rate 0)
     c.rl.lr_schedule = "constant"
     c.rl.lr_warmup_steps = 0
     c.rl.weight_decay = 0.0

@@ -125,7 +125,7 @@ def check_config(config) -> None:
                             f"{', '.join(registered_aggregations())}")
     if config.rl.lr_schedule not in SCHEDULES:
         raise TrainingError(f"config.rl.lr_schedule={config.rl.lr_schedule!r}; use one of {list(SCHEDULES)}")
-    if config.rl.lr_warmup_steps < 0 or 0 < _rl_updates(config) <= config.rl.lr_warmup_steps:
+    if not 0 <= config.rl.lr_warmup_steps < _rl_updates(config):
         raise TrainingError(f"config.rl.lr_warmup_steps={config.rl.lr_warmup_steps} must be at least 0 and fewer "
                             f"than RL's {_rl_updates(config)} optimizer updates (rl.num_steps x rl.num_minibatches)")
     if config.rl.max_sampling_rounds < 1:
@@ -501,7 +501,7 @@ def paired_deltas(config, before: dict[str, Any], after: dict[str, Any]) -> dict
             out[name] = stats.paired_rows_bootstrap(rows_before, rows_after, headline_sources=SCENARIO_TYPES,
                                                     num_resamples=ec.bootstrap_resamples, confidence=ec.confidence,
                                                     seed=ec.bootstrap_seed)
-        except ValueError as err:
+        except stats.UnpairedRowsError as err:
             out["note"] = f"{name}: {err}"
     if "greedy_solve_f1" not in out and "note" not in out:
         out["note"] = "the evaluations carry no per-environment rows (an eval_before.json from an older run)"
@@ -855,8 +855,9 @@ def _loss_config(config) -> LossConfig:
 
 
 def _rl_updates(config) -> int:
-    """RL's optimizer updates, the length of its learning-rate schedule: one per mini-batch per step."""
-    return config.rl.num_steps * config.rl.num_minibatches
+    """RL's optimizer updates, the length of its learning-rate schedule: one per mini-batch per step (at least 1,
+    so that a configuration without RL steps still describes a valid schedule)."""
+    return max(config.rl.num_steps * config.rl.num_minibatches, 1)
 
 
 def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sandbox, logger, on_step=None) -> Any:

@@ -101,6 +101,10 @@ def paired_bootstrap(before: Sequence[float] | np.ndarray, after: Sequence[float
             "num_resamples": int(num_resamples), "confidence": float(confidence), "seed": int(seed)}
 
 
+class UnpairedRowsError(ValueError):
+    """Two lists of per-environment rows that are not the same environments in the same order."""
+
+
 def paired_rows_bootstrap(rows_before: Sequence[Mapping[str, Any]], rows_after: Sequence[Mapping[str, Any]],
                           metric: str = "solve_f1", *, headline_sources: Collection[str] = (),
                           **kwargs: Any) -> dict[str, Any]:
@@ -108,16 +112,23 @@ def paired_rows_bootstrap(rows_before: Sequence[Mapping[str, Any]], rows_after: 
     report's episodes), stratified by `data_source`.
 
     Both lists must hold the same environments in the same order. When some rows' sources are in
-    `headline_sources` (the scenario types a headline averages) only those rows count, as in the headline;
-    otherwise every row does. `kwargs` go to `paired_bootstrap` (num_resamples, confidence, seed).
+    `headline_sources` (the scenario types a headline averages) only those rows count, resampled within
+    their source, as the headline's mean over types; otherwise every row counts, resampled as one stratum, as
+    a headline's fallback, the plain mean over environments. `kwargs` go to `paired_bootstrap`
+    (num_resamples, confidence, seed).
 
-    Raises ValueError when the lists differ in length or in their sequence of sources (not the same
-    environments), or on what `paired_bootstrap` refuses.
+    Raises UnpairedRowsError (a ValueError) when the lists differ in length or in their sequence of sources,
+    and ValueError on what `paired_bootstrap` refuses (non-finite scores, bad settings).
     """
+    if len(rows_before) != len(rows_after):
+        raise UnpairedRowsError(f"the two evaluations hold {len(rows_before)} and {len(rows_after)} environments; "
+                                "no paired interval")
     sources = [r["data_source"] for r in rows_before]
     if sources != [r["data_source"] for r in rows_after]:
-        raise ValueError(f"the two evaluations hold different environments ({len(rows_before)} and "
-                         f"{len(rows_after)} rows, or their sources differ in order); no paired interval")
-    keep = [i for i, s in enumerate(sources) if s in headline_sources] or list(range(len(sources)))
+        raise UnpairedRowsError("the two evaluations' environments differ in their sources at the same positions "
+                                "(other environments, or another order); no paired interval")
+    keep = [i for i, s in enumerate(sources) if s in headline_sources]
+    strata = [sources[i] for i in keep] if keep else None
+    keep = keep or list(range(len(sources)))
     return paired_bootstrap([rows_before[i][metric] for i in keep], [rows_after[i][metric] for i in keep],
-                            [sources[i] for i in keep], **kwargs)
+                            strata, **kwargs)

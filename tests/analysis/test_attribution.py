@@ -5,6 +5,7 @@ attention), so every variant's parameters are known exactly.
 """
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -191,7 +192,7 @@ def test_gain_kept_arithmetic():
 def scoring_evaluator(base, tuned):
     """A stand-in for the model evaluation: F1 = 0.2 + 0.3 if the lower MLP is tuned's + 0.1 if the upper
     attention is, so every variant's score says which parameters it was given. Per sample: two single-hop
-    samples, one scoring that F1 and one 0.0 throughout, and a multi-hop sample scoring it twice over."""
+    samples scoring 2 x F1 and 0.0 and a multi-hop sample scoring F1 (so their mean over types is F1)."""
     seen = []
 
     def evaluate_params(flat):
@@ -199,9 +200,9 @@ def scoring_evaluator(base, tuned):
         mlp = np.array_equal(flat["layers/mlp/gate_proj/kernel"][:2], tuned["layers/mlp/gate_proj/kernel"][:2])
         attention = np.array_equal(flat["layers/self_attn/q_norm/scale"][5], tuned["layers/self_attn/q_norm/scale"][5])
         f1 = 0.2 + 0.3 * mlp + 0.1 * attention
-        episodes = [{"data_source": "self/single_hop", "solve_f1": f1},
+        episodes = [{"data_source": "self/single_hop", "solve_f1": 2 * f1},
                     {"data_source": "self/single_hop", "solve_f1": 0.0},
-                    {"data_source": "self/multi_hop", "solve_f1": 2 * f1}]
+                    {"data_source": "self/multi_hop", "solve_f1": f1}]
         metrics = {"solve_precision": 1.0, "solve_rate": f1, "solve_f1": f1}
         return metrics, {"self/multi_hop": {"solve_f1": f1}}, episodes
 
@@ -243,21 +244,27 @@ def test_every_variant_gets_paired_intervals_against_base_and_tuned(pair):
                                     bootstrap={"num_resamples": 300, "seed": 1}, log=lambda _: None)
     by_name = {r.variant: r for r in results}
     assert set(by_name["base"].intervals) == {"tuned"} and set(by_name["tuned"].intervals) == {"base"}
-    # Restoring the lower MLP costs 0.3 on the first single-hop sample and 0.6 on the multi-hop one: the mean
-    # over the two scenario types of their mean differences is (-0.3 / 2 - 0.6) / 2.
+    # Restoring the lower MLP costs 0.6 on the first single-hop sample and 0.3 on the multi-hop one: the mean
+    # over the two scenario types of their mean differences, (-0.6 / 2 - 0.3) / 2, is the headline's -0.3.
     lost = by_name["restore:mlp_lower"].intervals["tuned"]
-    assert lost["delta"] == pytest.approx(-0.375) and lost["high"] < 0 and lost["num_decreased"] == 2
+    assert lost["delta"] == pytest.approx(-0.3) and lost["high"] < 0 and lost["num_decreased"] == 2
+    assert lost["low"] == pytest.approx(-0.45)  # a resample drawing the first single-hop sample twice
     assert lost["num_pairs"] == 3 and lost["num_resamples"] == 300 and lost["seed"] == 1
-    assert by_name["graft:mlp_lower"].intervals["base"]["delta"] == pytest.approx(0.375)
+    assert by_name["graft:mlp_lower"].intervals["base"]["delta"] == pytest.approx(0.3)
     # An unchanged group: its restore is tuned itself, a difference of exactly zero on every sample.
     same = by_name["restore:mlp_upper"].intervals["tuned"]
     assert same["delta"] == same["low"] == same["high"] == 0.0 and same["num_increased"] == same["num_decreased"] == 0
     table = attribution.summary_markdown(results, {"base": "b", "tuned": "t", "data": "d", "num_samples": 3,
                                                    "metric_basis": "x"})
     assert "| F1 - base [95%] | F1 - tuned [95%] |" in table
-    # Per sample against base: +0.1 and 0 (single-hop), +0.2 (multi-hop): (0.05 + 0.2) / 2.
-    assert "| restore:mlp_lower | 0-1 | 100.00 | 30.00 | 30.00 | 25% | +12.50 [" in table
-    assert "| base | - | 100.00 | 20.00 | 20.00 | 0% | - | -50.00 [" in table
+    assert "| restore:mlp_lower | 0-1 | 100.00 | 30.00 | 30.00 | 25% | +10.00 [" in table
+    assert "| base | - | 100.00 | 20.00 | 20.00 | 0% | - | -40.00 [" in table
+    # Rows that do not pair: no interval, and a note that says why (the other figures stay).
+    short = [dataclasses.replace(r, intervals={}) for r in results]
+    short[2] = dataclasses.replace(short[2], episodes=short[2].episodes[:2])
+    attribution.add_paired_intervals(short, num_resamples=50)
+    assert short[2].intervals == {} and "no interval against base: the two evaluations hold 3 and 2" in short[2].note
+    assert short[2].metrics == results[2].metrics and set(short[3].intervals) == {"base", "tuned"}
 
 
 def test_no_gain_makes_every_share_undefined_and_says_so(pair):
@@ -462,6 +469,8 @@ def test_command_line_on_a_run(run_dir, tmp_path, capsys):
     assert record["tokenizer"] == os.path.join(root, "tokenizer")
     assert record["num_samples"] == 2 and record["settings"]["template"] == "qwen3"
     assert record["settings"]["max_new_tokens"] == 6 and record["depth_ranges"]["upper"] == [4, 5]
+    assert len(record["episode_data_sources"]) == 2 and "episodes" not in record["variants"][0]
+    assert all(len(v["episode_solve_f1"]) == 2 for v in record["variants"])
     png = (out / "attribution.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 

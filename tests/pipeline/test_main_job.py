@@ -269,14 +269,14 @@ def test_greedy_fails_filter_runs_and_logs_what_it_rejected(tmp_path, monkeypatc
 
 def test_rl_learning_rate_follows_its_schedule_and_bad_schedules_are_refused(tmp_path):
     c = micro_config(tmp_path, num_steps=3)
-    c.rl.lr_schedule = "cosine"
-    c.rl.learning_rate = 1e-3
+    c.rl.lr_schedule, c.rl.learning_rate, c.rl.num_minibatches = "cosine", 1e-3, 2
     c.eval.num_samples = c.eval.num_train_envs = c.eval.curve_every = 0
     train_and_evaluate(c)
     with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
         rates = [row["learning_rate"] for row in map(json.loads, f) if row["phase"] == "rl"]
-    # Cosine from the peak to 0 over 3 updates, one per step: 1e-3 * (1 + cos(pi * u / 3)) / 2 at update u.
-    np.testing.assert_allclose(rates, [1e-3, 7.5e-4, 2.5e-4], rtol=1e-5)
+    # Cosine over 6 updates, two per step: 1e-3 * (1 + cos(pi * u / 6)) / 2 at update u; a step logs its last
+    # update's (u = 1, 3, 5).
+    np.testing.assert_allclose(rates, [1e-3 * (1 + np.cos(np.pi * u / 6)) / 2 for u in (1, 3, 5)], rtol=1e-5)
 
     c = micro_config(tmp_path)
     c.rl.lr_schedule = "linear"
@@ -286,4 +286,6 @@ def test_rl_learning_rate_follows_its_schedule_and_bad_schedules_are_refused(tmp
     with pytest.raises(TrainingError, match="lr_warmup_steps=8 must be .* fewer than RL's 8 optimizer updates"):
         check_config(c)
     c.rl.lr_warmup_steps = 7
+    check_config(c)
+    c.rl.num_steps, c.rl.lr_warmup_steps = 0, 0  # no RL steps: still a valid schedule, nothing refused
     check_config(c)

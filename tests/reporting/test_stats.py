@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ftrl_jax.reporting.stats import paired_bootstrap, paired_rows_bootstrap, stratified_mean
+from ftrl_jax.reporting.stats import UnpairedRowsError, paired_bootstrap, paired_rows_bootstrap, stratified_mean
 
 
 def test_a_known_paired_difference_is_covered_and_excludes_zero():
@@ -125,14 +125,19 @@ def test_rows_are_paired_by_position_and_the_headline_sources_alone_count():
     before = [{"data_source": "single_hop", "solve_f1": 0.0}, {"data_source": "multi_hop", "solve_f1": 0.5},
               {"data_source": "toolhop", "solve_f1": 0.0}]
     after = [dict(before[0], solve_f1=1.0), dict(before[1], solve_f1=0.5), dict(before[2], solve_f1=1.0)]
+    # No headline source given: every row counts, as one stratum (the plain mean over environments).
     everything = paired_rows_bootstrap(before, after, num_resamples=200)
-    assert everything["delta"] == pytest.approx((1.0 + 0.0 + 1.0) / 3) and everything["num_strata"] == 3
+    assert everything["delta"] == pytest.approx((1.0 + 0.0 + 1.0) / 3) and everything["num_strata"] == 1
     headline = paired_rows_bootstrap(before, after, headline_sources=("single_hop", "multi_hop"), num_resamples=200)
     assert headline["delta"] == pytest.approx(0.5) and headline["num_pairs"] == 2  # toolhop left out
+    assert headline["num_strata"] == 2 and headline["low"] == headline["high"] == 0.5  # resampled within types
     # No row from a headline source: every row counts.
     assert paired_rows_bootstrap(before, after, headline_sources=("parallel_single_hop",),
                                  num_resamples=200)["num_pairs"] == 3
-    with pytest.raises(ValueError, match="different environments"):
+    with pytest.raises(UnpairedRowsError, match="differ in their sources at the same positions"):
         paired_rows_bootstrap(before, after[::-1], num_resamples=200)
-    with pytest.raises(ValueError, match="different environments"):
+    with pytest.raises(UnpairedRowsError, match="hold 3 and 2 environments"):
         paired_rows_bootstrap(before, after[:2], num_resamples=200)
+    with pytest.raises(ValueError, match="finite") as refused:
+        paired_rows_bootstrap(before, [dict(after[0], solve_f1=float("nan"))] + after[1:], num_resamples=200)
+    assert not isinstance(refused.value, UnpairedRowsError)
