@@ -364,8 +364,6 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "" if value is None else format(value, spec)
 
 
-
-
 def write_csv(results: Sequence[VariantResult], path: str) -> None:
     """CSV_COLUMNS: the variant, its metrics, gain_kept, the paired differences from base and tuned with their
     interval ends (empty where there is none), and the note."""

@@ -109,7 +109,7 @@ def paired_rows_bootstrap(rows_before: Sequence[Mapping[str, Any]], rows_after: 
                           metric: str = "solve_f1", *, headline_sources: Collection[str] = (),
                           **kwargs: Any) -> dict[str, Any]:
     """`paired_bootstrap` of per-environment rows (dicts with `data_source` and `metric`, e.g. an evaluation
-    report's episodes), stratified by `data_source`.
+    report's episodes), on the same footing as the headline the rows make.
 
     Both lists must hold the same environments in the same order. When some rows' sources are in
     `headline_sources` (the scenario types a headline averages) only those rows count, resampled within
