@@ -286,6 +286,15 @@ def encode_sample(sample: Sample | Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
+def environment_key(sample: Sample | Mapping[str, Any]) -> str:
+    """A fingerprint of one environment: the first 16 hex digits of the SHA-256 of its FTRL row
+    (`encode_sample`: question, tools, codes, answer, columns outside the format), as sorted-key JSON.
+    The same environment gets the same key in any file, order or run; evaluations record it per episode so
+    that two of them can be checked to be of the same environments before they are paired."""
+    content = json.dumps(encode_sample(sample), ensure_ascii=False, sort_keys=True, default=repr)
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
+
+
 # ---------------------------------------------------------------------------------------------
 # Files, through Hugging Face `datasets`. A sample file is one of three forms:
 #   .jsonl         one JSON object a line;

@@ -105,21 +105,9 @@ class UnpairedRowsError(ValueError):
     """Two lists of per-environment rows that are not the same environments in the same order."""
 
 
-def paired_rows_bootstrap(rows_before: Sequence[Mapping[str, Any]], rows_after: Sequence[Mapping[str, Any]],
-                          metric: str = "solve_f1", *, headline_sources: Collection[str] = (),
-                          **kwargs: Any) -> dict[str, Any]:
-    """`paired_bootstrap` of per-environment rows (dicts with `data_source` and `metric`, e.g. an evaluation
-    report's episodes), on the same footing as the headline the rows make.
-
-    Both lists must hold the same environments in the same order. When some rows' sources are in
-    `headline_sources` (the scenario types a headline averages) only those rows count, resampled within
-    their source, as the headline's mean over types; otherwise every row counts, resampled as one stratum, as
-    a headline's fallback, the plain mean over environments. `kwargs` go to `paired_bootstrap`
-    (num_resamples, confidence, seed).
-
-    Raises UnpairedRowsError (a ValueError) when the lists differ in length or in their sequence of sources,
-    and ValueError on what `paired_bootstrap` refuses (non-finite scores, bad settings).
-    """
+def _headline_rows(rows_before: Sequence[Mapping[str, Any]], rows_after: Sequence[Mapping[str, Any]], metric: str,
+                   headline_sources: Collection[str]) -> tuple[list[float], list[float], list[str] | None]:
+    """(before scores, after scores, strata or None) of the rows a headline counts; see `paired_rows_bootstrap`."""
     if len(rows_before) != len(rows_after):
         raise UnpairedRowsError(f"the two evaluations hold {len(rows_before)} and {len(rows_after)} environments; "
                                 "no paired interval")
@@ -127,8 +115,60 @@ def paired_rows_bootstrap(rows_before: Sequence[Mapping[str, Any]], rows_after: 
     if sources != [r["data_source"] for r in rows_after]:
         raise UnpairedRowsError("the two evaluations' environments differ in their sources at the same positions "
                                 "(other environments, or another order); no paired interval")
+    keys_before = [r.get("env_key") for r in rows_before]
+    keys_after = [r.get("env_key") for r in rows_after]
+    if None not in keys_before and None not in keys_after and keys_before != keys_after:
+        differ = sum(a != b for a, b in zip(keys_before, keys_after))
+        raise UnpairedRowsError(f"the two evaluations are of other environments: their env_key differ at {differ} "
+                                f"of {len(keys_before)} positions; no paired interval")
     keep = [i for i, s in enumerate(sources) if s in headline_sources]
     strata = [sources[i] for i in keep] if keep else None
     keep = keep or list(range(len(sources)))
-    return paired_bootstrap([rows_before[i][metric] for i in keep], [rows_after[i][metric] for i in keep],
-                            strata, **kwargs)
+    return [rows_before[i][metric] for i in keep], [rows_after[i][metric] for i in keep], strata
+
+
+def paired_rows_bootstrap(rows_before: Sequence[Mapping[str, Any]], rows_after: Sequence[Mapping[str, Any]],
+                          metric: str = "solve_f1", *, headline_sources: Collection[str] = (),
+                          **kwargs: Any) -> dict[str, Any]:
+    """`paired_bootstrap` of per-environment rows (dicts with `data_source` and `metric`, e.g. an evaluation
+    report's episodes), on the same footing as the headline the rows make.
+
+    Both lists must hold the same environments in the same order (checked by source, and by `env_key`,
+    `samples.environment_key`, where every row of both lists has one). When some rows' sources are in
+    `headline_sources` (the scenario types a headline averages) only those rows count, resampled within
+    their source, as the headline's mean over types; otherwise every row counts, resampled as one stratum, as
+    a headline's fallback, the plain mean over environments. `kwargs` go to `paired_bootstrap`
+    (num_resamples, confidence, seed).
+
+    Raises UnpairedRowsError (a ValueError) when the lists differ in length, in their sequence of sources or
+    of environment keys, and ValueError on what `paired_bootstrap` refuses (non-finite scores, bad settings).
+    """
+    return paired_bootstrap(*_headline_rows(rows_before, rows_after, metric, headline_sources), **kwargs)
+
+
+def pooled_rows_bootstrap(pairs: Sequence[tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]]],
+                          metric: str = "solve_f1", *, headline_sources: Collection[str] = (),
+                          **kwargs: Any) -> dict[str, Any]:
+    """`paired_rows_bootstrap` pooled over several pairs of evaluations (e.g. one per seed, each on its own
+    environments): every pair's rows are chosen as there, and the strata are (pair, source), labelled
+    `"{index}/{source}"` (`"{index}/all"` for a pair counted as one stratum).
+
+    Every stratum weighs the same, so with the same number of scenario types in every pair the statistic is
+    the mean over pairs of each pair's headline difference. Raises UnpairedRowsError naming the first pair
+    that is not paired (by its index in `pairs`), ValueError on no pairs and on what `paired_bootstrap`
+    refuses.
+    """
+    if not pairs:
+        raise ValueError("no pairs of evaluations to pool")
+    before: list[float] = []
+    after: list[float] = []
+    strata: list[str] = []
+    for index, (rows_before, rows_after) in enumerate(pairs):
+        try:
+            b, a, s = _headline_rows(rows_before, rows_after, metric, headline_sources)
+        except UnpairedRowsError as err:
+            raise UnpairedRowsError(f"pair {index}: {err}") from None
+        before += b
+        after += a
+        strata += [f"{index}/{label}" for label in (s or ["all"] * len(b))]
+    return paired_bootstrap(before, after, strata, **kwargs)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ftrl_jax.envs.samples import Sample
+from ftrl_jax.envs.samples import Sample, environment_key
 from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.rollout.episodes import END_REASONS, Episode, TurnGenerator, play_episodes
 
@@ -47,8 +47,8 @@ class _TimedReport:
 class EvalReport(_TimedReport):
     """What an evaluation measured.
 
-    `episodes`: one dict per sample, in order (data_source, end_reason, num_turns and the trajectory
-    metrics). `per_source`: data_source -> mean of each of METRICS, plus `count`. `scenario_average`:
+    `episodes`: one dict per sample, in order (data_source, env_key, end_reason, num_turns and the trajectory
+    metrics; `episode_row`). `per_source`: data_source -> mean of each of METRICS, plus `count`. `scenario_average`:
     mean over the scenario types present of their per-type means (`missing_types` lists the absent
     ones). `end_reasons`: how many episodes ended for each reason.
     """
@@ -85,9 +85,10 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def episode_row(episode: Episode) -> dict[str, Any]:
-    """The per-episode line of a report: source, why it ended, how many turns, and its metrics."""
-    return {"data_source": episode.sample.data_source, "end_reason": episode.end_reason,
-            "num_turns": len(episode.turns), **episode.metrics}
+    """The per-episode line of a report: source, the environment's `samples.environment_key`, why it ended,
+    how many turns, and its metrics."""
+    return {"data_source": episode.sample.data_source, "env_key": environment_key(episode.sample),
+            "end_reason": episode.end_reason, "num_turns": len(episode.turns), **episode.metrics}
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = METRICS
@@ -176,7 +177,8 @@ def summarize_sampled(rows: Sequence[Mapping[str, Any]], num_samples: int
         if len(sources) != 1:
             raise ValueError(f"episodes {start}..{start + num_samples - 1} mix data sources {sorted(sources)}; "
                              "rows must be sample-major (the k episodes of an environment together)")
-        environments.append({"data_source": group[0]["data_source"],
+        key = {"env_key": group[0]["env_key"]} if "env_key" in group[0] else {}
+        environments.append({"data_source": group[0]["data_source"], **key,
                              **{m: _mean([float(r[m]) for r in group]) for m in METRICS},
                              "best_solve_f1": max(float(r["solve_f1"]) for r in group)})
     per_source, average, missing = summarize(environments, SAMPLED_METRICS)

@@ -13,6 +13,7 @@ from ftrl_jax.envs.samples import (
     SampleError,
     decode_sample,
     encode_sample,
+    environment_key,
     example_arguments,
     read_samples,
     user_prompt,
@@ -69,6 +70,13 @@ def test_encode_gives_back_the_ftrl_row():
     oracle = [[{"name": "lake_finder", "arguments": {"shape": "crescent"}}]]
     with_oracle = encode_sample(decode_sample(make_row(oracle_calls=oracle)))
     assert json.loads(with_oracle["oracle_calls"]) == oracle
+
+
+def test_environment_key_is_the_same_for_the_same_environment_only():
+    row = make_row()
+    key = environment_key(row)
+    assert len(key) == 16 and key == environment_key(decode_sample(row)) == environment_key(dict(reversed(row.items())))
+    assert environment_key(make_row(answer="another answer")) != key
 
 
 def test_optional_fields_have_defaults_and_unknown_columns_are_kept():

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from ftrl_jax.reporting.stats import UnpairedRowsError, paired_bootstrap, paired_rows_bootstrap, stratified_mean
+from ftrl_jax.reporting.stats import (UnpairedRowsError, paired_bootstrap, paired_rows_bootstrap, pooled_rows_bootstrap,
+                                     stratified_mean)
 
 
 def test_a_known_paired_difference_is_covered_and_excludes_zero():
@@ -141,3 +142,35 @@ def test_rows_are_paired_by_position_and_the_headline_sources_alone_count():
     with pytest.raises(ValueError, match="finite") as refused:
         paired_rows_bootstrap(before, [dict(after[0], solve_f1=float("nan"))] + after[1:], num_resamples=200)
     assert not isinstance(refused.value, UnpairedRowsError)
+
+
+def test_rows_of_other_environments_are_not_paired_by_their_keys():
+    before = [{"data_source": "single_hop", "env_key": k, "solve_f1": 0.0} for k in ("a", "b")]
+    after = [dict(before[0], solve_f1=1.0), dict(before[1], env_key="c", solve_f1=1.0)]
+    with pytest.raises(UnpairedRowsError, match="env_key differ at 1 of 2 positions"):
+        paired_rows_bootstrap(before, after, num_resamples=100)
+    # Rows without keys (older evaluations) are paired by their sources alone.
+    assert paired_rows_bootstrap([{k: v for k, v in r.items() if k != "env_key"} for r in before],
+                                 after, num_resamples=100)["delta"] == 1.0
+
+
+def test_pooled_rows_weigh_every_pair_and_type_alike():
+    def rows(f1, source="single_hop"):
+        return [{"data_source": source, "solve_f1": v} for v in f1]
+
+    # Pair 0: two types, changes +1 and 0 (headline +0.5). Pair 1: one type of four rows, change -0.1.
+    pair0 = (rows([0.0, 0.0]) + rows([0.5], "multi_hop"), rows([1.0, 1.0]) + rows([0.5], "multi_hop"))
+    pair1 = (rows([0.2] * 4), rows([0.1] * 4))
+    headline = ("single_hop", "multi_hop")
+    pooled = pooled_rows_bootstrap([pair0, pair1], headline_sources=headline, num_resamples=200)
+    assert pooled["delta"] == pytest.approx((1.0 + 0.0 - 0.1) / 3) and pooled["num_pairs"] == 7
+    assert pooled["pairs_by_stratum"] == {"0/multi_hop": 1, "0/single_hop": 2, "1/single_hop": 4}
+    assert pooled["low"] == pooled["high"] == pytest.approx(pooled["delta"])  # constant within every stratum
+    # A pair without headline sources counts as one stratum.
+    other = (rows([0.0], "toolhop"), rows([1.0], "toolhop"))
+    assert "1/all" in pooled_rows_bootstrap([pair0, other], headline_sources=headline,
+                                            num_resamples=50)["pairs_by_stratum"]
+    with pytest.raises(UnpairedRowsError, match="pair 1: the two evaluations hold 4 and 3"):
+        pooled_rows_bootstrap([pair0, (pair1[0], pair1[1][:3])], num_resamples=50)
+    with pytest.raises(ValueError, match="no pairs"):
+        pooled_rows_bootstrap([])

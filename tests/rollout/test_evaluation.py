@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from ftrl_jax.envs.samples import environment_key
 from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.rollout.evaluation import SCENARIO_TYPES, evaluate, evaluate_sampled, summarize, summarize_sampled
 from tests.rollout.test_episodes import OracleGenerator, ScriptedGenerator, calls_text, toy_sample
@@ -45,6 +46,7 @@ def test_oracle_evaluation_scores_everything_solved(procedural_samples, sandbox)
     assert report.end_reasons == {"no_tool_call": 8}
     assert report.num_turns == sum(len(s.oracle_calls) + 1 for s in procedural_samples)
     assert [row["data_source"] for row in report.episodes] == [s.data_source for s in procedural_samples]
+    assert [row["env_key"] for row in report.episodes] == [environment_key(s) for s in procedural_samples]
     assert report.episodes_per_minute > 0
     assert json.loads(json.dumps(report.to_json()))["num_episodes"] == 8
     summary = report.summary()
