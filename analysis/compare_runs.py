@@ -2,7 +2,7 @@
 against another, and pooled over seeds.
 
     python -m analysis.compare_runs --after=RUN[,RUN...] [--before=RUN[,RUN...]] [--evaluation=greedy|sampled]
-        [--output=OUT.json]
+        [--output=OUT.json] [--confidence=0.95] [--bootstrap_resamples=10000] [--bootstrap_seed=0]
 
 A RUN is a main-job workdir (or its `summary.json`), standing for its evaluation after RL; `RUN:before` stands
 for its evaluation before RL. An evaluation file such as a workdir's `eval_before.json` is taken as it is.
@@ -11,16 +11,19 @@ Without `--before`, each `--after` run is compared with its own evaluation befor
 hold the same environments in the same order (two recipes started from one seed's warm start, or the same
 seed's environments). That is checked by every row's `env_key` (`ftrl_jax.envs.samples.environment_key`), or,
 for rows of older runs without one, by the two workdirs' `envs/eval.jsonl`; when neither is there a note says
-that only the order of scenario types was checked.
+that only the order of scenario types was checked. Pooled pairs must be of different environments (different
+seeds): two pairs of the same environments would count each of them twice and narrow the interval, so they
+are refused.
 
 For every pair, and pooled over all pairs when there are several (e.g. seeds 0, 1 and 2):
 - greedy Solve-F1, Solve-P and Solve-R before and after, as the headline makes them (the mean over FTRL's four
   scenario types; sources outside them are left out when they are present, otherwise the plain mean over
   environments), in percent;
-- the paired difference with its percentile bootstrap interval, environments resampled within scenario type
+- the paired difference with its percentile bootstrap interval (`--confidence`), environments resampled within
+  scenario type
   (`ftrl_jax.reporting.stats.paired_rows_bootstrap`; pooled, within (pair, scenario type),
   `pooled_rows_bootstrap`), and how many environments went up and down;
-- per scenario type, Solve-F1 before and after, and the mean number of assistant turns of the episodes.
+- per scenario type, Solve-F1 and the mean number of assistant turns per episode, before and after.
 
 `--evaluation=sampled` compares the mean sampled Solve-F1 per environment instead (`eval.num_samples` > 0 in
 both runs); Solve-P / R and turns are then not reported. Errors (a missing run, an unfinished run, runs on other
@@ -40,7 +43,8 @@ from absl import flags
 
 from experiments import cli
 from ftrl_jax.reporting import stats
-from ftrl_jax.rollout.evaluation import SCENARIO_TYPES
+from ftrl_jax.reporting.report import confidence_level, interval_text
+from ftrl_jax.rollout.evaluation import SCENARIO_TYPES, summarize
 
 EVALUATIONS = ("greedy", "sampled")
 GREEDY_METRICS = ("solve_f1", "solve_precision", "solve_rate")
@@ -48,8 +52,9 @@ _SUMMARY = "summary.json"
 _EVAL_FILE = os.path.join("envs", "eval.jsonl")  # a main-job workdir's held-out environments
 
 
-def load_evaluation(spec: str) -> tuple[dict[str, Any], str]:
-    """(evaluation dict, the directory holding its file) of a RUN spec (module docstring): `DIR`,
+def load_evaluation(spec: str) -> tuple[dict[str, Any], str, bool]:
+    """(evaluation dict, the absolute path of the file it was read from, whether that file is a run's summary
+    rather than one evaluation) of a RUN spec (module docstring): `DIR`,
     `DIR/summary.json`, either with `:before`, or an evaluation JSON file (a dict with `episodes`). Raises
     ValueError naming the spec when it cannot be read or holds no such evaluation."""
     path, which, suffixed = spec, "after", False
@@ -70,17 +75,28 @@ def load_evaluation(spec: str) -> tuple[dict[str, Any], str]:
     if not isinstance(data, dict):
         raise ValueError(f"{spec}: {path} holds no JSON object; give a main-job workdir or evaluation file")
     key = f"eval_{which}"
-    if key in data:
+    summary = key in data
+    if summary:
         evaluation = data[key]
     elif "episodes" in data and not suffixed:
         evaluation = data  # an evaluation file (eval_before.json)
+    elif "episodes" in data:
+        raise ValueError(f"{spec}: {path} is one evaluation, not a run's {_SUMMARY}, so it has no evaluation "
+                         f"{which} RL; give it without :{which}, and name what to compare it with in --before")
     else:
         raise ValueError(f"{spec}: {path} holds no {key!r}; give a main-job workdir, its {_SUMMARY} or an "
                          "evaluation file such as eval_before.json")
     if not isinstance(evaluation, dict) or not evaluation.get("episodes"):
         raise ValueError(f"{spec}: the evaluation holds no per-environment rows ('episodes'); it comes from an "
                          "older run, so no paired comparison is possible")
-    return evaluation, os.path.dirname(os.path.abspath(path))
+    _check_rows(evaluation["episodes"], spec, "episodes")
+    return evaluation, os.path.abspath(path), summary
+
+
+def _check_rows(rows: Any, label: str, field: str) -> None:
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{label}: '{field}' must be a list of per-environment objects, got {type(rows).__name__}"
+                         + (" of other values" if isinstance(rows, list) else ""))
 
 
 def _file_digest(path: str) -> str | None:
@@ -90,13 +106,17 @@ def _file_digest(path: str) -> str | None:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def _keyed(rows: Sequence[Mapping[str, Any]]) -> bool:
+    return all("env_key" in r for r in rows)
+
+
 def check_same_environments(rows_before, rows_after, dir_before: str, dir_after: str,
                             labels: tuple[str, str]) -> str | None:
     """Whether two evaluations are of the same environments: by the rows' `env_key` when every row has one
-    (`stats.paired_rows_bootstrap` checks those), otherwise by the two runs' held-out files
-    (`envs/eval.jsonl` beside their summaries). Returns a note when neither can tell; raises
-    UnpairedRowsError when the files differ."""
-    if all("env_key" in r for r in rows_before) and all("env_key" in r for r in rows_after):
+    (`stats.paired_rows_bootstrap` checks those), as one run's own two evaluations (the same directory), or
+    else by the two runs' held-out files (`envs/eval.jsonl` in `dir_before`, `dir_after`). Returns a note when
+    none of these can tell; raises UnpairedRowsError when the files differ."""
+    if _keyed(rows_before) and _keyed(rows_after) or dir_before == dir_after:
         return None
     digests = [_file_digest(os.path.join(d, _EVAL_FILE)) for d in (dir_before, dir_after)]
     if None in digests:
@@ -115,29 +135,37 @@ def _rows(evaluation: Mapping[str, Any], which: str, label: str) -> list[dict[st
     if not rows:
         raise ValueError(f"{label}: no sampled evaluation; run the main job with --config.eval.num_samples=K (K > 0) "
                          "or compare --evaluation=greedy")
+    _check_rows(rows, label, "sampled.environments")
     return rows
 
 
-def _headline_sources(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The sources a headline averages: FTRL's scenario types present, or every source when none is."""
-    present = {r["data_source"] for r in rows}
-    return [s for s in SCENARIO_TYPES if s in present] or sorted(present)
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values))
 
 
-def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if len(values) else None
-
-
-def _per_type(rows_before, rows_after, sources) -> dict[str, dict[str, Any]]:
+def _per_type(rows_before, rows_after, evaluation: str) -> dict[str, dict[str, Any]]:
+    """Per data_source: count, Solve-F1 before / after and, for greedy episodes, mean turns before / after."""
+    metrics = ("solve_f1", "num_turns") if evaluation == "greedy" else ("solve_f1",)
+    before, after = summarize(rows_before, metrics)[0], summarize(rows_after, metrics)[0]
     out = {}
-    for source in sources:
-        idx = [i for i, r in enumerate(rows_before) if r["data_source"] == source]
-        out[source] = {"count": len(idx), "before": _mean([rows_before[i]["solve_f1"] for i in idx]),
-                       "after": _mean([rows_after[i]["solve_f1"] for i in idx])}
-        if "num_turns" in rows_before[0] and "num_turns" in rows_after[0]:
-            out[source]["turns_before"] = _mean([rows_before[i]["num_turns"] for i in idx])
-            out[source]["turns_after"] = _mean([rows_after[i]["num_turns"] for i in idx])
+    for source in [t for t in SCENARIO_TYPES if t in before] + sorted(set(before) - set(SCENARIO_TYPES)):
+        out[source] = {"count": int(before[source]["count"]), "before": before[source]["solve_f1"],
+                       "after": after[source]["solve_f1"]}
+        if evaluation == "greedy":
+            out[source]["turns_before"] = before[source]["num_turns"]
+            out[source]["turns_after"] = after[source]["num_turns"]
     return out
+
+
+def _bootstrap(fn, *args, labels: str, metric: str, **kwargs) -> dict[str, Any]:
+    """`fn(*args, metric, **kwargs)`, its errors naming the runs and the metric."""
+    try:
+        return fn(*args, metric, **kwargs)
+    except stats.UnpairedRowsError as err:
+        raise stats.UnpairedRowsError(f"{labels}: {err}; compare runs built from the same seed's environments") \
+            from None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{labels}: {metric}: {err}") from None
 
 
 def compare(pairs: Sequence[tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]]],
@@ -146,60 +174,51 @@ def compare(pairs: Sequence[tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[
     """The comparison of the module docstring from per-environment rows: `pairs` of (rows before, rows after),
     `labels` (before label, after label) per pair. Scores stay in [0, 1]. Returns {"pairs": [...], "pooled":
     {...} or None, "evaluation", "bootstrap"}: per pair, `metrics[name]` is `paired_rows_bootstrap`'s dict, and
-    `by_type` / `turns` as in the module docstring. Raises ValueError (UnpairedRowsError naming the pair) when
-    a pair is not the same environments in the same order."""
+    `by_type` / `turns` as in the module docstring. Raises UnpairedRowsError naming the runs when a pair is
+    not the same environments in the same order, or when pooled pairs share environments, and ValueError
+    naming the runs and metric on scores that are not finite numbers."""
     bootstrap = dict(bootstrap or {})
     metrics = GREEDY_METRICS if evaluation == "greedy" else ("solve_f1",)
     out_pairs = []
-    for index, ((rows_before, rows_after), (label_before, label_after)) in enumerate(zip(pairs, labels)):
-        sources = _headline_sources(rows_before)
-        entry: dict[str, Any] = {"before": label_before, "after": label_after, "metrics": {}}
-        for metric in metrics:
-            try:
-                entry["metrics"][metric] = stats.paired_rows_bootstrap(rows_before, rows_after, metric,
-                                                                       headline_sources=SCENARIO_TYPES, **bootstrap)
-            except stats.UnpairedRowsError as err:
-                raise stats.UnpairedRowsError(f"{label_before} and {label_after}: {err}; compare runs built from "
-                                              "the same seed's environments") from None
-        entry["by_type"] = _per_type(rows_before, rows_after, sources)
+    for (rows_before, rows_after), (label_before, label_after) in zip(pairs, labels):
+        entry: dict[str, Any] = {"before": label_before, "after": label_after, "metrics": {
+            m: _bootstrap(stats.paired_rows_bootstrap, rows_before, rows_after, metric=m,
+                          labels=f"{label_before} and {label_after}", headline_sources=SCENARIO_TYPES, **bootstrap)
+            for m in metrics}}
+        entry["by_type"] = _per_type(rows_before, rows_after, evaluation)
         if evaluation == "greedy":
             entry["turns"] = {"before": _mean([r["num_turns"] for r in rows_before]),
                               "after": _mean([r["num_turns"] for r in rows_after])}
         out_pairs.append(entry)
     pooled = None
     if len(pairs) > 1:
-        pooled = {"metrics": {m: stats.pooled_rows_bootstrap(pairs, m, headline_sources=SCENARIO_TYPES, **bootstrap)
-                              for m in metrics}}
+        pooled = {"metrics": {m: _bootstrap(stats.pooled_rows_bootstrap, pairs, metric=m, labels="pooled pairs",
+                                            headline_sources=SCENARIO_TYPES, **bootstrap) for m in metrics}}
         if evaluation == "greedy":
             pooled["turns"] = {"before": _mean([r["num_turns"] for b, _ in pairs for r in b]),
                                "after": _mean([r["num_turns"] for _, a in pairs for r in a])}
     return {"evaluation": evaluation, "pairs": out_pairs, "pooled": pooled, "bootstrap": bootstrap}
 
 
-def _pct(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:.2f}"
-
-
-def _change(result: Mapping[str, Any]) -> str:
-    return f"{100 * result['delta']:+.2f} [{100 * result['low']:+.2f}, {100 * result['high']:+.2f}]"
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}"
 
 
 def markdown(result: Mapping[str, Any]) -> str:
-    """The comparison as a Markdown table (percent), one row per pair and a pooled row."""
-    name = "greedy" if result["evaluation"] == "greedy" else "sampled"
-    confidence = result["pairs"][0]["metrics"]["solve_f1"]["confidence"]
-    head = (f"| before | after | {name} Solve-F1 before | after | change [{100 * confidence:.0f}%] | up / down |")
-    extra = result["evaluation"] == "greedy"
-    if extra:
+    """The comparison as a Markdown table (percent), one row per pair and a pooled row, then per-type lines."""
+    greedy = result["evaluation"] == "greedy"
+    level = confidence_level(result["pairs"][0]["metrics"]["solve_f1"]["confidence"])
+    head = f"| before | after | {result['evaluation']} Solve-F1 before | after | change [{level}] | up / down |"
+    if greedy:
         head += " Solve-P change | Solve-R change | turns |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def row(first: str, second: str, metrics: Mapping[str, Any], turns: Mapping[str, Any] | None) -> str:
         f1 = metrics["solve_f1"]
-        line = (f"| {first} | {second} | {_pct(f1['before'])} | {_pct(f1['after'])} | {_change(f1)} | "
+        line = (f"| {first} | {second} | {_pct(f1['before'])} | {_pct(f1['after'])} | {interval_text(f1)} | "
                 f"{f1['num_increased']} / {f1['num_decreased']} |")
-        if extra:
-            line += (f" {_change(metrics['solve_precision'])} | {_change(metrics['solve_rate'])} | "
+        if greedy:
+            line += (f" {interval_text(metrics['solve_precision'])} | {interval_text(metrics['solve_rate'])} | "
                      f"{turns['before']:.2f} -> {turns['after']:.2f} |")
         return line
 
@@ -209,9 +228,10 @@ def markdown(result: Mapping[str, Any]) -> str:
         count = result["pooled"]["metrics"]["solve_f1"]["num_pairs"]
         lines.append(row("pooled", f"{len(result['pairs'])} pairs, {count} environments", result["pooled"]["metrics"],
                          result["pooled"].get("turns")))
-    lines += ["", "Solve-F1 per scenario type, before -> after:", ""]
+    lines += ["", "Per scenario type, before -> after: Solve-F1" + (" (mean turns)" if greedy else "") + ":", ""]
     for pair in result["pairs"]:
         types = ", ".join(f"{source.split('/')[-1]} {_pct(v['before'])} -> {_pct(v['after'])}"
+                          + (f" ({v['turns_before']:.2f} -> {v['turns_after']:.2f})" if greedy else "")
                           for source, v in pair["by_type"].items())
         lines.append(f"- {pair['after']}: {types}")
     return "\n".join(lines) + "\n"
@@ -221,10 +241,16 @@ def _specs(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def _environments_of(path: str) -> str:
+    """What identifies the environments of keyless rows: the digest of the run's held-out file, else the file."""
+    return _file_digest(os.path.join(os.path.dirname(path), _EVAL_FILE)) or path
+
+
 def run(after: Sequence[str], before: Sequence[str] = (), *, evaluation: str = "greedy",
         bootstrap: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Loads the RUN specs and compares them (`compare`). Without `before`, each run is compared with its own
-    evaluation before RL. Raises ValueError naming what is wrong."""
+    evaluation before RL. The result also lists the files read (`inputs`) and `notes`. Raises ValueError
+    naming what is wrong (UnpairedRowsError for runs of other environments, or pooled runs of the same ones)."""
     if not after:
         raise ValueError("no run to compare: give --after=RUN[,RUN...]")
     if before and len(before) != len(after):
@@ -233,17 +259,31 @@ def run(after: Sequence[str], before: Sequence[str] = (), *, evaluation: str = "
     if not before and any(spec.endswith(":before") for spec in after):
         raise ValueError("an --after run given as RUN:before has no evaluation before it: name what to compare it "
                          "with in --before")
-    before = list(before) or [f"{spec.removesuffix(':after')}:before" for spec in after]
-    pairs, labels, notes = [], [], []
-    for spec_before, spec_after in zip(before, after):
-        eval_before, dir_before = load_evaluation(spec_before)
-        eval_after, dir_after = load_evaluation(spec_after)
+    pairs, labels, notes, inputs, keyless = [], [], [], [], {}
+    for index, spec_after in enumerate(after):
+        eval_after, path_after, summary = load_evaluation(spec_after)
+        if not before and not summary:
+            raise ValueError(f"{spec_after}: one evaluation, with no evaluation before RL of its own; name what to "
+                             "compare it with in --before")
+        spec_before = before[index] if before else f"{spec_after.removesuffix(':after')}:before"
+        eval_before, path_before, _ = load_evaluation(spec_before)
         rows = (_rows(eval_before, evaluation, spec_before), _rows(eval_after, evaluation, spec_after))
-        note = check_same_environments(*rows, dir_before, dir_after, (spec_before, spec_after))
+        note = check_same_environments(*rows, os.path.dirname(path_before), os.path.dirname(path_after),
+                                       (spec_before, spec_after))
         notes += [note] if note else []
+        if not (_keyed(rows[0]) and _keyed(rows[1])):  # keyed rows: pooled_rows_bootstrap checks the overlap
+            identity = _environments_of(path_after)
+            if identity in keyless:
+                raise stats.UnpairedRowsError(f"{spec_after} and {after[keyless[identity]]} are of the same "
+                                              "environments: pooling them would count each environment twice and "
+                                              "narrow the interval; pool runs of different seeds, and compare "
+                                              "same-seed runs pair by pair")
+            keyless[identity] = index
         pairs.append(rows)
         labels.append((spec_before, spec_after))
-    return {**compare(pairs, labels, evaluation=evaluation, bootstrap=bootstrap), "notes": notes}
+        inputs += [path_before, path_after]
+    return {**compare(pairs, labels, evaluation=evaluation, bootstrap=bootstrap), "notes": notes,
+            "inputs": sorted(set(inputs))}
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -272,6 +312,8 @@ def main(argv: Sequence[str]) -> int:
         result = run(_specs(args.after), _specs(args.before), evaluation=args.evaluation, bootstrap=bootstrap)
     except (KeyError, ValueError) as exc:
         return cli.fail(f"a row lacks {exc.args[0]!r}" if isinstance(exc, KeyError) else exc)
+    if args.output and os.path.abspath(args.output) in result["inputs"]:
+        return cli.fail(f"--output={args.output} is one of the runs read; write the comparison elsewhere")
     print(markdown(result), end="")
     for note in result["notes"]:
         print(f"note: {note}")

@@ -287,11 +287,15 @@ def encode_sample(sample: Sample | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def environment_key(sample: Sample | Mapping[str, Any]) -> str:
-    """A fingerprint of one environment: the first 16 hex digits of the SHA-256 of its FTRL row
-    (`encode_sample`: question, tools, codes, answer, columns outside the format), as sorted-key JSON.
-    The same environment gets the same key in any file, order or run; evaluations record it per episode so
-    that two of them can be checked to be of the same environments before they are paired."""
-    content = json.dumps(encode_sample(sample), ensure_ascii=False, sort_keys=True, default=repr)
+    """A fingerprint of one environment: the first 16 hex digits of the SHA-256 of what makes it (question
+    messages, tools, codes, unsolved set, answer, data_source) as sorted-key JSON; not `solve_rate`, `split`,
+    oracle plans or columns outside the format, which annotate it. The same environment gets the same key in
+    any file, order or run; evaluations record it per episode so that two of them can be checked to be of
+    the same environments before they are paired. Raises SampleError on a row that is not a valid sample."""
+    sample = decode_sample(sample)
+    identity = {"messages": sample.messages, "tools": sample.tools, "codes": sample.codes,
+                "unsolved_set": sample.unsolved_set, "answer": sample.answer, "data_source": sample.data_source}
+    content = json.dumps(identity, ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
 
 

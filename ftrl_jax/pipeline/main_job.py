@@ -402,8 +402,8 @@ def run_evaluation(config, model_config, params, tokenizer, mesh, samples, sandb
     """One policy's evaluation: held-out greedy figures, and the sampled and training-subset ones when configured.
 
     Greedy Solve-P/R/F1 in [0, 1] averaged over scenario types (the paper's headline), `by_scenario`, and
-    `episodes`: one row per held-out environment in `samples` order (data_source, end_reason, num_turns,
-    Solve-P/R/F1) for paired before/after comparisons. `sampled` (when `eval.num_samples` = k > 0): k episodes
+    `episodes`: one row per held-out environment in `samples` order (data_source, env_key, end_reason,
+    num_turns, Solve-P/R/F1) for paired before/after comparisons. `sampled` (when `eval.num_samples` = k > 0): k episodes
     per environment (the first `eval.sampled_envs` of `samples`, balanced over types as they are; 0: all) at the
     rollout temperature, all played as one batch with seed `SAMPLED_EVAL_SEED +
     config.seed` (the same before and after RL); its `solve_f1` is the mean over samples, `best_solve_f1` the
@@ -415,7 +415,7 @@ def run_evaluation(config, model_config, params, tokenizer, mesh, samples, sandb
                      max_new_tokens=ec.max_new_tokens)
     report = evaluate(policy, samples, max_turns=ec.max_turns, sandbox=sandbox)
     result = {**_greedy_figures(report),
-              "episodes": [{k: row[k] for k in ("data_source", "end_reason", "num_turns", *EVAL_KEYS)}
+              "episodes": [{k: row[k] for k in ("data_source", "env_key", "end_reason", "num_turns", *EVAL_KEYS)}
                            for row in report.episodes]}
     if ec.num_samples > 0:
         sampler = _policy(config, model_config, params, tokenizer, mesh, greedy=False,

@@ -24,7 +24,7 @@ def _signed(value: Any) -> str:
     return "" if value is None else f"{100 * float(value):+.2f}"
 
 
-def _level(confidence: Any) -> str:
+def confidence_level(confidence: Any) -> str:
     """'95%' for 0.95, '29%' for 0.29 (not the 28 that int(100 * 0.29) gives), '99.5%' for 0.995."""
     return f"{round(100 * float(confidence), 6):g}%"
 
@@ -33,7 +33,7 @@ def interval_label(summary: Mapping[str, Any]) -> str:
     """The change column's heading, with the confidence level of the summary's intervals (95% when none)."""
     deltas = summary.get("paired_delta") or {}
     result = deltas.get("greedy_solve_f1") or deltas.get("sampled_solve_f1") or {}
-    return f"after - before [{_level(result.get('confidence', 0.95))} interval]"
+    return f"after - before [{confidence_level(result.get('confidence', 0.95))} interval]"
 
 
 def interval_text(result: Mapping[str, Any] | None) -> str:
@@ -80,9 +80,9 @@ def _interval_note(summary: Mapping[str, Any]) -> str:
         changed = (f" Greedy Solve-F1 changed on {up + down} of the {result['num_pairs']} environments ({up} up, "
                    f"{down} down); the interval rests on those.")
     return (f"Intervals: paired percentile bootstrap of the per-environment difference (after - before, same "
-            f"environments), {_level(result['confidence'])} interval from {result['num_resamples']:,} resamples "
-            f"(seed {result['seed']}) of the {result['num_pairs']} held-out environments drawn within each scenario "
-            f"type ({strata}), the statistic averaged over scenario types as the headline is; "
+            f"environments), {confidence_level(result['confidence'])} interval from {result['num_resamples']:,} "
+            f"resamples (seed {result['seed']}) of the {result['num_pairs']} held-out environments drawn within each "
+            f"scenario type ({strata}), the statistic averaged over scenario types as the headline is; "
             f"{100 * result['share_positive']:.1f}% of resamples show a gain in greedy Solve-F1.{changed} "
             "Percentage points.")
 

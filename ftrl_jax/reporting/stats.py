@@ -154,12 +154,20 @@ def pooled_rows_bootstrap(pairs: Sequence[tuple[Sequence[Mapping[str, Any]], Seq
     `"{index}/{source}"` (`"{index}/all"` for a pair counted as one stratum).
 
     Every stratum weighs the same, so with the same number of scenario types in every pair the statistic is
-    the mean over pairs of each pair's headline difference. Raises UnpairedRowsError naming the first pair
-    that is not paired (by its index in `pairs`), ValueError on no pairs and on what `paired_bootstrap`
-    refuses.
+    the mean over pairs of each pair's headline difference. Pairs must be of different environments: two
+    pairs whose rows share an `env_key` are refused, since resampling them apart would count those
+    environments twice and narrow the interval. Raises UnpairedRowsError naming the first pair that is not
+    paired, or two pairs that share environments (by their index in `pairs`), ValueError on no pairs and on
+    what `paired_bootstrap` refuses.
     """
     if not pairs:
         raise ValueError("no pairs of evaluations to pool")
+    seen: dict[str, int] = {}
+    for index, (_, rows_after) in enumerate(pairs):
+        for key in {r.get("env_key") for r in rows_after} - {None}:
+            if seen.setdefault(key, index) != index:
+                raise UnpairedRowsError(f"pairs {seen[key]} and {index} share environments (env_key {key}); pooling "
+                                        "them would count those environments twice")
     before: list[float] = []
     after: list[float] = []
     strata: list[str] = []

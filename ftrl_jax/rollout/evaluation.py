@@ -166,7 +166,8 @@ def summarize_sampled(rows: Sequence[Mapping[str, Any]], num_samples: int
     `rows`: episode rows (`episode_row`) in sample-major order, the k = `num_samples` episodes of an environment
     next to each other. Per environment: the mean over its k episodes of each of METRICS and `best_solve_f1`,
     the largest of its k Solve-F1 values; those are then averaged as `summarize` does (SAMPLED_METRICS).
-    Raises ValueError when the rows do not split into groups of k episodes of one data_source.
+    Rows that carry `env_key` keep it on their environment's row. Raises ValueError when the rows do not split
+    into groups of k episodes of one data_source (and one env_key, where rows carry one).
     """
     if num_samples < 1 or len(rows) % num_samples:
         raise ValueError(f"{len(rows)} episode rows do not split into groups of num_samples={num_samples}")
@@ -176,6 +177,10 @@ def summarize_sampled(rows: Sequence[Mapping[str, Any]], num_samples: int
         sources = {r["data_source"] for r in group}
         if len(sources) != 1:
             raise ValueError(f"episodes {start}..{start + num_samples - 1} mix data sources {sorted(sources)}; "
+                             "rows must be sample-major (the k episodes of an environment together)")
+        keys = {r.get("env_key") for r in group}
+        if len(keys) != 1:
+            raise ValueError(f"episodes {start}..{start + num_samples - 1} are of {len(keys)} environments (env_key); "
                              "rows must be sample-major (the k episodes of an environment together)")
         key = {"env_key": group[0]["env_key"]} if "env_key" in group[0] else {}
         environments.append({"data_source": group[0]["data_source"], **key,

@@ -68,7 +68,10 @@ def test_a_run_against_its_start_and_pooled_over_runs(runs):
     assert pooled["num_increased"] == 4 and pooled["num_decreased"] == 4
     text = compare_runs.markdown(result)
     assert "| pooled | 2 pairs, 32 environments |" in text and "+10.00 [+10.00, +10.00]" in text
-    assert "single_hop" in text and "2.00 -> 3.00" in text
+    assert "single_hop" in text and "2.00 -> 3.00" in text and "(2.00 -> 3.00)" in text  # mean turns, per type
+    # A run pooled with itself, or with another run on its environments, would count environments twice.
+    with pytest.raises(stats.UnpairedRowsError, match="share environments"):
+        compare_runs.run([a, a], bootstrap={"num_resamples": 100})
 
 
 def test_one_run_against_another_on_the_same_environments(runs):
@@ -117,6 +120,17 @@ def test_older_runs_without_env_keys_are_paired_by_their_held_out_files(runs):
     with pytest.raises(stats.UnpairedRowsError, match="envs/eval.jsonl differ"):
         compare_runs.run([c], [a], bootstrap={"num_resamples": 100})
     assert compare_runs.run([b], [a], bootstrap={"num_resamples": 100})["notes"] == []
+    # Keyless runs of one seed's environments are not pooled either.
+    with pytest.raises(stats.UnpairedRowsError, match="same environments"):
+        compare_runs.run([a, b], bootstrap={"num_resamples": 100})
+    pooled = compare_runs.run([a, c], bootstrap={"num_resamples": 100})["pooled"]
+    assert pooled["metrics"]["solve_f1"]["num_pairs"] == 32
+
+
+def test_a_keyless_run_against_its_own_start_needs_no_note(runs):
+    a, _, _ = runs
+    _strip_keys(a)
+    assert compare_runs.run([a], bootstrap={"num_resamples": 100})["notes"] == []
 
 
 def test_the_command_prints_the_table_writes_json_and_refuses_bad_input(runs, tmp_path, capsys):
@@ -138,7 +152,9 @@ def test_the_command_prints_the_table_writes_json_and_refuses_bad_input(runs, tm
     assert compare_runs.main(["prog", f"--after={c}", "--evaluation=sampled"]) == 2
     assert "--config.eval.num_samples" in capsys.readouterr().err
     assert compare_runs.main(["prog", f"--after={a}/eval_before.json"]) == 2  # a file without its start
-    assert "holds no 'eval_before'" in capsys.readouterr().err
+    assert "no evaluation before RL of its own; name what to compare it with in --before" in capsys.readouterr().err
+    assert compare_runs.main(["prog", f"--after={a}", f"--before={a}/eval_before.json:before"]) == 2
+    assert "is one evaluation, not a run's summary.json" in capsys.readouterr().err
     assert compare_runs.main(["prog", f"--after={a}:before"]) == 2
     assert "name what to compare it with in --before" in capsys.readouterr().err
     (tmp_path / "old").mkdir()
@@ -148,3 +164,18 @@ def test_the_command_prints_the_table_writes_json_and_refuses_bad_input(runs, tm
     assert "no per-environment rows" in capsys.readouterr().err
     assert compare_runs.main(["prog", f"--after={a}", f"--output={tmp_path / 'no' / 'x.json'}"]) == 2
     assert "--output=" in capsys.readouterr().err
+    assert compare_runs.main(["prog", f"--after={a}", f"--output={a}/summary.json"]) == 2
+    assert "is one of the runs read" in capsys.readouterr().err and "eval_after" in open(f"{a}/summary.json").read()
+    assert compare_runs.main(["prog", f"--after={a}", "--confidence=0.995", "--bootstrap_resamples=50"]) == 0
+    assert "change [99.5%]" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    summary = json.load(open(f"{a}/summary.json"))
+    summary["eval_after"]["episodes"] = {"rows": 1}
+    (bad / "summary.json").write_text(json.dumps(summary))
+    assert compare_runs.main(["prog", f"--after={bad}"]) == 2
+    assert "'episodes' must be a list of per-environment objects, got dict" in capsys.readouterr().err
+    summary["eval_after"]["episodes"] = [dict(r, solve_f1="abc") for r in summary["eval_before"]["episodes"]]
+    (bad / "summary.json").write_text(json.dumps(summary))
+    assert compare_runs.main(["prog", f"--after={bad}"]) == 2
+    assert f"{bad}:before and {bad}: solve_f1:" in capsys.readouterr().err

@@ -77,6 +77,8 @@ def test_environment_key_is_the_same_for_the_same_environment_only():
     key = environment_key(row)
     assert len(key) == 16 and key == environment_key(decode_sample(row)) == environment_key(dict(reversed(row.items())))
     assert environment_key(make_row(answer="another answer")) != key
+    # Annotations of the same environment leave its key alone.
+    assert environment_key(make_row(solve_rate=0.5, split="train", note="kept")) == key
 
 
 def test_optional_fields_have_defaults_and_unknown_columns_are_kept():

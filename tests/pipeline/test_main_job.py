@@ -10,7 +10,7 @@ import pytest
 
 from configs import qwen
 from ftrl_jax.models.checkpoint_io import SafetensorsFile
-from ftrl_jax.envs.samples import read_samples
+from ftrl_jax.envs.samples import environment_key, read_samples
 from ftrl_jax.envs import build
 from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.pipeline.main_job import (TrainingError, check_config, check_oracle_plans, collect_prompt_pool,
@@ -127,8 +127,11 @@ def _assert_evaluation_extras(workdir, summary):
     for phase in ("eval_before", "eval_after"):
         evaluation = summary[phase]
         assert len(evaluation["episodes"]) == summary["num_eval_envs"] == 4
+        held_out, _ = read_samples(workdir / "envs" / "eval.jsonl")
+        assert [row["env_key"] for row in evaluation["episodes"]] == [environment_key(s) for s in held_out]
         sampled = evaluation["sampled"]
         assert sampled["num_samples"] == 2 and sampled["num_episodes"] == 8 and len(sampled["environments"]) == 4
+        assert [row["env_key"] for row in sampled["environments"]] == [environment_key(s) for s in held_out]
         assert 0.0 <= sampled["solve_f1"] <= sampled["best_solve_f1"] <= 1.0
         assert {"self/single_hop", "self/multi_hop"} == sampled["by_scenario"].keys()
         assert evaluation["train_subset"]["num_episodes"] == 2 and evaluation["seconds"] > 0

@@ -174,3 +174,11 @@ def test_pooled_rows_weigh_every_pair_and_type_alike():
         pooled_rows_bootstrap([pair0, (pair1[0], pair1[1][:3])], num_resamples=50)
     with pytest.raises(ValueError, match="no pairs"):
         pooled_rows_bootstrap([])
+
+
+def test_pairs_that_share_environments_are_not_pooled():
+    rows = [{"data_source": "single_hop", "env_key": k, "solve_f1": 0.0} for k in ("a", "b")]
+    other = [dict(r, env_key=r["env_key"] + "2") for r in rows]
+    assert pooled_rows_bootstrap([(rows, rows), (other, other)], num_resamples=20)["num_pairs"] == 4
+    with pytest.raises(UnpairedRowsError, match="pairs 0 and 1 share environments"):
+        pooled_rows_bootstrap([(rows, rows), (rows, rows)], num_resamples=20)

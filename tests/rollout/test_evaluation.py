@@ -97,6 +97,10 @@ def test_sampled_rows_must_come_in_groups_of_one_environment():
         summarize_sampled([_row("a", 0.0)] * 3, 2)
     with pytest.raises(ValueError, match="sample-major"):
         summarize_sampled([_row("a", 0.0), _row("b", 0.0)], 2)
+    keyed = [dict(_row("a", 0.0), env_key=k) for k in ("k1", "k1", "k2", "k3")]
+    assert [e["env_key"] for e in summarize_sampled(keyed[:2], 2)[0]] == ["k1"]
+    with pytest.raises(ValueError, match="are of 2 environments"):
+        summarize_sampled(keyed[2:], 2)
 
 
 def test_sampled_evaluation_plays_k_copies_in_one_batch(sandbox):
