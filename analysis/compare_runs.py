@@ -20,13 +20,13 @@ For every pair, and pooled over all pairs when there are several (e.g. seeds 0, 
   scenario types; sources outside them are left out when they are present, otherwise the plain mean over
   environments), in percent;
 - the paired difference with its percentile bootstrap interval (`--confidence`), environments resampled within
-  scenario type
-  (`ftrl_jax.reporting.stats.paired_rows_bootstrap`; pooled, within (pair, scenario type),
+  scenario type (`ftrl_jax.reporting.stats.paired_rows_bootstrap`; pooled, within (pair, scenario type),
   `pooled_rows_bootstrap`), and how many environments went up and down;
 - per scenario type, Solve-F1 and the mean number of assistant turns per episode, before and after.
 
 `--evaluation=sampled` compares the mean sampled Solve-F1 per environment instead (`eval.num_samples` > 0 in
-both runs); Solve-P / R and turns are then not reported. Errors (a missing run, an unfinished run, runs on other
+both runs); Solve-P / R and turns are then not reported. Turns and the per-type lines count every row, the
+headline's figures only the scenario types when any is present. Errors (a missing run, an unfinished run, runs on other
 environments) name the run and what to do, and exit with code 2.
 """
 
