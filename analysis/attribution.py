@@ -549,11 +549,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_float("min_gain", DEFAULT_MIN_GAIN,
                        "Smallest |F1_tuned - F1_base| for which the share of the gain is reported.", lower_bound=0.0,
                        flag_values=fv)
-    flags.DEFINE_integer("bootstrap_resamples", stats.DEFAULT_RESAMPLES,
-                         "Resamples of the paired intervals against base and tuned.", lower_bound=1, flag_values=fv)
-    flags.DEFINE_integer("bootstrap_seed", 0, "Seed of the paired intervals' resampling.", flag_values=fv)
-    flags.DEFINE_float("confidence", 0.95, "Confidence level of the paired intervals.", lower_bound=0.5,
-                       upper_bound=0.999, flag_values=fv)
+    cli.define_bootstrap_flags(fv, "Resamples of the paired intervals against base and tuned.")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -570,8 +566,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         record = run(args.base, args.tuned, args.data, args.output, limit=args.limit or None, settings=settings,
                      groups=groups, tokenizer_dir=args.tokenizer or None, min_gain=args.min_gain,
-                     bootstrap={"num_resamples": args.bootstrap_resamples, "seed": args.bootstrap_seed,
-                                "confidence": args.confidence}, log=log)
+                     bootstrap=cli.bootstrap_settings(args), log=log)
     except (OSError, KeyError, ValueError) as exc:
         return cli.fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)  # KeyError's str() adds quotes
     with open(os.path.join(args.output, "attribution.md")) as f:

@@ -294,11 +294,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("evaluation", "greedy", EVALUATIONS, "Which per-environment scores to compare.",
                       flag_values=fv)
     flags.DEFINE_string("output", "", "Also write the comparison to this JSON file.", flag_values=fv)
-    flags.DEFINE_integer("bootstrap_resamples", stats.DEFAULT_RESAMPLES, "Resamples of the paired intervals.",
-                         lower_bound=1, flag_values=fv)
-    flags.DEFINE_integer("bootstrap_seed", 0, "Seed of the paired intervals' resampling.", flag_values=fv)
-    flags.DEFINE_float("confidence", 0.95, "Confidence level of the paired intervals.", lower_bound=0.5,
-                       upper_bound=0.999, flag_values=fv)
+    cli.define_bootstrap_flags(fv)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -306,10 +302,12 @@ def main(argv: Sequence[str]) -> int:
         args = cli.parse(argv, define_flags, __doc__)
     except cli.UsageError as exc:
         return cli.fail(exc)
-    bootstrap = {"num_resamples": args.bootstrap_resamples, "seed": args.bootstrap_seed,
-                 "confidence": args.confidence}
+    problem = cli.output_file_problem(args.output)
+    if problem:
+        return cli.fail(problem)
     try:
-        result = run(_specs(args.after), _specs(args.before), evaluation=args.evaluation, bootstrap=bootstrap)
+        result = run(_specs(args.after), _specs(args.before), evaluation=args.evaluation,
+                     bootstrap=cli.bootstrap_settings(args))
     except (KeyError, ValueError) as exc:
         return cli.fail(f"a row lacks {exc.args[0]!r}" if isinstance(exc, KeyError) else exc)
     if args.output and os.path.abspath(args.output) in result["inputs"]:

@@ -26,9 +26,12 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from ftrl_jax.reporting.stats import DEFAULT_RESAMPLES
 
 DefineFlags = Callable[[flags.FlagValues], None]
 
@@ -158,6 +161,20 @@ def output_file_problem(path: str, flag: str = "output") -> str | None:
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
         return f"--{flag}={path}: {parent} is not a writable directory"
     return None
+
+
+def define_bootstrap_flags(fv: flags.FlagValues, resamples_help: str = "Resamples of the paired intervals.") -> None:
+    """`--bootstrap_resamples`, `--bootstrap_seed` and `--confidence` of the commands that report paired
+    bootstrap intervals (`ftrl_jax.reporting.stats.paired_bootstrap`); `bootstrap_settings` reads them."""
+    flags.DEFINE_integer("bootstrap_resamples", DEFAULT_RESAMPLES, resamples_help, lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("bootstrap_seed", 0, "Seed of the paired intervals' resampling.", flag_values=fv)
+    flags.DEFINE_float("confidence", 0.95, "Confidence level of the paired intervals.", lower_bound=0.5,
+                       upper_bound=0.999, flag_values=fv)
+
+
+def bootstrap_settings(args: flags.FlagValues) -> dict[str, Any]:
+    """The keyword arguments of `paired_bootstrap` from `define_bootstrap_flags`' flags."""
+    return {"num_resamples": args.bootstrap_resamples, "seed": args.bootstrap_seed, "confidence": args.confidence}
 
 
 def fail(error: Exception | str) -> int:
