@@ -403,10 +403,10 @@ def run_evaluation(config, model_config, params, tokenizer, mesh, samples, sandb
 
     Greedy Solve-P/R/F1 in [0, 1] averaged over scenario types (the paper's headline), `by_scenario`, and
     `episodes`: one row per held-out environment in `samples` order (data_source, env_key, end_reason,
-    num_turns, Solve-P/R/F1) for paired before/after comparisons. `sampled` (when `eval.num_samples` = k > 0): k episodes
-    per environment (the first `eval.sampled_envs` of `samples`, balanced over types as they are; 0: all) at the
-    rollout temperature, all played as one batch with seed `SAMPLED_EVAL_SEED +
-    config.seed` (the same before and after RL); its `solve_f1` is the mean over samples, `best_solve_f1` the
+    num_turns, Solve-P/R/F1) for paired before/after comparisons. `sampled` (when `eval.num_samples` = k > 0): k
+    episodes per environment (the first `eval.sampled_envs` of `samples`, balanced over types as they are; 0:
+    all) at the rollout temperature, all played as one batch with seed `SAMPLED_EVAL_SEED + config.seed` (the
+    same before and after RL); its `solve_f1` is the mean over samples, `best_solve_f1` the
     best of k, `environments` the per-environment values. `train_subset` (when `train_samples` is given): the
     greedy figures on those environments. Every part carries its wall time in `seconds`.
     """
