@@ -157,13 +157,13 @@ def _per_type(rows_before, rows_after, evaluation: str) -> dict[str, dict[str, A
     return out
 
 
-def _bootstrap(fn, *args, labels: str, metric: str, **kwargs) -> dict[str, Any]:
-    """`fn(*args, metric, **kwargs)`, its errors naming the runs and the metric."""
+def _bootstrap(fn, *args, labels: str, metric: str, hint: str, **kwargs) -> dict[str, Any]:
+    """`fn(*args, metric, **kwargs)`, its errors naming the runs and the metric; `hint` says what to do when
+    the rows are not paired."""
     try:
         return fn(*args, metric, **kwargs)
     except stats.UnpairedRowsError as err:
-        raise stats.UnpairedRowsError(f"{labels}: {err}; compare runs built from the same seed's environments") \
-            from None
+        raise stats.UnpairedRowsError(f"{labels}: {err}; {hint}") from None
     except (TypeError, ValueError) as err:
         raise ValueError(f"{labels}: {metric}: {err}") from None
 
@@ -183,7 +183,8 @@ def compare(pairs: Sequence[tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[
     for (rows_before, rows_after), (label_before, label_after) in zip(pairs, labels):
         entry: dict[str, Any] = {"before": label_before, "after": label_after, "metrics": {
             m: _bootstrap(stats.paired_rows_bootstrap, rows_before, rows_after, metric=m,
-                          labels=f"{label_before} and {label_after}", headline_sources=SCENARIO_TYPES, **bootstrap)
+                          labels=f"{label_before} and {label_after}", headline_sources=SCENARIO_TYPES,
+                          hint="compare runs built from the same seed's environments", **bootstrap)
             for m in metrics}}
         entry["by_type"] = _per_type(rows_before, rows_after, evaluation)
         if evaluation == "greedy":
@@ -193,7 +194,8 @@ def compare(pairs: Sequence[tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[
     pooled = None
     if len(pairs) > 1:
         pooled = {"metrics": {m: _bootstrap(stats.pooled_rows_bootstrap, pairs, metric=m, labels="pooled pairs",
-                                            headline_sources=SCENARIO_TYPES, **bootstrap) for m in metrics}}
+                                            hint="pool runs of different seeds, and compare same-seed runs pair by "
+                                            "pair", headline_sources=SCENARIO_TYPES, **bootstrap) for m in metrics}}
         if evaluation == "greedy":
             pooled["turns"] = {"before": _mean([r["num_turns"] for b, _ in pairs for r in b]),
                                "after": _mean([r["num_turns"] for _, a in pairs for r in a])}
