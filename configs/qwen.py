@@ -64,6 +64,7 @@ def _base() -> ml_collections.ConfigDict:
     c.envs.world = TINY_WORLD
     c.envs.train_file = ""         # optional sample-format file instead of building
     c.envs.eval_file = ""
+    c.envs.validation_file = ""    # optional sample-format file of validation environments (eval.validation_envs)
 
     c.warmup = ml_collections.ConfigDict()
     c.warmup.num_steps = 0         # N > 0: train the tiny model from scratch, N supervised steps, then RL
@@ -143,6 +144,13 @@ def _base() -> ml_collections.ConfigDict:
     c.eval.num_train_envs = 4      # greedy Solve-F1 on the first n RL training environments (train/held-out gap)
     c.eval.curve_every = 5         # held-out greedy Solve-F1 every n RL steps for learning_curves.png
     c.eval.curve_envs = 16         # ... on the first n held-out environments (a fixed subset)
+    # Checkpoint selection without the held-out set: greedy Solve-F1 on validation_envs training-side environments
+    # RL never draws (WORKDIR/envs/validation.jsonl, balanced over types), before RL, every validation_every RL
+    # steps and after the last. select: last (the last step's policy is evaluated and exported) | validation (the
+    # best validation step's, the earliest of ties, the start included; pipeline/selection.py).
+    c.eval.validation_envs = 0
+    c.eval.validation_every = 10
+    c.eval.select = "last"
     # Paired percentile bootstrap of after - before per held-out environment, within scenario types.
     c.eval.bootstrap_resamples = 10_000
     c.eval.bootstrap_seed = 0

@@ -9,12 +9,15 @@ environments hold only training-side questions and held-out ones only held-out q
 Every stage leaves its result in the workdir so a killed run resumes where it stopped (`config.resume=True`):
 
   WORKDIR/envs/{train,eval}.jsonl   built environments (sample format, with oracle calls)
+  WORKDIR/envs/validation.jsonl     validation environments (with eval.validation_envs > 0)
   WORKDIR/tokenizer/                the tokenizer (the starting checkpoint's, or the embedded one from scratch)
   WORKDIR/checkpoints/warmup/       orbax checkpoints of the supervised warm start (when there is one)
   WORKDIR/warmstart/                the policy RL starts from (HF format): RL's reference and the analysis base
   WORKDIR/eval_before.json          held-out evaluation before RL
   WORKDIR/checkpoints/rl/           orbax checkpoints of RL (params, optimizer, step, prompt pool)
-  WORKDIR/export/                   the final policy in HF format with its tokenizer
+  WORKDIR/validation.json, validation_best/   validation points and the best one's policy (pipeline/selection.py)
+  WORKDIR/export/                   the final policy in HF format with its tokenizer (with eval.select=validation,
+                                    the best validation step's)
   WORKDIR/metrics.jsonl, tb/        metrics; WORKDIR/summary.json: eval_before / eval_after, paired_delta
   WORKDIR/report.md                 before/after tables with intervals, linking learning_curves.png and
                                     scenario_bars.png
@@ -47,6 +50,7 @@ from ftrl_jax.envs.samples import Sample, decode_sample, encode_sample, read_sam
 from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.rollout.evaluation import SCENARIO_TYPES, evaluate, evaluate_sampled, summarize
 from ftrl_jax.reporting import plots, report as run_report, stats
+from ftrl_jax.pipeline.selection import SELECT_CHOICES, ValidationSelection
 from ftrl_jax.training.metrics import MetricsLogger
 from ftrl_jax.training.optim import (SCHEDULES, TRAINABLE_ALL, TRAINABLE_PRESETS, make_optimizer, make_schedule,
                                     num_trainable)
@@ -142,10 +146,22 @@ def check_config(config) -> None:
     except ValueError as err:
         raise TrainingError(f"config.rl: {err}") from None
     ec = config.eval
-    for key in ("num_samples", "sampled_envs", "num_train_envs", "curve_every", "curve_envs"):
+    for key in ("num_samples", "sampled_envs", "num_train_envs", "curve_every", "curve_envs", "validation_envs",
+                "validation_every"):
         if ec[key] < 0:
             raise TrainingError(f"config.eval.{key}={ec[key]}; use 0 (off, or all for sampled_envs) or a positive "
                                 "number")
+    if ec.select not in SELECT_CHOICES:
+        raise TrainingError(f"config.eval.select={ec.select!r}; use one of {list(SELECT_CHOICES)}")
+    if ec.select == "validation" and (ec.validation_envs <= 0 or ec.validation_every <= 0):
+        raise TrainingError("config.eval.select='validation' picks the policy by its score on validation "
+                            f"environments, but eval.validation_envs={ec.validation_envs} and "
+                            f"eval.validation_every={ec.validation_every}: set both above 0 (for example "
+                            "--config.eval.validation_envs=128 --config.eval.validation_every=10)")
+    if config.envs.validation_file and not os.path.exists(config.envs.validation_file):
+        raise TrainingError(f"environment file {config.envs.validation_file!r} does not exist; pass a sample-format "
+                            ".jsonl file, .parquet file or datasets save_to_disk directory, or leave "
+                            "config.envs.validation_file empty to build validation environments")
     if ec.num_samples > 0 and config.rollout.temperature <= 0:
         raise TrainingError("config.eval.num_samples > 0 samples at config.rollout.temperature, which is "
                             f"{config.rollout.temperature}; set a temperature above 0 or eval.num_samples=0")
@@ -214,26 +230,66 @@ def prepare_environments(config, workdir: str, sandbox: Sandbox) -> tuple[list[S
     return _read_split(train_file), _read_split(eval_file)
 
 
+def prepare_validation(config, workdir: str, train: Sequence[Sample], held_out: Sequence[Sample],
+                       sandbox: Sandbox) -> list[Sample]:
+    """The first `eval.validation_envs` validation environments (none when 0): `envs.validation_file`'s, or
+    training-side environments built with seed `1000 * seed + 3` (`build_split("validation")`), never one
+    whose prompt is a training or held-out environment's, saved as WORKDIR/envs/validation.jsonl.
+
+    Environments of a given file whose prompt is a training or held-out one are reported and skipped; none left
+    is a TrainingError."""
+    num = config.eval.validation_envs
+    if num <= 0:
+        return []
+    path = config.envs.validation_file or os.path.join(workdir, "envs", "validation.jsonl")
+    prompts = {s.messages[0]["content"] for s in (*train, *held_out)}
+    if not os.path.exists(path):
+        started = time.perf_counter()
+        built = build_split("validation", num, config.seed * 1000 + 3, kinds=_kinds(config),
+                            complexity=config.envs.complexity, world=config.envs.world or None, sandbox=sandbox,
+                            exclude=sorted(prompts))
+        write_samples(path, built)
+        log.info("validation environments ready in %.1fs", time.perf_counter() - started)
+    samples = _read_split(path)
+    disjoint = [s for s in samples if s.messages[0]["content"] not in prompts]
+    if len(disjoint) < len(samples):
+        log.warning("skipping %d of the %d validation environments in %s: their question is a training or held-out "
+                    "environment's, and validation must be disjoint from both", len(samples) - len(disjoint),
+                    len(samples), path)
+    samples = disjoint[:num]
+    if not samples:
+        raise TrainingError(f"no validation environment in {path} is disjoint from the training and held-out ones")
+    if len(samples) < num:
+        log.warning("%s holds %d validation environments, fewer than eval.validation_envs=%d", path, len(samples),
+                    num)
+    return samples
+
+
+SPLITS = ("train", "eval", "validation")
+
+
 def build_split(split: str, num: int, seed: int, *, kinds: Sequence[str], complexity: str, world: str | None,
                 sandbox: Sandbox, exclude: Sequence[str] = ()) -> list[Sample]:
     """`num` procedural environments of one side of the question partition (`envs.splits`), as samples.
 
-    split "train": questions on the training side, in build order. split "eval": held-out questions only,
-    minus any whose prompt is in `exclude`, balanced over the scenario types (`_balanced`); twice as many are
-    built as asked, so the balance holds. Both are deterministic in (seed, world, kinds, complexity).
+    split "train": questions on the training side, in build order. split "eval": held-out questions only.
+    split "validation": training-side questions, for choosing among checkpoints without touching the held-out
+    set. "eval" and "validation" drop any question whose prompt is in `exclude` (the training environments'
+    prompts) and are balanced over the scenario types (`_balanced`); twice as many are built as asked, so the
+    balance holds. All are deterministic in (seed, world, kinds, complexity).
     """
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    held_out = split == "eval"
-    side = splits.is_held_out if held_out else splits.is_training
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    balanced = split != "train"
+    side = splits.is_held_out if split == "eval" else splits.is_training
     keep = lambda env: side(env.question)  # noqa: E731
-    want = 2 * num + 8 if held_out else num
+    want = 2 * num + 8 if balanced else num
     envs, report = env_build.build_environments(want, seed=seed, kinds=kinds, complexity=complexity, sandbox=sandbox,
                                                 world=world, keep=keep)
     log.info("built %d %s environments (%s dropped: %s)", len(envs), split, sum(report.dropped.values()),
              dict(report.dropped))
     samples = [e.to_sample(split) for e in envs]
-    if held_out:
+    if balanced:
         seen = set(exclude)
         samples = _balanced([s for s in samples if s.messages[0]["content"] not in seen], num)
     return samples
@@ -476,6 +532,45 @@ def _curve_hook(config, model_config, tokenizer, mesh, envs, sandbox, logger):
         average = report.scenario_average
         logger.log(plots.CURVE_PHASE, step, {**{k: average.get(k, 0.0) for k in EVAL_KEYS},
                                              "num_envs": len(envs), "seconds": report.seconds})
+
+    return on_step
+
+
+def _validation_selection(config, workdir, model_config, tokenizer, mesh, envs, sandbox, logger):
+    """`ValidationSelection` scoring greedy Solve-P/R/F1 on `envs` (None without validation environments); each
+    new point is also logged as a "validation" record."""
+    if not envs or config.eval.validation_every <= 0:
+        return None
+    ec = config.eval
+
+    def score(step: int, params) -> dict[str, float]:
+        policy = _policy(config, model_config, params, tokenizer, mesh, greedy=True, seed=0,
+                         max_new_tokens=ec.max_new_tokens)
+        report = evaluate(policy, envs, max_turns=ec.max_turns, sandbox=sandbox)
+        point = {**{k: float(report.scenario_average.get(k, 0.0)) for k in EVAL_KEYS}, "seconds": report.seconds}
+        logger.log(plots.VALIDATION_PHASE, step, {**point, "num_envs": len(envs)})
+        return point
+
+    def save(params, directory: str) -> None:
+        models.save_pretrained(model_config, params, directory)
+
+    def load(directory: str):
+        return models.load_pretrained(directory, dtype=config.model.param_dtype, compute_dtype=config.model.dtype,
+                                      shardings=parallel.checkpoint_sharding_fn(mesh))[1]
+
+    return ValidationSelection(workdir, score, save, load, every=ec.validation_every, last_step=config.rl.num_steps,
+                               num_envs=len(envs))
+
+
+def _hooks(*hooks):
+    """One `on_step(step, params)` calling each hook that is not None in turn; None when all are."""
+    hooks = [h for h in hooks if h is not None]
+    if not hooks:
+        return None
+
+    def on_step(step: int, params) -> None:
+        for hook in hooks:
+            hook(step, params)
 
     return on_step
 
@@ -1016,6 +1111,7 @@ def train_and_evaluate(config) -> dict[str, Any]:
             models.save_pretrained(model_config, params, warm_dir)
             tokenizer.save_pretrained(warm_dir)
 
+        validation = prepare_validation(config, workdir, train, held_out, sandbox)
         _, rl_envs = split_train_environments(config, train)
         # Training-set figures come from the environments RL visits first (its prompts are drawn from them).
         train_subset = rl_envs[:max(0, config.eval.num_train_envs)]
@@ -1031,13 +1127,27 @@ def train_and_evaluate(config) -> dict[str, Any]:
         _curve_point(logger, 0, eval_before, len(curve_envs))
         print("eval before RL: " + ", ".join(f"{k}={eval_before[k]:.4f}" for k in EVAL_KEYS), flush=True)
 
+        selection = _validation_selection(config, workdir, model_config, tokenizer, mesh, validation, sandbox,
+                                          logger)
+        if selection is not None:
+            selection.on_step(0, params)
         params = rl_train(config, workdir, model_config, params, tokenizer, mesh, rl_envs, sandbox, logger,
-                          on_step=_curve_hook(config, model_config, tokenizer, mesh, curve_envs, sandbox, logger))
+                          on_step=_hooks(_curve_hook(config, model_config, tokenizer, mesh, curve_envs, sandbox,
+                                                     logger), selection and selection.on_step))
+        selected = config.rl.num_steps
+        if selection is not None and config.eval.select == "validation":
+            selected = selection.best_step
+            if selected != config.rl.num_steps:
+                params = selection.best_params()
+            log.info("evaluating and exporting the policy of RL step %d of %d (best validation Solve-F1 %.4f)",
+                     selected, config.rl.num_steps, selection.best_point()["solve_f1"])
 
         eval_after = run_evaluation(config, model_config, params, tokenizer, mesh, held_out, sandbox, train_subset)
-        logger.log("eval_after", config.rl.num_steps, _logged_figures(eval_after))
-        _curve_point(logger, config.rl.num_steps, eval_after, len(curve_envs))
-        print("eval after RL:  " + ", ".join(f"{k}={eval_after[k]:.4f}" for k in EVAL_KEYS), flush=True)
+        logger.log("eval_after", config.rl.num_steps, {**_logged_figures(eval_after), "selected_step": selected})
+        if selected == config.rl.num_steps:  # the curve's steps are RL's; an earlier policy's score is not its last
+            _curve_point(logger, config.rl.num_steps, eval_after, len(curve_envs))
+        print("eval after RL:  " + ", ".join(f"{k}={eval_after[k]:.4f}" for k in EVAL_KEYS)
+              + (f" (the policy of step {selected})" if selected != config.rl.num_steps else ""), flush=True)
 
     export_dir = os.path.join(workdir, "export")
     models.save_pretrained(model_config, params, export_dir)
@@ -1045,9 +1155,14 @@ def train_and_evaluate(config) -> dict[str, Any]:
     summary = {"preset": config.preset, "seed": config.seed, "algorithm": config.rl.algorithm,
                "rl_steps": config.rl.num_steps, "eval_before": eval_before, "eval_after": eval_after,
                "num_train_envs": len(train), "num_eval_envs": len(held_out),
-               "model_params": model_config.num_params, "wall_seconds": time.perf_counter() - started}
+               "model_params": model_config.num_params, "wall_seconds": time.perf_counter() - started,
+               "select": config.eval.select, "selected_step": selected}
+    if selection is not None:
+        summary["validation"] = selection.summary()
     summary["paired_delta"] = paired_deltas(config, eval_before, eval_after)
     summary["eval_seconds"] = _eval_seconds(workdir, eval_before, eval_after)
+    if selection is not None:
+        summary["eval_seconds"]["validation"] = float(sum(p.get("seconds", 0.0) for p in selection.points))
     drawn = time.perf_counter()
     summary["files"] = write_figures_and_report(workdir, summary)
     summary["report_seconds"] = time.perf_counter() - drawn

@@ -30,7 +30,7 @@ RL_PANELS = (
     ("kl", "KL to the reference", 1.0, "KL"),
     ("response_length", "response length, mean", 1.0, "tokens"),
 )
-RL_PHASE, CURVE_PHASE = "rl", "eval_curve"
+RL_PHASE, CURVE_PHASE, VALIDATION_PHASE = "rl", "eval_curve", "validation"
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -84,8 +84,8 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: str, *, tit
     """Writes a 2 x 3 PNG of per-RL-step metrics and the held-out greedy Solve-F1 curve; returns `path`.
 
     Panels: the `RL_PANELS` keys of the `"rl"` records (reward mean with a +-1 std band from `reward_std`,
-    shares in percent) against the RL step, and the `"eval_curve"` records' `solve_f1` (percent) against the
-    number of RL updates behind it. A panel with nothing logged says so instead of drawing.
+    shares in percent) against the RL step, and the `"eval_curve"` (held-out subset) and `"validation"` records'
+    `solve_f1` (percent) against the RL steps behind them. A panel with nothing logged says so instead of drawing.
     """
     figure = Figure(figsize=(13, 7), layout="constrained")
     axes = figure.subplots(2, 3).ravel()
@@ -105,15 +105,20 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: str, *, tit
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
     ax = axes[len(RL_PANELS)]
-    ax.set_title("held-out Solve-F1 (greedy, curve subset)")
+    ax.set_title("greedy Solve-F1 during RL")
     steps, values = series(records, CURVE_PHASE, "solve_f1")
-    if steps.size:
-        ax.plot(steps, 100.0 * values, marker="o", color="tab:green")
-        ax.set_xlabel("RL updates")
+    val_steps, val_values = series(records, VALIDATION_PHASE, "solve_f1")
+    if steps.size or val_steps.size:
+        if steps.size:
+            ax.plot(steps, 100.0 * values, marker="o", color="tab:green", label="held-out (curve subset)")
+        if val_steps.size:
+            ax.plot(val_steps, 100.0 * val_values, marker="s", color="tab:orange", label="validation")
+        ax.legend(fontsize="small")
+        ax.set_xlabel("RL steps")
         ax.set_ylabel("Solve-F1 (%)")
         ax.grid(alpha=0.3)
     else:
-        _empty(ax, "no 'eval_curve' records\n(eval.curve_every = 0, or a run from before the curve)")
+        _empty(ax, "no 'eval_curve' or 'validation' records\n(eval.curve_every = 0 and eval.validation_envs = 0)")
     if title:
         figure.suptitle(title)
     return _save(figure, path)

@@ -122,6 +122,24 @@ def _costs(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def selection_note(summary: Mapping[str, Any]) -> str:
+    """Which RL step's policy "after RL" is, and the validation points behind the choice ("" without them)."""
+    validation = summary.get("validation")
+    if not validation or not validation.get("points"):
+        return ""
+    points = validation["points"]
+    last = summary.get("rl_steps")
+    scores = ", ".join(f"{p['step']}: {_pct(p['solve_f1'])}" for p in points)
+    if summary.get("select") == "validation":
+        head = (f"After RL is the policy of step {summary.get('selected_step')} of {last}, the best greedy "
+                f"Solve-F1 on {validation.get('num_envs')} validation environments (training-side questions RL "
+                "never drew; the earliest of ties)")
+    else:
+        head = (f"After RL is the policy of the last step ({last}); greedy Solve-F1 on "
+                f"{validation.get('num_envs')} validation environments was best at step {validation.get('best_step')}")
+    return f"{head}. Validation Solve-F1 (%) by RL step: {scores}."
+
+
 def render_report(summary: Mapping[str, Any], figures: Mapping[str, str] | None = None) -> str:
     """The markdown report: settings, the before/after table, per-scenario table, costs and figure links.
 
@@ -133,7 +151,10 @@ def render_report(summary: Mapping[str, Any], figures: Mapping[str, str] | None 
              "environments. Figures in percent; the headline averages the scenario types' means as FTRL's table does.",
              "", f"| figure | before RL | after RL | {interval_label(summary)} |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in headline_rows(summary)]
-    lines += ["", _interval_note(summary), "", "## Per scenario type (held-out)", ""]
+    lines += ["", _interval_note(summary)]
+    if selection_note(summary):
+        lines += ["", selection_note(summary)]
+    lines += ["", "## Per scenario type (held-out)", ""]
     lines += _scenario_table(summary)
     lines += ["", "## Cost", ""] + _costs(summary)
     if figures:
@@ -159,4 +180,7 @@ def console_table(summary: Mapping[str, Any]) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':<{width}}  {'before':>8}  {'after':>8}  {interval_label(summary)}"]
     lines += [f"{name:<{width}}  {b:>8}  {a:>8}  {change}" for name, b, a, change in rows]
+    note = selection_note(summary)
+    if note:
+        lines.append(note)
     return "\n".join(lines)

@@ -49,5 +49,11 @@ def test_training_and_held_out_splits_never_share_a_question_across_seeds(sandbo
     # Held-out environments are balanced over the scenario types, in turn.
     assert collections.Counter(s.data_source for s in held_out) == {f"self/{k}": 12 for k in KINDS}
     assert [s.data_source for s in held_out[:4]] == sorted(f"self/{k}" for k in KINDS)
-    with pytest.raises(ValueError, match="split must be 'train' or 'eval'"):
+    # Validation: training-side questions, none of the excluded prompts, balanced over the types.
+    excluded = [s.messages[0]["content"] for s in train]
+    validation = build_split("validation", 24, 3, exclude=excluded, **common)
+    assert not set(excluded) & {s.messages[0]["content"] for s in validation}
+    assert all(splits.is_training(s.messages[0]["content"].rsplit("Question: ", 1)[-1]) for s in validation)
+    assert collections.Counter(s.data_source for s in validation) == {f"self/{k}": 6 for k in KINDS}
+    with pytest.raises(ValueError, match="split must be one of train, eval, validation"):
         build_split("test", 4, 0, **common)

@@ -178,11 +178,60 @@ def test_config_errors_are_clear_before_anything_heavy(tmp_path):
     with pytest.raises(TrainingError, match="eval.curve_envs=-1"):
         check_config(c)
     c = micro_config(tmp_path)
+    c.eval.select = "best"
+    with pytest.raises(TrainingError, match="eval.select='best'; use one of.*validation"):
+        check_config(c)
+    c.eval.select = "validation"
+    with pytest.raises(TrainingError, match="eval.validation_envs=0 and eval.validation_every=10: set both"):
+        check_config(c)
+    c.eval.validation_envs = 4
+    check_config(c)
+    c.envs.validation_file = str(tmp_path / "missing.jsonl")
+    with pytest.raises(TrainingError, match="missing.jsonl' does not exist"):
+        check_config(c)
+    c = micro_config(tmp_path)
     c.rollout.temperature = 0.0
     with pytest.raises(TrainingError, match="eval.num_samples=0"):
         check_config(c)
     c.eval.num_samples = 0
     check_config(c)
+
+
+def test_validation_selects_the_policy_that_is_evaluated_and_exported(tmp_path):
+    c = micro_config(tmp_path / "sel", num_steps=2)
+    c.eval.num_samples, c.eval.num_train_envs, c.eval.curve_every = 0, 0, 0
+    c.eval.validation_envs, c.eval.validation_every, c.eval.select = 4, 1, "validation"
+    summary = train_and_evaluate(c)
+    workdir = tmp_path / "sel"
+    # Validation: training-side questions of neither the training nor the held-out environments, balanced.
+    validation, _ = read_samples(workdir / "envs" / "validation.jsonl")
+    train, _ = read_samples(workdir / "envs" / "train.jsonl")
+    held_out, _ = read_samples(workdir / "envs" / "eval.jsonl")
+    prompts = {s.messages[0]["content"] for s in train + held_out}
+    assert len(validation) == 4 and not prompts & {s.messages[0]["content"] for s in validation}
+    assert sorted(s.data_source for s in validation) == ["self/multi_hop"] * 2 + ["self/single_hop"] * 2
+    points = summary["validation"]["points"]
+    assert [p["step"] for p in points] == [0, 1, 2] and summary["validation"]["num_envs"] == 4
+    scores = [p["solve_f1"] for p in points]
+    best = scores.index(max(scores))  # the earliest of ties
+    assert summary["selected_step"] == summary["validation"]["best_step"] == best
+    assert summary["select"] == "validation" and summary["eval_seconds"]["validation"] > 0
+    # The exported policy is the selected step's (the start's when step 0 wins).
+    selected = workdir / ("warmstart" if best == 0 else f"validation_best/step_{best}")
+    st = SafetensorsFile(os.path.join(selected, "model.safetensors"))
+    exported = _export_tensors(workdir)
+    for name in exported:
+        np.testing.assert_array_equal(exported[name], np.array(st.get(name)), err_msg=name)
+    if best == 0:
+        assert summary["eval_after"]["episodes"] == summary["eval_before"]["episodes"]
+    lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if l["phase"] == "validation"] == [0, 1, 2]
+    assert [l["selected_step"] for l in lines if l["phase"] == "eval_after"] == [best]
+    assert f"After RL is the policy of step {best} of 2" in (workdir / "report.md").read_text()
+    # Resuming the finished run scores nothing again and selects the same step.
+    c.resume = True
+    again = train_and_evaluate(c)
+    assert again["validation"]["points"] == points and again["selected_step"] == best
 
 
 def test_rl_starts_on_the_environments_the_warm_start_did_not_imitate(tmp_path):

@@ -146,3 +146,21 @@ def test_the_report_names_the_intervals_confidence_and_the_environments_that_cha
     # A summary without intervals keeps the usual heading.
     summary["paired_delta"] = {}
     assert "after - before [95% interval]" in report.render_report(summary)
+
+
+def test_the_report_says_which_step_after_rl_is_and_the_curve_draws_validation(tmp_path):
+    summary = _main_job_summary()
+    assert report.selection_note(summary) == ""  # no validation points, nothing to say
+    points = [{"step": 0, "solve_f1": 0.1}, {"step": 10, "solve_f1": 0.25}, {"step": 20, "solve_f1": 0.2}]
+    summary.update(rl_steps=20, select="validation", selected_step=10,
+                   validation={"num_envs": 64, "points": points, "best_step": 10, "best_solve_f1": 0.25})
+    text = report.render_report(summary)
+    assert "After RL is the policy of step 10 of 20, the best greedy Solve-F1 on 64 validation" in text
+    assert "0: 10.00, 10: 25.00, 20: 20.00." in text and "step 10 of 20" in report.console_table(summary)
+    summary.update(select="last", selected_step=20)
+    assert "the last step (20); greedy Solve-F1 on 64 validation environments was best at step 10" in (
+        report.render_report(summary))
+    records = _rl_records() + [{"phase": "validation", "step": p["step"], "solve_f1": p["solve_f1"]} for p in points]
+    _assert_png(plots.plot_learning_curves(records, str(tmp_path / "curves.png")))
+    only_validation = [r for r in records if r["phase"] != "eval_curve"]
+    _assert_png(plots.plot_learning_curves(only_validation, str(tmp_path / "validation_only.png")))
