@@ -28,6 +28,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -46,7 +47,8 @@ from ftrl_jax.envs import rewards, splits
 from ftrl_jax.text.chat import TEMPLATES, render_conversation
 from ftrl_jax.training.checkpointing import Checkpointer
 from ftrl_jax.envs import build as env_build
-from ftrl_jax.envs.samples import Sample, decode_sample, encode_sample, read_samples, write_samples
+from ftrl_jax.envs.samples import (Sample, decode_sample, encode_sample, environment_key, read_samples, user_prompt,
+                                   write_samples)
 from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.rollout.evaluation import SCENARIO_TYPES, evaluate, evaluate_sampled, summarize
 from ftrl_jax.reporting import plots, report as run_report, stats
@@ -158,6 +160,13 @@ def check_config(config) -> None:
                             f"environments, but eval.validation_envs={ec.validation_envs} and "
                             f"eval.validation_every={ec.validation_every}: set both above 0 (for example "
                             "--config.eval.validation_envs=128 --config.eval.validation_every=10)")
+    if ec.validation_envs > 0 and ec.validation_every <= 0:
+        raise TrainingError(f"config.eval.validation_envs={ec.validation_envs} validation environments would never "
+                            "be scored with eval.validation_every=0: set eval.validation_every above 0, or "
+                            "eval.validation_envs=0")
+    if config.envs.validation_file and ec.validation_envs <= 0:
+        raise TrainingError(f"config.envs.validation_file={config.envs.validation_file!r} is read only with "
+                            "eval.validation_envs > 0 (how many of its environments to score): set it")
     if config.envs.validation_file and not os.path.exists(config.envs.validation_file):
         raise TrainingError(f"environment file {config.envs.validation_file!r} does not exist; pass a sample-format "
                             ".jsonl file, .parquet file or datasets save_to_disk directory, or leave "
@@ -230,14 +239,45 @@ def prepare_environments(config, workdir: str, sandbox: Sandbox) -> tuple[list[S
     return _read_split(train_file), _read_split(eval_file)
 
 
+def _question(sample: Sample) -> str:
+    """The question of a sample in FTRL's format (its first user message after "Question: ")."""
+    return sample.messages[0]["content"].rsplit("Question: ", 1)[-1]
+
+
+def policy_training_prompts(config, sandbox: Sandbox | None = None, *, max_depth: int = 4) -> set[str]:
+    """The prompts a starting policy made by `experiments.pretrain` was trained on, rebuilt from its
+    `recipe.json` (and, for a policy continued from another with `init`, that policy's, up to `max_depth`
+    recipes); empty when the job trains from scratch or the policy has no recipe. Raises TrainingError when a
+    recipe lacks the fields that say how its environments were built."""
+    path = model_path(config)
+    prompts: set[str] = set()
+    for _ in range(max_depth):
+        recipe = read_recipe(path) if path else None
+        if recipe is None:
+            break
+        try:
+            envs, world = recipe["config"]["envs"], recipe["world"]
+            samples = build_split("train", int(envs["num"]), int(envs["seed"]),
+                                  kinds=[k for k in envs["scenarios"].split(",") if k], complexity=envs["complexity"],
+                                  world=world or None, sandbox=sandbox)
+        except (KeyError, TypeError, ValueError) as err:
+            raise TrainingError(f"{os.path.join(path, RECIPE_FILE)} does not say how its environments were built "
+                                f"({err!r}); it cannot be used to keep validation questions unseen") from None
+        prompts |= {s.messages[0]["content"] for s in samples}
+        init = recipe["config"].get("init") or ""
+        path = policies.resolve(init) if init in policies.SHIPPED else init
+    return prompts
+
+
 def prepare_validation(config, workdir: str, train: Sequence[Sample], held_out: Sequence[Sample],
                        sandbox: Sandbox) -> list[Sample]:
-    """The first `eval.validation_envs` validation environments (none when 0): `envs.validation_file`'s, or
-    training-side environments built with seed `1000 * seed + 3` (`build_split("validation")`), never one
-    whose prompt is a training or held-out environment's, saved as WORKDIR/envs/validation.jsonl.
+    """The `eval.validation_envs` validation environments (none when 0), balanced over the scenario types.
 
-    Environments of a given file whose prompt is a training or held-out one are reported and skipped; none left
-    is a TrainingError."""
+    Built: training-side environments (build seed `1000 * seed + 3`, `build_split("validation")`) whose prompt
+    is none of the training or held-out environments' nor one the starting policy was trained on
+    (`policy_training_prompts`), saved as WORKDIR/envs/validation.jsonl. Given (`envs.validation_file`):
+    its environments, where any with a held-out-side question or a prompt of the training or held-out
+    environments is reported and skipped; TrainingError when none is left."""
     num = config.eval.validation_envs
     if num <= 0:
         return []
@@ -245,23 +285,26 @@ def prepare_validation(config, workdir: str, train: Sequence[Sample], held_out: 
     prompts = {s.messages[0]["content"] for s in (*train, *held_out)}
     if not os.path.exists(path):
         started = time.perf_counter()
+        seen = prompts | policy_training_prompts(config, sandbox)
         built = build_split("validation", num, config.seed * 1000 + 3, kinds=_kinds(config),
                             complexity=config.envs.complexity, world=config.envs.world or None, sandbox=sandbox,
-                            exclude=sorted(prompts))
+                            exclude=sorted(seen))
         write_samples(path, built)
-        log.info("validation environments ready in %.1fs", time.perf_counter() - started)
+        log.info("validation environments ready in %.1fs (%d prompts excluded)", time.perf_counter() - started,
+                 len(seen))
     samples = _read_split(path)
-    disjoint = [s for s in samples if s.messages[0]["content"] not in prompts]
-    if len(disjoint) < len(samples):
-        log.warning("skipping %d of the %d validation environments in %s: their question is a training or held-out "
-                    "environment's, and validation must be disjoint from both", len(samples) - len(disjoint),
-                    len(samples), path)
-    samples = disjoint[:num]
+    usable = [s for s in samples if s.messages[0]["content"] not in prompts and splits.is_training(_question(s))]
+    if len(usable) < len(samples):
+        log.warning("skipping %d of the %d validation environments in %s: their question is held out, or a "
+                    "training or held-out environment's; validation must be training-side and disjoint from both",
+                    len(samples) - len(usable), len(samples), path)
+    samples = _balanced(usable, num)
     if not samples:
-        raise TrainingError(f"no validation environment in {path} is disjoint from the training and held-out ones")
+        raise TrainingError(f"no validation environment in {path} is training-side and disjoint from the training "
+                            "and held-out environments")
     if len(samples) < num:
-        log.warning("%s holds %d validation environments, fewer than eval.validation_envs=%d", path, len(samples),
-                    num)
+        log.warning("%s holds %d usable validation environments, fewer than eval.validation_envs=%d", path,
+                    len(samples), num)
     return samples
 
 
@@ -282,17 +325,15 @@ def build_split(split: str, num: int, seed: int, *, kinds: Sequence[str], comple
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     balanced = split != "train"
     side = splits.is_held_out if split == "eval" else splits.is_training
-    keep = lambda env: side(env.question)  # noqa: E731
+    seen = set(exclude) if balanced else set()
+    keep = lambda env: side(env.question) and user_prompt(env.question) not in seen  # noqa: E731
     want = 2 * num + 8 if balanced else num
     envs, report = env_build.build_environments(want, seed=seed, kinds=kinds, complexity=complexity, sandbox=sandbox,
                                                 world=world, keep=keep)
     log.info("built %d %s environments (%s dropped: %s)", len(envs), split, sum(report.dropped.values()),
              dict(report.dropped))
     samples = [e.to_sample(split) for e in envs]
-    if balanced:
-        seen = set(exclude)
-        samples = _balanced([s for s in samples if s.messages[0]["content"] not in seen], num)
-    return samples
+    return _balanced(samples, num) if balanced else samples
 
 
 RECIPE_FILE = "recipe.json"
@@ -537,19 +578,19 @@ def _curve_hook(config, model_config, tokenizer, mesh, envs, sandbox, logger):
 
 
 def _validation_selection(config, workdir, model_config, tokenizer, mesh, envs, sandbox, logger):
-    """`ValidationSelection` scoring greedy Solve-P/R/F1 on `envs` (None without validation environments); each
-    new point is also logged as a "validation" record."""
-    if not envs or config.eval.validation_every <= 0:
-        return None
+    """`ValidationSelection` scoring greedy Solve-P/R/F1 on `envs` (None without validation environments), and
+    `on_step(step, params)` that runs it and logs each new point as a "validation" record (after
+    validation.json holds it, so a replayed step logs nothing twice). The best step's parameters are kept only
+    with `eval.select=validation`."""
+    if not envs:
+        return None, None
     ec = config.eval
 
     def score(step: int, params) -> dict[str, float]:
         policy = _policy(config, model_config, params, tokenizer, mesh, greedy=True, seed=0,
                          max_new_tokens=ec.max_new_tokens)
         report = evaluate(policy, envs, max_turns=ec.max_turns, sandbox=sandbox)
-        point = {**{k: float(report.scenario_average.get(k, 0.0)) for k in EVAL_KEYS}, "seconds": report.seconds}
-        logger.log(plots.VALIDATION_PHASE, step, {**point, "num_envs": len(envs)})
-        return point
+        return {**{k: float(report.scenario_average.get(k, 0.0)) for k in EVAL_KEYS}, "seconds": report.seconds}
 
     def save(params, directory: str) -> None:
         models.save_pretrained(model_config, params, directory)
@@ -558,8 +599,20 @@ def _validation_selection(config, workdir, model_config, tokenizer, mesh, envs, 
         return models.load_pretrained(directory, dtype=config.model.param_dtype, compute_dtype=config.model.dtype,
                                       shardings=parallel.checkpoint_sharding_fn(mesh))[1]
 
-    return ValidationSelection(workdir, score, save, load, every=ec.validation_every, last_step=config.rl.num_steps,
-                               num_envs=len(envs))
+    fingerprint = hashlib.sha256("".join(environment_key(s) for s in envs).encode()).hexdigest()[:16]
+    try:
+        selection = ValidationSelection(workdir, score, save, load, every=ec.validation_every,
+                                        last_step=config.rl.num_steps, num_envs=len(envs), fingerprint=fingerprint,
+                                        keep_best=ec.select == "validation")
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+
+    def on_step(step: int, params) -> None:
+        point = selection.on_step(step, params)
+        if point is not None:
+            logger.log(plots.VALIDATION_PHASE, step, {**point, "num_envs": len(envs)})
+
+    return selection, on_step
 
 
 def _hooks(*hooks):
@@ -603,6 +656,12 @@ def paired_deltas(config, before: dict[str, Any], after: dict[str, Any]) -> dict
     return out
 
 
+def _after_label(summary: dict[str, Any]) -> str:
+    """"after RL", naming the step when the evaluated policy is not the last step's (checkpoint selection)."""
+    selected, last = summary.get("selected_step"), summary.get("rl_steps")
+    return "after RL" if selected is None or selected == last else f"after RL (step {selected} of {last})"
+
+
 def write_figures_and_report(workdir: str, summary: dict[str, Any]) -> dict[str, str]:
     """Draws WORKDIR/learning_curves.png (from metrics.jsonl) and WORKDIR/scenario_bars.png, writes
     WORKDIR/report.md linking both; returns {name: file name in workdir}."""
@@ -611,7 +670,7 @@ def write_figures_and_report(workdir: str, summary: dict[str, Any]) -> dict[str,
                                title=f"{summary['preset']} {summary['algorithm']}, seed {summary['seed']}")
     bars = {label: {"per_source": summary[key]["by_scenario"],
                     "scenario_average": {k: summary[key][k] for k in EVAL_KEYS}}
-            for label, key in (("before RL", "eval_before"), ("after RL", "eval_after"))}
+            for label, key in (("before RL", "eval_before"), (_after_label(summary), "eval_after"))}
     plots.plot_scenario_bars(bars, os.path.join(workdir, SCENARIO_BARS),
                              title=f"held-out greedy evaluation, {summary['num_eval_envs']} environments")
     run_report.write_report(summary, os.path.join(workdir, REPORT),
@@ -958,7 +1017,8 @@ def _rl_updates(config) -> int:
 def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sandbox, logger, on_step=None) -> Any:
     """RL on the verifiable reward with fresh samples from the current policy: GRPO, Dr. GRPO, RLOO,
     Reinforce++ (`rl.algorithm`, an advantage estimator) or the RFT baseline (`rl.algorithm="rft"`).
-    `on_step(step, params)`, if given, runs after every step with the steps done so far and the new params."""
+    `on_step(step, params)`, if given, runs after every step with the steps done so far and the new params, before
+    that step's checkpoint is saved (a run killed inside it replays the step on resume)."""
     rc = config.rl
     try:
         trainable = num_trainable(params, rc.trainable)
@@ -1054,11 +1114,12 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
         logger.log("rl", step + 1, {**metrics, **stats, "step_time": dt, "sample_time": t_sample,
                                     "tokens_per_sec": tokens / dt, "learning_rate": float(lr_at(int(state.step) - 1))})
         bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{float(metrics.get('kl', 0.0)):.4f}")
+        # Hooks first: a run killed inside one has no checkpoint of this step yet, so it replays the step.
+        if on_step is not None:
+            on_step(step + 1, state.params)
         if (step + 1) % config.checkpoint.every == 0 or step + 1 == rc.num_steps:
             ckpt.save(step + 1, state, {"rl_step": step + 1, "cursor": cursor,
                                         "pool": [encode_sample(p) for p in pool]})
-        if on_step is not None:
-            on_step(step + 1, state.params)
     ckpt.close()
     return state.params
 
@@ -1127,13 +1188,13 @@ def train_and_evaluate(config) -> dict[str, Any]:
         _curve_point(logger, 0, eval_before, len(curve_envs))
         print("eval before RL: " + ", ".join(f"{k}={eval_before[k]:.4f}" for k in EVAL_KEYS), flush=True)
 
-        selection = _validation_selection(config, workdir, model_config, tokenizer, mesh, validation, sandbox,
-                                          logger)
-        if selection is not None:
-            selection.on_step(0, params)
+        selection, validation_hook = _validation_selection(config, workdir, model_config, tokenizer, mesh,
+                                                           validation, sandbox, logger)
+        if validation_hook is not None:
+            validation_hook(0, params)
         params = rl_train(config, workdir, model_config, params, tokenizer, mesh, rl_envs, sandbox, logger,
                           on_step=_hooks(_curve_hook(config, model_config, tokenizer, mesh, curve_envs, sandbox,
-                                                     logger), selection and selection.on_step))
+                                                     logger), validation_hook))
         selected = config.rl.num_steps
         if selection is not None and config.eval.select == "validation":
             selected = selection.best_step

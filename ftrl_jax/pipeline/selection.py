@@ -7,8 +7,9 @@ so choosing never looks at the held-out set. The best step's parameters (the ear
 included: RL that only hurts on validation exports the start) are kept on disk, so a killed run resumes with
 its points and its best policy:
 
-  WORKDIR/validation.json     {"every", "num_envs", "points": [{"step", "solve_f1", ...}], "best_step",
-                              "best_dir" (relative to WORKDIR)}, written atomically after the best parameters are on disk
+  WORKDIR/validation.json     {"every", "num_envs", "fingerprint", "points": [{"step", "solve_f1", ...}],
+                              "best_step", "best_dir" (relative to WORKDIR)}, written atomically after the best
+                              parameters are on disk
   WORKDIR/validation_best/step_<N>/   the best step's parameters (a Hugging Face directory)
 """
 
@@ -35,21 +36,26 @@ class ValidationSelection:
       save_fn: (params, directory) -> None, writes a policy; load_fn: directory -> params, reads it back.
       every: score after every `every` RL steps (> 0); last_step: RL's final step, always scored.
       num_envs: the number of validation environments (recorded with the points).
+      fingerprint: identifies the validation environments (for example a hash of their keys); a resumed run
+        must score the same ones.
+      keep_best: write the best step's parameters (False: only record which step was best, e.g. when the last
+        step's policy is exported anyway and a copy of a large model is not worth the disk).
 
     Raises:
-      ValueError: on `every` < 1, or when `validation.json` belongs to another setting (`every`, `num_envs`):
-        a resumed run must keep them.
+      ValueError: on `every` < 1; when `validation.json` belongs to another setting (`every`, `num_envs`,
+        `fingerprint`), since a resumed run must keep them; when its best parameters are missing from disk.
     """
 
     def __init__(self, workdir: str, score_fn: Callable[[int, Any], Mapping[str, Any]],
                  save_fn: Callable[[Any, str], None], load_fn: Callable[[str], Any], *, every: int, last_step: int,
-                 num_envs: int):
+                 num_envs: int, fingerprint: str = "", keep_best: bool = True):
         if every < 1:
             raise ValueError(f"every must be at least 1, got {every}")
         self.workdir = workdir
         self.path = os.path.join(workdir, VALIDATION_FILE)
         self._score, self._save, self._load = score_fn, save_fn, load_fn
         self.every, self.last_step, self.num_envs = int(every), int(last_step), int(num_envs)
+        self.fingerprint, self.keep_best = str(fingerprint), bool(keep_best)
         self.points: list[dict[str, Any]] = []
         self.best_step: int | None = None
         self.best_dir: str | None = None
@@ -59,41 +65,55 @@ class ValidationSelection:
     def _resume(self) -> None:
         with open(self.path) as f:
             saved = json.load(f)
-        if (saved.get("every"), saved.get("num_envs")) != (self.every, self.num_envs):
-            raise ValueError(f"{self.path} was written with every={saved.get('every')} and "
-                             f"num_envs={saved.get('num_envs')}, this run has every={self.every} and "
-                             f"num_envs={self.num_envs}: resume with the run's own eval.validation_* settings")
+        mine = (self.every, self.num_envs, self.fingerprint)
+        theirs = (saved.get("every"), saved.get("num_envs"), saved.get("fingerprint", ""))
+        if theirs != mine:
+            raise ValueError(f"{self.path} was written with every={theirs[0]}, num_envs={theirs[1]} and validation "
+                             f"environments {theirs[2] or '(unnamed)'}; this run has every={mine[0]}, "
+                             f"num_envs={mine[1]} and environments {mine[2] or '(unnamed)'}: resume with the run's "
+                             "own eval.validation_* settings and validation environments")
         self.points = list(saved["points"])
         self.best_step = saved.get("best_step")
         if saved.get("best_dir"):
             self.best_dir = os.path.join(self.workdir, saved["best_dir"])
+            if self.keep_best and not os.path.isdir(self.best_dir):
+                raise ValueError(f"{self.path} names {self.best_dir} as the best step's policy, but it is missing; "
+                                 f"delete {self.path} to score the run's steps again from where it resumes")
 
     def due(self, step: int) -> bool:
         """True when `step` (RL steps done; 0 = the start) is scored and has not been yet."""
         wanted = step == 0 or step % self.every == 0 or step == self.last_step
         return wanted and all(p["step"] != step for p in self.points)
 
-    def on_step(self, step: int, params) -> None:
-        """Scores `params` at `step` when due; a new best (strictly higher Solve-F1) is written to disk."""
+    def on_step(self, step: int, params) -> dict[str, Any] | None:
+        """Scores `params` at `step` when due and returns the new point (None when not due). A new best (a
+        strictly higher Solve-F1) is written to disk before `validation.json` records it."""
         if not self.due(step):
-            return
+            return None
         figures = self._score(int(step), params)
-        point = {"step": int(step), **{k: v for k, v in figures.items() if isinstance(v, (int, float))}}
+        point = {"step": int(step), **{k: v for k, v in figures.items()
+                                       if isinstance(v, (int, float)) and not isinstance(v, bool)}}
         best = self.best_point()
         if best is None or point["solve_f1"] > best["solve_f1"]:
-            directory = os.path.join(self.workdir, BEST_DIR, f"step_{step}")
-            if os.path.isdir(directory):
-                shutil.rmtree(directory)
-            self._save(params, directory)
+            directory = None
+            if self.keep_best:
+                directory = os.path.join(self.workdir, BEST_DIR, f"step_{step}")
+                if os.path.isdir(directory):  # written by a run killed before it recorded the point
+                    shutil.rmtree(directory)
+                self._save(params, directory)
             self.best_step, self.best_dir = int(step), directory
         self.points.append(point)
         self._write()
+        return point
 
     def best_point(self) -> dict[str, Any] | None:
         return next((p for p in self.points if p["step"] == self.best_step), None)
 
     def best_params(self):
-        """The best step's parameters, read back from disk. Raises RuntimeError before any point."""
+        """The best step's parameters, read back from disk. Raises RuntimeError before any point, or when the
+        selection does not keep them (`keep_best=False`)."""
+        if not self.keep_best:
+            raise RuntimeError("this selection records the best step but keeps no parameters (keep_best=False)")
         if self.best_dir is None:
             raise RuntimeError("no validation point yet: call on_step(0, params) before RL")
         return self._load(self.best_dir)
@@ -106,7 +126,8 @@ class ValidationSelection:
                 "best_solve_f1": None if best is None else best["solve_f1"]}
 
     def _write(self) -> None:
-        state = {"every": self.every, "num_envs": self.num_envs, "points": self.points,
+        state = {"every": self.every, "num_envs": self.num_envs, "fingerprint": self.fingerprint,
+                 "points": self.points,
                  "best_step": self.best_step,
                  "best_dir": None if self.best_dir is None else os.path.relpath(self.best_dir, self.workdir)}
         tmp = self.path + ".tmp"

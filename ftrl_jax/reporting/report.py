@@ -117,7 +117,7 @@ def _costs(summary: Mapping[str, Any]) -> list[str]:
     lines = [f"Wall time: {float(summary.get('wall_seconds', 0.0)):.1f} s for the whole job."]
     costs = summary.get("eval_seconds") or {}
     if costs:
-        lines.append("Evaluation wall time (before + after RL): "
+        lines.append("Evaluation wall time (held-out before + after RL; the curve and validation points during RL): "
                      + ", ".join(f"{name.replace('_', ' ')} {float(sec):.1f} s" for name, sec in costs.items()) + ".")
     return lines
 

@@ -13,9 +13,14 @@ from ftrl_jax.models.checkpoint_io import SafetensorsFile
 from ftrl_jax.envs.samples import environment_key, read_samples
 from ftrl_jax.envs import build
 from ftrl_jax.envs.sandbox import Sandbox
-from ftrl_jax.pipeline.main_job import (TrainingError, check_config, check_oracle_plans, collect_prompt_pool,
-                                        parse_overrides, sample_rl_prompts, split_train_environments,
+from ftrl_jax.envs.samples import write_samples
+from ftrl_jax.envs.world import TINY_WORLD
+from ftrl_jax.pipeline import main_job
+from ftrl_jax.pipeline.main_job import (TrainingError, build_split, check_config, check_oracle_plans,
+                                        collect_prompt_pool, parse_overrides, policy_training_prompts,
+                                        prepare_validation, sample_rl_prompts, split_train_environments,
                                         train_and_evaluate)
+from ftrl_jax.pipeline.selection import ValidationSelection
 
 
 def micro_config(workdir, **rl):
@@ -189,6 +194,12 @@ def test_config_errors_are_clear_before_anything_heavy(tmp_path):
     c.envs.validation_file = str(tmp_path / "missing.jsonl")
     with pytest.raises(TrainingError, match="missing.jsonl' does not exist"):
         check_config(c)
+    c.eval.select, c.eval.validation_every = "last", 0
+    with pytest.raises(TrainingError, match="never be scored with eval.validation_every=0"):
+        check_config(c)
+    c.eval.validation_envs = 0
+    with pytest.raises(TrainingError, match="validation_file=.* is read only with eval.validation_envs > 0"):
+        check_config(c)
     c = micro_config(tmp_path)
     c.rollout.temperature = 0.0
     with pytest.raises(TrainingError, match="eval.num_samples=0"):
@@ -197,7 +208,17 @@ def test_config_errors_are_clear_before_anything_heavy(tmp_path):
     check_config(c)
 
 
-def test_validation_selects_the_policy_that_is_evaluated_and_exported(tmp_path):
+class _MiddleStepWins(ValidationSelection):
+    """Scores as the main job does, then reports step 1 as the best (the micro model's own scores tie at 0)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        real = self._score
+        self._score = lambda step, params: {**real(step, params), "solve_f1": {0: 0.1, 1: 0.5, 2: 0.2}[step]}
+
+
+def test_validation_selects_the_policy_that_is_evaluated_and_exported(tmp_path, monkeypatch):
+    monkeypatch.setattr(main_job, "ValidationSelection", _MiddleStepWins)
     c = micro_config(tmp_path / "sel", num_steps=2)
     c.eval.num_samples, c.eval.num_train_envs, c.eval.curve_every = 0, 0, 0
     c.eval.validation_envs, c.eval.validation_every, c.eval.select = 4, 1, "validation"
@@ -212,26 +233,81 @@ def test_validation_selects_the_policy_that_is_evaluated_and_exported(tmp_path):
     assert sorted(s.data_source for s in validation) == ["self/multi_hop"] * 2 + ["self/single_hop"] * 2
     points = summary["validation"]["points"]
     assert [p["step"] for p in points] == [0, 1, 2] and summary["validation"]["num_envs"] == 4
-    scores = [p["solve_f1"] for p in points]
-    best = scores.index(max(scores))  # the earliest of ties
-    assert summary["selected_step"] == summary["validation"]["best_step"] == best
+    assert [p["solve_f1"] for p in points] == [0.1, 0.5, 0.2] and all(p["seconds"] > 0 for p in points)
+    assert summary["selected_step"] == summary["validation"]["best_step"] == 1
     assert summary["select"] == "validation" and summary["eval_seconds"]["validation"] > 0
-    # The exported policy is the selected step's (the start's when step 0 wins).
-    selected = workdir / ("warmstart" if best == 0 else f"validation_best/step_{best}")
-    st = SafetensorsFile(os.path.join(selected, "model.safetensors"))
+    # The exported policy is step 1's: what validation_best holds, neither the start nor the last step.
+    best = SafetensorsFile(os.path.join(workdir, "validation_best", "step_1", "model.safetensors"))
+    start = SafetensorsFile(os.path.join(workdir, "warmstart", "model.safetensors"))
     exported = _export_tensors(workdir)
     for name in exported:
-        np.testing.assert_array_equal(exported[name], np.array(st.get(name)), err_msg=name)
-    if best == 0:
-        assert summary["eval_after"]["episodes"] == summary["eval_before"]["episodes"]
+        np.testing.assert_array_equal(exported[name], np.array(best.get(name)), err_msg=name)
+    assert any(not np.array_equal(exported[n], np.array(start.get(n))) for n in exported)
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if l["phase"] == "validation"] == [0, 1, 2]
-    assert [l["selected_step"] for l in lines if l["phase"] == "eval_after"] == [best]
-    assert f"After RL is the policy of step {best} of 2" in (workdir / "report.md").read_text()
+    assert [l["selected_step"] for l in lines if l["phase"] == "eval_after"] == [1]
+    assert "After RL is the policy of step 1 of 2" in (workdir / "report.md").read_text()
     # Resuming the finished run scores nothing again and selects the same step.
     c.resume = True
     again = train_and_evaluate(c)
-    assert again["validation"]["points"] == points and again["selected_step"] == best
+    assert again["validation"]["points"] == points and again["selected_step"] == 1
+    assert again["eval_after"]["episodes"] == summary["eval_after"]["episodes"]
+    # The last step's policy differs from the exported one: a run without selection exports another policy.
+    c_last = micro_config(tmp_path / "last", num_steps=2)
+    c_last.eval.num_samples, c_last.eval.num_train_envs, c_last.eval.curve_every = 0, 0, 0
+    c_last.eval.validation_envs, c_last.eval.validation_every = 4, 1
+    last = train_and_evaluate(c_last)
+    assert last["selected_step"] == 2 and last["validation"]["best_step"] == 1
+    assert not (tmp_path / "last" / "validation_best").exists()  # select=last keeps no copy
+    last_export = _export_tensors(tmp_path / "last")
+    assert any(not np.array_equal(exported[n], last_export[n]) for n in exported)
+
+
+def test_a_given_validation_file_is_balanced_and_loses_held_out_and_training_questions(tmp_path, caplog):
+    common = dict(kinds=["single_hop", "multi_hop"], complexity="low", world=TINY_WORLD)
+    with Sandbox() as sandbox:
+        train = build_split("train", 6, 1, sandbox=sandbox, **common)
+        held_out = build_split("eval", 4, 2, sandbox=sandbox, **common)
+        exclude = [s.messages[0]["content"] for s in train + held_out]
+        fresh = build_split("validation", 4, 3, exclude=exclude, sandbox=sandbox, **common)
+        path = tmp_path / "validation.jsonl"
+        by_type = sorted(fresh, key=lambda s: s.data_source)  # single-hop ones last
+        write_samples(path, held_out[:2] + train[:2] + by_type)
+        c = micro_config(tmp_path)
+        c.envs.validation_file, c.eval.validation_envs = str(path), 2
+        with caplog.at_level("WARNING"):
+            got = prepare_validation(c, str(tmp_path), train, held_out, sandbox)
+    assert "skipping 4 of the 8 validation environments" in caplog.text
+    assert [s.data_source for s in got] == ["self/multi_hop", "self/single_hop"]
+    assert {s.messages[0]["content"] for s in got} <= {s.messages[0]["content"] for s in fresh}
+    write_samples(path, held_out)
+    with pytest.raises(TrainingError, match="no validation environment in .* is training-side"):
+        prepare_validation(c, str(tmp_path), train, held_out, None)
+
+
+def test_validation_never_asks_what_the_starting_policy_was_trained_on(tmp_path):
+    """A policy made by experiments.pretrain names its data in recipe.json; those prompts are rebuilt and kept
+    out of validation, following `init` to the policy it continued."""
+    kinds = "single_hop,multi_hop"
+    for name, seed, init in (("parent", 11, ""), ("child", 12, str(tmp_path / "parent"))):
+        (tmp_path / name).mkdir()
+        recipe = {"world": TINY_WORLD, "config": {"init": init, "envs": {"num": 5, "seed": seed, "scenarios": kinds,
+                                                                         "complexity": "low"}}}
+        (tmp_path / name / "recipe.json").write_text(json.dumps(recipe))
+    c = micro_config(tmp_path)
+    c.model.path, c.warmup.num_steps = str(tmp_path / "child"), 0
+    with Sandbox() as sandbox:
+        prompts = policy_training_prompts(c, sandbox)
+        common = dict(kinds=kinds.split(","), complexity="low", world=TINY_WORLD, sandbox=sandbox)
+        expected = build_split("train", 5, 11, **common) + build_split("train", 5, 12, **common)
+    assert prompts == {s.messages[0]["content"] for s in expected} and len(prompts) > 5
+    c.warmup.num_steps = 3  # trains from scratch: nothing to rebuild (the default path is then unused)
+    c.model.path = qwen.get_config().model.path
+    assert policy_training_prompts(c) == set()
+    (tmp_path / "child" / "recipe.json").write_text(json.dumps({"world": TINY_WORLD, "config": {}}))
+    c.model.path, c.warmup.num_steps = str(tmp_path / "child"), 0
+    with pytest.raises(TrainingError, match="does not say how its environments were built"):
+        policy_training_prompts(c)
 
 
 def test_rl_starts_on_the_environments_the_warm_start_did_not_imitate(tmp_path):

@@ -21,6 +21,7 @@ def _assert_png(path):
     pixels = image.imread(path)
     assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 300
     assert pixels[..., :3].std() > 0  # something was drawn
+    return pixels
 
 
 def _rl_records(num_steps=6):
@@ -161,6 +162,8 @@ def test_the_report_says_which_step_after_rl_is_and_the_curve_draws_validation(t
     assert "the last step (20); greedy Solve-F1 on 64 validation environments was best at step 10" in (
         report.render_report(summary))
     records = _rl_records() + [{"phase": "validation", "step": p["step"], "solve_f1": p["solve_f1"]} for p in points]
-    _assert_png(plots.plot_learning_curves(records, str(tmp_path / "curves.png")))
+    with_validation = _assert_png(plots.plot_learning_curves(records, str(tmp_path / "curves.png")))
+    without = _assert_png(plots.plot_learning_curves(_rl_records(), str(tmp_path / "no_validation.png")))
+    assert with_validation.shape == without.shape and not np.array_equal(with_validation, without)
     only_validation = [r for r in records if r["phase"] != "eval_curve"]
     _assert_png(plots.plot_learning_curves(only_validation, str(tmp_path / "validation_only.png")))
