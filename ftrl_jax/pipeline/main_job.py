@@ -244,28 +244,26 @@ def _question(sample: Sample) -> str:
     return sample.messages[0]["content"].rsplit("Question: ", 1)[-1]
 
 
-def policy_training_prompts(config, sandbox: Sandbox | None = None, *, max_depth: int = 4) -> set[str]:
+def policy_training_prompts(config, sandbox: Sandbox | None = None) -> set[str]:
     """The prompts a starting policy made by `experiments.pretrain` was trained on, rebuilt from its
-    `recipe.json` (and, for a policy continued from another with `init`, that policy's, up to `max_depth`
-    recipes); empty when the job trains from scratch or the policy has no recipe. Raises TrainingError when a
+    `recipe.json`, and for a policy continued from another (`--config.init`) from the `init_recipe` it keeps,
+    and so on; empty when the job trains from scratch or the policy has no recipe. Raises TrainingError when a
     recipe lacks the fields that say how its environments were built."""
     path = model_path(config)
+    recipe = read_recipe(path) if path else None
     prompts: set[str] = set()
-    for _ in range(max_depth):
-        recipe = read_recipe(path) if path else None
-        if recipe is None:
-            break
+    while recipe:
         try:
             envs, world = recipe["config"]["envs"], recipe["world"]
             samples = build_split("train", int(envs["num"]), int(envs["seed"]),
                                   kinds=[k for k in envs["scenarios"].split(",") if k], complexity=envs["complexity"],
                                   world=world or None, sandbox=sandbox)
-        except (KeyError, TypeError, ValueError) as err:
-            raise TrainingError(f"{os.path.join(path, RECIPE_FILE)} does not say how its environments were built "
-                                f"({err!r}); it cannot be used to keep validation questions unseen") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise TrainingError(f"the recipe.json of {path} (or one it continues) does not say how its environments "
+                                f"were built ({err!r}); it cannot be used to keep validation questions unseen: pass "
+                                "--config.envs.validation_file") from None
         prompts |= {s.messages[0]["content"] for s in samples}
-        init = recipe["config"].get("init") or ""
-        path = policies.resolve(init) if init in policies.SHIPPED else init
+        recipe = recipe.get("init_recipe")
     return prompts
 
 

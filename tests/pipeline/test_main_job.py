@@ -287,13 +287,13 @@ def test_a_given_validation_file_is_balanced_and_loses_held_out_and_training_que
 
 def test_validation_never_asks_what_the_starting_policy_was_trained_on(tmp_path):
     """A policy made by experiments.pretrain names its data in recipe.json; those prompts are rebuilt and kept
-    out of validation, following `init` to the policy it continued."""
+    out of validation, with those of the policy it continued (its `init_recipe`)."""
     kinds = "single_hop,multi_hop"
-    for name, seed, init in (("parent", 11, ""), ("child", 12, str(tmp_path / "parent"))):
-        (tmp_path / name).mkdir()
-        recipe = {"world": TINY_WORLD, "config": {"init": init, "envs": {"num": 5, "seed": seed, "scenarios": kinds,
-                                                                         "complexity": "low"}}}
-        (tmp_path / name / "recipe.json").write_text(json.dumps(recipe))
+    parent = {"world": TINY_WORLD, "config": {"envs": {"num": 5, "seed": 11, "scenarios": kinds, "complexity": "low"}}}
+    child = {"world": TINY_WORLD, "config": {"envs": {"num": 5, "seed": 12, "scenarios": kinds, "complexity": "low"}},
+             "init": "/gone/parent", "init_recipe": parent}  # the parent's directory need not exist
+    (tmp_path / "child").mkdir()
+    (tmp_path / "child" / "recipe.json").write_text(json.dumps(child))
     c = micro_config(tmp_path)
     c.model.path, c.warmup.num_steps = str(tmp_path / "child"), 0
     with Sandbox() as sandbox:
