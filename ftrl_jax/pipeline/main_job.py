@@ -156,9 +156,9 @@ def check_config(config) -> None:
     if ec.select not in SELECT_CHOICES:
         raise TrainingError(f"config.eval.select={ec.select!r}; use one of {list(SELECT_CHOICES)}")
     if ec.select == "validation" and (ec.validation_envs <= 0 or ec.validation_every <= 0):
+        unset = " and ".join(f"eval.{k}={ec[k]}" for k in ("validation_envs", "validation_every") if ec[k] <= 0)
         raise TrainingError("config.eval.select='validation' picks the policy by its score on validation "
-                            f"environments, but eval.validation_envs={ec.validation_envs} and "
-                            f"eval.validation_every={ec.validation_every}: set both above 0 (for example "
+                            f"environments, but {unset}: set it above 0 (for example "
                             "--config.eval.validation_envs=128 --config.eval.validation_every=10)")
     if ec.validation_envs > 0 and ec.validation_every <= 0:
         raise TrainingError(f"config.eval.validation_envs={ec.validation_envs} validation environments would never "
@@ -166,7 +166,8 @@ def check_config(config) -> None:
                             "eval.validation_envs=0")
     if config.envs.validation_file and ec.validation_envs <= 0:
         raise TrainingError(f"config.envs.validation_file={config.envs.validation_file!r} is read only with "
-                            "eval.validation_envs > 0 (how many of its environments to score): set it")
+                            "eval.validation_envs > 0 (how many of its environments to score): set "
+                            "--config.eval.validation_envs=N, or leave envs.validation_file empty")
     if config.envs.validation_file and not os.path.exists(config.envs.validation_file):
         raise TrainingError(f"environment file {config.envs.validation_file!r} does not exist; pass a sample-format "
                             ".jsonl file, .parquet file or datasets save_to_disk directory, or leave "
@@ -597,7 +598,9 @@ def _validation_selection(config, workdir, model_config, tokenizer, mesh, envs, 
         return models.load_pretrained(directory, dtype=config.model.param_dtype, compute_dtype=config.model.dtype,
                                       shardings=parallel.checkpoint_sharding_fn(mesh))[1]
 
-    fingerprint = hashlib.sha256("".join(environment_key(s) for s in envs).encode()).hexdigest()[:16]
+    # The environments and the number asked for: a resumed run that asks for more is refused, not cut short.
+    keys = f"{ec.validation_envs}:" + "".join(environment_key(s) for s in envs)
+    fingerprint = hashlib.sha256(keys.encode()).hexdigest()[:16]
     try:
         selection = ValidationSelection(workdir, score, save, load, every=ec.validation_every,
                                         last_step=config.rl.num_steps, num_envs=len(envs), fingerprint=fingerprint,
@@ -1175,6 +1178,9 @@ def train_and_evaluate(config) -> dict[str, Any]:
         # Training-set figures come from the environments RL visits first (its prompts are drawn from them).
         train_subset = rl_envs[:max(0, config.eval.num_train_envs)]
         curve_envs = held_out[:max(0, config.eval.curve_envs)] if config.eval.curve_every > 0 else []
+        # Before the first evaluation: a resumed run whose validation settings changed is refused at once.
+        selection, validation_hook = _validation_selection(config, workdir, model_config, tokenizer, mesh,
+                                                           validation, sandbox, logger)
         before_file = os.path.join(workdir, "eval_before.json")
         if os.path.isfile(before_file):
             eval_before = _read_json(before_file)
@@ -1186,8 +1192,6 @@ def train_and_evaluate(config) -> dict[str, Any]:
         _curve_point(logger, 0, eval_before, len(curve_envs))
         print("eval before RL: " + ", ".join(f"{k}={eval_before[k]:.4f}" for k in EVAL_KEYS), flush=True)
 
-        selection, validation_hook = _validation_selection(config, workdir, model_config, tokenizer, mesh,
-                                                           validation, sandbox, logger)
         if validation_hook is not None:
             validation_hook(0, params)
         params = rl_train(config, workdir, model_config, params, tokenizer, mesh, rl_envs, sandbox, logger,

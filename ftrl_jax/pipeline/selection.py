@@ -69,11 +69,16 @@ class ValidationSelection:
         theirs = (saved.get("every"), saved.get("num_envs"), saved.get("fingerprint", ""))
         if theirs != mine:
             raise ValueError(f"{self.path} was written with every={theirs[0]}, num_envs={theirs[1]} and validation "
-                             f"environments {theirs[2] or '(unnamed)'}; this run has every={mine[0]}, "
-                             f"num_envs={mine[1]} and environments {mine[2] or '(unnamed)'}: resume with the run's "
-                             "own eval.validation_* settings and validation environments")
+                             f"fingerprint {theirs[2] or '(none)'}; this run has every={mine[0]}, num_envs={mine[1]} "
+                             f"and fingerprint {mine[2] or '(none)'} (a hash of the validation environments and "
+                             "settings): resume with the run's own eval.validation_* settings and validation "
+                             "environments")
         self.points = list(saved["points"])
         self.best_step = saved.get("best_step")
+        if self.keep_best and self.best_step is not None and not saved.get("best_dir"):
+            raise ValueError(f"{self.path} comes from a run that kept no best parameters (eval.select=last): resume "
+                             f"it with eval.select=last, or delete {self.path} to score its steps again from where "
+                             "it resumes")
         if saved.get("best_dir"):
             self.best_dir = os.path.join(self.workdir, saved["best_dir"])
             if self.keep_best and not os.path.isdir(self.best_dir):

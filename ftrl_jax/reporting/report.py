@@ -134,6 +134,8 @@ def selection_note(summary: Mapping[str, Any]) -> str:
         head = (f"After RL is the policy of step {summary.get('selected_step')} of {last}, the best greedy "
                 f"Solve-F1 on {validation.get('num_envs')} validation environments (training-side questions RL "
                 "never drew; the earliest of ties)")
+        if summary.get("selected_step") == 0:
+            head += ": the starting policy, so after equals before by construction"
     else:
         head = (f"After RL is the policy of the last step ({last}); greedy Solve-F1 on "
                 f"{validation.get('num_envs')} validation environments was best at step {validation.get('best_step')}")

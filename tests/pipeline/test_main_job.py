@@ -187,7 +187,7 @@ def test_config_errors_are_clear_before_anything_heavy(tmp_path):
     with pytest.raises(TrainingError, match="eval.select='best'; use one of.*validation"):
         check_config(c)
     c.eval.select = "validation"
-    with pytest.raises(TrainingError, match="eval.validation_envs=0 and eval.validation_every=10: set both"):
+    with pytest.raises(TrainingError, match="but eval.validation_envs=0: set it above 0"):
         check_config(c)
     c.eval.validation_envs = 4
     check_config(c)
@@ -252,6 +252,10 @@ def test_validation_selects_the_policy_that_is_evaluated_and_exported(tmp_path, 
     again = train_and_evaluate(c)
     assert again["validation"]["points"] == points and again["selected_step"] == 1
     assert again["eval_after"]["episodes"] == summary["eval_after"]["episodes"]
+    # Asking for more validation environments on resume is refused (the file holds 4), before any evaluation.
+    c.eval.validation_envs = 8
+    with pytest.raises(TrainingError, match="num_envs=4 and validation fingerprint"):
+        train_and_evaluate(c)
     # The last step's policy differs from the exported one: a run without selection exports another policy.
     c_last = micro_config(tmp_path / "last", num_steps=2)
     c_last.eval.num_samples, c_last.eval.num_train_envs, c_last.eval.curve_every = 0, 0, 0

@@ -78,6 +78,8 @@ def test_without_keep_best_only_the_step_is_recorded(tmp_path):
     with pytest.raises(RuntimeError, match="keep_best=False"):
         sel.best_params()
     assert _selection(tmp_path, {}, keep_best=False).best_step == 2
+    with pytest.raises(ValueError, match="kept no best parameters .*resume it with eval.select=last"):
+        _selection(tmp_path, {})  # resumed with keep_best: the best step's parameters were never written
 
 
 def test_a_step_scored_by_a_killed_run_is_scored_again(tmp_path):
@@ -100,9 +102,9 @@ def test_a_step_scored_by_a_killed_run_is_scored_again(tmp_path):
 def test_resuming_with_other_settings_and_bad_arguments_are_refused(tmp_path):
     sel = _selection(tmp_path, {0: 0.1}, fingerprint="abc")
     sel.on_step(0, np.zeros(1))
-    with pytest.raises(ValueError, match="every=2, num_envs=8 and validation environments abc.*every=3"):
+    with pytest.raises(ValueError, match="every=2, num_envs=8 and validation fingerprint abc.*every=3"):
         _selection(tmp_path, {0: 0.1}, every=3, fingerprint="abc")
-    with pytest.raises(ValueError, match="environments abc; this run has .* environments xyz"):
+    with pytest.raises(ValueError, match="fingerprint abc; this run has .* fingerprint xyz"):
         _selection(tmp_path, {0: 0.1}, fingerprint="xyz")
     (tmp_path / BEST_DIR / "step_0" / "params.npy").unlink()
     (tmp_path / BEST_DIR / "step_0").rmdir()

@@ -158,6 +158,10 @@ def test_the_report_says_which_step_after_rl_is_and_the_curve_draws_validation(t
     text = report.render_report(summary)
     assert "After RL is the policy of step 10 of 20, the best greedy Solve-F1 on 64 validation" in text
     assert "0: 10.00, 10: 25.00, 20: 20.00." in text and "step 10 of 20" in report.console_table(summary)
+    assert "after equals before" not in text
+    summary.update(selected_step=0)
+    assert "step 0 of 20" in report.render_report(summary) and "after equals before by construction" in (
+        report.render_report(summary))
     summary.update(select="last", selected_step=20)
     assert "the last step (20); greedy Solve-F1 on 64 validation environments was best at step 10" in (
         report.render_report(summary))
