@@ -240,9 +240,15 @@ def prepare_environments(config, workdir: str, sandbox: Sandbox) -> tuple[list[S
     return _read_split(train_file), _read_split(eval_file)
 
 
-def _question(sample: Sample) -> str:
-    """The question of a sample in FTRL's format (its first user message after "Question: ")."""
-    return sample.messages[0]["content"].rsplit("Question: ", 1)[-1]
+def _held_out_side(sample: Sample) -> bool:
+    """True for a procedurally built environment (data source `self/...`) whose question is on the held-out side
+    of `envs.splits`; the partition says nothing about other sources' questions."""
+    if not sample.data_source.startswith(PROCEDURAL_SOURCE_PREFIX):
+        return False
+    return splits.is_held_out(sample.messages[0]["content"].rsplit("Question: ", 1)[-1])
+
+
+PROCEDURAL_SOURCE_PREFIX = "self/"  # data_source of procedurally built environments (envs.stages.SCENARIO_KINDS)
 
 
 def policy_training_prompts(config, sandbox: Sandbox | None = None) -> set[str]:
@@ -275,8 +281,8 @@ def prepare_validation(config, workdir: str, train: Sequence[Sample], held_out: 
     Built: training-side environments (build seed `1000 * seed + 3`, `build_split("validation")`) whose prompt
     is none of the training or held-out environments' nor one the starting policy was trained on
     (`policy_training_prompts`), saved as WORKDIR/envs/validation.jsonl. Given (`envs.validation_file`):
-    its environments, where any with a held-out-side question or a prompt of the training or held-out
-    environments is reported and skipped; TrainingError when none is left."""
+    its environments, where any with a prompt of the training or held-out environments, or a procedural one
+    (`self/...`) with a held-out-side question, is reported and skipped; TrainingError when none is left."""
     num = config.eval.validation_envs
     if num <= 0:
         return []
@@ -292,7 +298,7 @@ def prepare_validation(config, workdir: str, train: Sequence[Sample], held_out: 
         log.info("validation environments ready in %.1fs (%d prompts excluded)", time.perf_counter() - started,
                  len(seen))
     samples = _read_split(path)
-    usable = [s for s in samples if s.messages[0]["content"] not in prompts and splits.is_training(_question(s))]
+    usable = [s for s in samples if s.messages[0]["content"] not in prompts and not _held_out_side(s)]
     if len(usable) < len(samples):
         log.warning("skipping %d of the %d validation environments in %s: their question is held out, or a "
                     "training or held-out environment's; validation must be training-side and disjoint from both",

@@ -284,6 +284,14 @@ def test_a_given_validation_file_is_balanced_and_loses_held_out_and_training_que
     assert "skipping 4 of the 8 validation environments" in caplog.text
     assert [s.data_source for s in got] == ["self/multi_hop", "self/single_hop"]
     assert {s.messages[0]["content"] for s in got} <= {s.messages[0]["content"] for s in fresh}
+    # A held-out question under another instruction: dropped from a procedural source, kept from another one
+    # (the partition is defined for procedural questions only).
+    question = held_out[0].messages[0]["content"].rsplit("Question: ", 1)[-1]
+    reworded = dataclasses.replace(held_out[0], messages=[{"role": "user", "content": "Answer. Question: " + question}])
+    external = dataclasses.replace(reworded, data_source="ext/single_hop")
+    write_samples(path, [reworded, external])
+    c.eval.validation_envs = 4
+    assert [s.data_source for s in prepare_validation(c, str(tmp_path), train, held_out, None)] == ["ext/single_hop"]
     write_samples(path, held_out)
     with pytest.raises(TrainingError, match="no validation environment in .* is training-side"):
         prepare_validation(c, str(tmp_path), train, held_out, None)
