@@ -561,6 +561,14 @@ def _curve_point(logger, step: int, result: dict[str, Any], num_envs: int) -> No
         logger.log(plots.CURVE_PHASE, step, {**{k: average.get(k, 0.0) for k in EVAL_KEYS}, "num_envs": num_envs})
 
 
+def _greedy_headline(config, model_config, params, tokenizer, mesh, envs, sandbox) -> dict[str, float]:
+    """Greedy Solve-P/R/F1 on `envs` averaged over scenario types, in [0, 1], with the wall time in `seconds`."""
+    policy = _policy(config, model_config, params, tokenizer, mesh, greedy=True, seed=0,
+                     max_new_tokens=config.eval.max_new_tokens)
+    report = evaluate(policy, envs, max_turns=config.eval.max_turns, sandbox=sandbox)
+    return {**{k: float(report.scenario_average.get(k, 0.0)) for k in EVAL_KEYS}, "seconds": report.seconds}
+
+
 def _curve_hook(config, model_config, tokenizer, mesh, envs, sandbox, logger):
     """`on_step(step, params)` for `rl_train`: greedy held-out Solve-P/R/F1 on `envs` after every
     `eval.curve_every` RL steps, logged as "eval_curve" records with their wall time; None when disabled.
@@ -572,12 +580,8 @@ def _curve_hook(config, model_config, tokenizer, mesh, envs, sandbox, logger):
     def on_step(step: int, params) -> None:
         if step % every or step >= config.rl.num_steps:
             return
-        policy = _policy(config, model_config, params, tokenizer, mesh, greedy=True, seed=0,
-                         max_new_tokens=config.eval.max_new_tokens)
-        report = evaluate(policy, envs, max_turns=config.eval.max_turns, sandbox=sandbox)
-        average = report.scenario_average
-        logger.log(plots.CURVE_PHASE, step, {**{k: average.get(k, 0.0) for k in EVAL_KEYS},
-                                             "num_envs": len(envs), "seconds": report.seconds})
+        figures = _greedy_headline(config, model_config, params, tokenizer, mesh, envs, sandbox)
+        logger.log(plots.CURVE_PHASE, step, {**figures, "num_envs": len(envs)})
 
     return on_step
 
@@ -592,10 +596,7 @@ def _validation_selection(config, workdir, model_config, tokenizer, mesh, envs, 
     ec = config.eval
 
     def score(step: int, params) -> dict[str, float]:
-        policy = _policy(config, model_config, params, tokenizer, mesh, greedy=True, seed=0,
-                         max_new_tokens=ec.max_new_tokens)
-        report = evaluate(policy, envs, max_turns=ec.max_turns, sandbox=sandbox)
-        return {**{k: float(report.scenario_average.get(k, 0.0)) for k in EVAL_KEYS}, "seconds": report.seconds}
+        return _greedy_headline(config, model_config, params, tokenizer, mesh, envs, sandbox)
 
     def save(params, directory: str) -> None:
         models.save_pretrained(model_config, params, directory)
