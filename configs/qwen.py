@@ -100,8 +100,9 @@ def _base() -> ml_collections.ConfigDict:
     # holds groups where greedy fails and a sample succeeds, and filler when too few are found; the greedy turns
     # run on a second decode copy of the weights)
     c.rl.prompt_filter = "none"
-    # Step mode: the n turns of a prompt share one copy of it in the log-prob passes and the update (the same
-    # update as n full rows, for a fraction of the tokens); prompts_per_step must then divide over the mesh.
+    # The n turns of a step-mode prompt, or the n episodes of a trajectory-mode environment, share one copy of the
+    # prompt (the episode's first prompt) in the log-prob passes and the update (the same update as n full rows,
+    # for a fraction of the tokens); prompts_per_step must then divide over the mesh.
     c.rl.shared_prompt = True
     c.rl.reward_kind = "f1"        # f1 | precision | rate | pr | f1_no_format_penalty
     # ftrl: FTRL's reward exactly (ftrl_jax/envs/ftrl_reward.py); strict: its flaws fixed; lenient: this

@@ -198,7 +198,7 @@ def check_config(config) -> None:
 
 
 def _shared_prompt(config) -> bool:
-    return config.rl.mode == "step" and bool(config.rl.get("shared_prompt", True))
+    return bool(config.rl.get("shared_prompt", True))
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -962,18 +962,16 @@ def _sample_trajectory_groups(config, policy, envs, sandbox) -> tuple[list[Any],
 
 
 def _trajectory_arrays(config, episodes, scores, tokenizer) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    arrays = rl_batch.pad_rows(rl_batch.trajectory_rows(episodes, tokenizer, config.model.template),
-                               _pad_id(tokenizer))
-    return arrays, _reward_stats(scores, config.rl.num_rollouts, rl_batch.response_lengths(arrays))
-
-
-def _trajectory_batch(config, model_config, state_params, tokenizer, mesh, envs, sandbox, seed):
-    """Whole-trajectory mode: n episodes per environment; reward = the episode's Solve-F1."""
-    policy = _policy(config, model_config, state_params, tokenizer, mesh, greedy=False, seed=seed,
-                     max_new_tokens=config.rollout.max_new_tokens)
-    episodes, scores = _sample_trajectory_groups(config, policy, envs, sandbox)
-    arrays, stats = _trajectory_arrays(config, episodes, scores, tokenizer)
-    return arrays, scores, stats
+    """The update's arrays for group-major whole episodes (with `rl.shared_prompt`, each environment's first
+    prompt stored once: `shared_prompt.trajectory_batch`), and the batch's reward statistics."""
+    rows = rl_batch.trajectory_rows(episodes, tokenizer, config.model.template)
+    if _shared_prompt(config):
+        arrays = shared_prompt.trajectory_batch(rows, config.rl.num_rollouts, _pad_id(tokenizer), prompt_multiple=256)
+        lengths = arrays[shared_prompt.RESPONSE_LOSS_MASK].sum(axis=-1)
+    else:
+        arrays = rl_batch.pad_rows(rows, _pad_id(tokenizer))
+        lengths = rl_batch.response_lengths(arrays)
+    return arrays, _reward_stats(scores, config.rl.num_rollouts, lengths)
 
 
 def _sampling_rounds(config) -> int:

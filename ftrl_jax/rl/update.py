@@ -9,8 +9,9 @@ Batch (all `[B, T]`, aligned so position t concerns `tokens[:, t]`):
   advantages                  per-token advantages (`rl.advantages.compute_advantages`)
 
 Or the shared-prompt layout of `ftrl_jax.rl.shared_prompt` (prompt_tokens/prompt_mask [U, P],
-response_tokens/response_mask and the per-token arrays [U, n, R]): n sampled turns per prompt, the prompt
-run once per group. `make_rl_step` takes either; the result is the same update.
+response_tokens/response_mask, the optional response_loss_mask and the per-token arrays [U, n, R]): n
+sampled turns per prompt, or n whole trajectories per environment, the prompt run once per group.
+`make_rl_step` takes either; the result is the same update.
 
 `make_rl_step` splits the batch into `num_minibatches` groups of rows and takes one optimizer
 update per group, in order (the later groups see the already-updated policy, which is what the
@@ -28,14 +29,14 @@ from jax.sharding import Mesh
 
 from ftrl_jax import models, parallel
 from ftrl_jax.rl.losses import LossConfig, aggregate_loss, loss_token_mask, rl_objective
-from ftrl_jax.rl.shared_prompt import SHARED_PROMPT_KEYS, response_logprobs
+from ftrl_jax.rl.shared_prompt import RESPONSE_LOSS_MASK, SHARED_PROMPT_KEYS, response_logprobs
 from ftrl_jax.training.sft import predicted_token_mask, require_keys, shifted_token_logprobs
 from ftrl_jax.training.train_state import (Batch, TrainState, abstract_state, accumulate_gradients, apply_gradients,
                                            split_batch, state_shardings)
 
 RL_BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "old_logprobs", "advantages")
 SHARED_PROMPT_BATCH_KEYS = SHARED_PROMPT_KEYS + ("old_logprobs", "advantages")
-OPTIONAL_BATCH_KEYS = ("ref_logprobs",)
+OPTIONAL_BATCH_KEYS = ("ref_logprobs", RESPONSE_LOSS_MASK)
 # Objective metrics that are masked token means; micro-batches combine them weighted by token count.
 TOKEN_MEAN_METRICS = ("pg_loss", "kl", "entropy", "clip_fraction", "dual_clip_fraction", "approx_kl")
 
@@ -103,9 +104,10 @@ def is_shared_prompt(batch: Batch) -> bool:
 
 def response_mask(batch: Batch) -> jax.Array:
     """Float mask of policy-generated, real tokens that have a log-prob (position 0 never does):
-    `[B, T]`, or `[U, n, R]` for a shared-prompt batch."""
+    `[B, T]`, or `[U, n, R]` for a shared-prompt batch (its `response_loss_mask` where it has one: whole
+    trajectories, whose responses also hold tool responses and template text)."""
     if is_shared_prompt(batch):
-        return batch["response_mask"].astype(jnp.float32)
+        return batch.get(RESPONSE_LOSS_MASK, batch["response_mask"]).astype(jnp.float32)
     return predicted_token_mask(batch["loss_mask"], batch["attention_mask"])
 
 

@@ -375,6 +375,27 @@ def test_oracle_prompt_source_collects_the_states_along_each_oracle_plan(tmp_pat
         check_config(c)
 
 
+def test_trajectory_mode_runs_and_its_shared_prefix_batch_gives_the_flat_update(tmp_path):
+    """Whole-trajectory RL end to end; each environment's first prompt stored once (rl.shared_prompt, the
+    default) gives the flat layout's losses for fewer tokens."""
+    runs = {}
+    for shared in (True, False):
+        c = micro_config(tmp_path / str(shared), num_steps=1)
+        c.rl.mode, c.rl.shared_prompt = "trajectory", shared
+        c.eval.num_samples = c.eval.num_train_envs = c.eval.curve_every = 0
+        train_and_evaluate(c)
+        with open(os.path.join(c.workdir, "metrics.jsonl")) as f:
+            runs[shared] = [row for row in map(json.loads, f) if row["phase"] == "rl"]
+    (got,), (want,) = runs[True], runs[False]
+    for name in ("reward_mean", "reward_std", "response_length", "response_tokens"):
+        assert got[name] == want[name], name
+    assert got["response_tokens"] > 0
+    for name in ("loss", "pg_loss", "kl", "entropy", "grad_norm"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-7, err_msg=name)
+    # The model ran each environment's first prompt once instead of once per episode.
+    assert got["tokens_per_sec"] * got["step_time"] < want["tokens_per_sec"] * want["step_time"]
+
+
 def test_greedy_fails_filter_runs_and_logs_what_it_rejected(tmp_path, monkeypatch):
     from ftrl_jax.pipeline import main_job
 

@@ -9,7 +9,7 @@ import pytest
 
 from ftrl_jax import models
 from ftrl_jax.rl.losses import LossConfig
-from ftrl_jax.rl.shared_prompt import response_logprobs, step_batch
+from ftrl_jax.rl.shared_prompt import RESPONSE_LOSS_MASK, response_logprobs, step_batch, trajectory_batch
 from ftrl_jax.rl.update import make_logprob_fn, make_rl_step, make_shared_prompt_logprob_fn
 from ftrl_jax.rollout.episodes import GeneratedTurn
 from ftrl_jax.training.train_state import create_train_state, shard_state
@@ -132,5 +132,112 @@ def test_rl_step_on_a_shared_prompt_batch_equals_the_flat_update(num_minibatches
     changes = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(init_params(CONFIG)))]
     assert max(changes) > 1e-3  # a real update
+    for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0)
+
+
+def _trajectories(seed=0):
+    """Two environments, N episodes each (group-major): a shared first prompt, then policy turns (loss 1)
+    alternating with tool responses (loss 0), of different lengths and numbers of turns."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for prompt_length in (7, 4):
+        prompt = rng.integers(1, 256, size=prompt_length).tolist()
+        for _ in range(N):
+            ids, mask = list(prompt), [0] * prompt_length
+            for _ in range(int(rng.integers(1, 4))):
+                turn = rng.integers(1, 256, size=int(rng.integers(1, 5))).tolist()
+                tool = rng.integers(1, 256, size=int(rng.integers(1, 4))).tolist()
+                ids, mask = ids + turn + tool, mask + [1] * len(turn) + [0] * len(tool)
+            rows.append((np.asarray(ids, np.int32), np.asarray(mask, np.int32)))
+    return rows
+
+
+def _flat_rows(rows):
+    length = max(len(ids) for ids, _ in rows)
+    out = {k: np.zeros((len(rows), length), np.int32) for k in ("tokens", "attention_mask", "loss_mask")}
+    for i, (ids, mask) in enumerate(rows):
+        out["tokens"][i, :len(ids)], out["attention_mask"][i, :len(ids)], out["loss_mask"][i, :len(ids)] = ids, 1, mask
+    return out
+
+
+def test_trajectory_batch_layout_and_errors():
+    rows = _trajectories()
+    batch = trajectory_batch(rows, N, pad_id=0, multiple=8)
+    assert batch["prompt_mask"].sum(axis=1).tolist() == [7, 4]  # the first prompt, stored once per group
+    assert batch["prompt_tokens"][0, -7:].tolist() == rows[0][0][:7].tolist()
+    for i, (ids, mask) in enumerate(rows):
+        g, k, start = i // N, i % N, (7, 4)[i // N]
+        rest = len(ids) - start
+        assert batch["response_tokens"][g, k, :rest].tolist() == ids[start:].tolist()
+        assert batch["response_mask"][g, k].tolist() == [1] * rest + [0] * (batch["response_mask"].shape[2] - rest)
+        assert batch[RESPONSE_LOSS_MASK][g, k, :rest].tolist() == mask[start:].tolist()
+    assert batch[RESPONSE_LOSS_MASK].sum() == sum(int(m.sum()) for _, m in rows)
+    # A group whose episodes agree past the first prompt shares only up to the first policy token.
+    same = [rows[0]] * N + rows[N:]
+    assert trajectory_batch(same, N, pad_id=0, multiple=8)["prompt_mask"].sum(axis=1).tolist() == [7, 4]
+    with pytest.raises(ValueError, match="groups of 4"):
+        trajectory_batch(rows, 4, pad_id=0)
+    with pytest.raises(ValueError, match="share no first prompt"):
+        trajectory_batch([rows[0], (rows[1][0] + 1, rows[1][1]), rows[2]] + rows[N:], N, pad_id=0)
+    with pytest.raises(ValueError, match="no policy token"):
+        trajectory_batch([(rows[0][0], np.zeros_like(rows[0][1]))] + rows[1:], N, pad_id=0)
+
+
+@pytest.mark.parametrize("num_minibatches", [1, 2])
+def test_rl_step_on_shared_prefix_trajectories_equals_the_flat_update(num_minibatches):
+    rows = _trajectories(1)
+    shared = trajectory_batch(rows, N, pad_id=0, multiple=8)
+    flat = _flat_rows(rows)
+    mesh = one_device_mesh()
+    params0 = init_params(CONFIG)
+    # Log-probs: the shared pass equals the flat one at every response position.
+    shared_lp = np.asarray(make_shared_prompt_logprob_fn(CONFIG, mesh, chunk_size=4, compiler_options=FAST_COMPILE)(
+        params0, *(jnp.asarray(shared[k]) for k in ("prompt_tokens", "prompt_mask", "response_tokens",
+                                                      "response_mask"))))
+    flat_lp = np.asarray(make_logprob_fn(CONFIG, mesh, chunk_size=4, compiler_options=FAST_COMPILE)(
+        params0, jnp.asarray(flat["tokens"]), jnp.asarray(flat["attention_mask"])))
+    starts = [(7, 4)[i // N] for i in range(len(rows))]
+    for i, (ids, _) in enumerate(rows):
+        np.testing.assert_allclose(shared_lp[i // N, i % N, :len(ids) - starts[i]], flat_lp[i, starts[i]:len(ids)],
+                                   atol=2e-5)
+    rng = np.random.default_rng(3)
+    loss_mask = shared[RESPONSE_LOSS_MASK].astype(np.float32)
+    old = rng.normal(-3.0, 0.3, size=loss_mask.shape) * loss_mask
+    ref = old + rng.normal(0, 0.1, size=loss_mask.shape) * loss_mask
+    adv = np.repeat(rng.normal(size=(len(rows), 1)), loss_mask.shape[2], axis=1).reshape(loss_mask.shape) * loss_mask
+
+    def to_flat(values):
+        out = np.zeros(flat["tokens"].shape, np.float32)
+        for i, (ids, _) in enumerate(rows):
+            out[i, starts[i]:len(ids)] = values[i // N, i % N, :len(ids) - starts[i]]
+        return out
+
+    shared_batch = {k: jnp.asarray(v) for k, v in shared.items()}
+    shared_batch.update(old_logprobs=jnp.asarray(old, jnp.float32), ref_logprobs=jnp.asarray(ref, jnp.float32),
+                        advantages=jnp.asarray(adv, jnp.float32))
+    flat_batch = {k: jnp.asarray(v) for k, v in flat.items()}
+    flat_batch.update(old_logprobs=jnp.asarray(to_flat(old)), ref_logprobs=jnp.asarray(to_flat(ref)),
+                      advantages=jnp.asarray(to_flat(adv)))
+    optimizer = optax.sgd(0.5)
+
+    def fresh_state():
+        return shard_state(create_train_state(jax.tree.map(jnp.copy, params0), optimizer), mesh)
+
+    got_state, got = make_rl_step(CONFIG, optimizer, mesh, LOSS, num_minibatches=num_minibatches, chunk_size=4,
+                                  compiler_options=FAST_COMPILE)(fresh_state(), shared_batch)
+    flat_step = make_rl_step(CONFIG, optimizer, mesh, LOSS, chunk_size=4, compiler_options=FAST_COMPILE)
+    want_state = fresh_state()
+    for rows_of_update in ([np.arange(len(rows))] if num_minibatches == 1
+                           else [np.arange(g * N, (g + 1) * N) for g in range(2)]):
+        want_state, want = flat_step(want_state, {k: v[rows_of_update] for k, v in flat_batch.items()})
+    if num_minibatches == 1:
+        for name in ("loss", "pg_loss", "kl", "entropy"):
+            np.testing.assert_allclose(float(got[name]), float(want[name]), rtol=1e-4, atol=1e-6, err_msg=name)
+        # Only the policy's tokens count: tool responses inside the response are attended to, not trained on.
+        assert float(got["response_tokens"]) == float(want["response_tokens"]) == loss_mask.sum()
+    changes = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(params0))]
+    assert max(changes) > 1e-3
     for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0)
