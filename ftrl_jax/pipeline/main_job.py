@@ -1114,8 +1114,10 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
         state, metrics = step_fn(state, batch)
         _finite_loss(metrics, "RL", step, ckpt.directory, "rl.learning_rate")
         dt = time.perf_counter() - t0
-        # Tokens the model ran (a shared prompt counts once).
+        # Tokens the model ran (a shared prompt counts once), and with their padding (the arrays' size).
         tokens = float(sum(arrays[k].sum() for k in ("attention_mask", "prompt_mask", "response_mask") if k in arrays))
+        stats["padded_tokens"] = float(sum(arrays[k].size for k in ("tokens", "prompt_tokens", "response_tokens")
+                                           if k in arrays))
         # The rate of this step's last update (state.step counts updates done).
         logger.log("rl", step + 1, {**metrics, **stats, "step_time": dt, "sample_time": t_sample,
                                     "tokens_per_sec": tokens / dt, "learning_rate": float(lr_at(int(state.step) - 1))})

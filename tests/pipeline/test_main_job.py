@@ -98,7 +98,7 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
     assert curve[2]["solve_f1"] == _first_envs_f1(summary["eval_after"], 2)
     assert [l["step"] for l in rl] == [1, 2, 3, 4]
     assert {"reward_mean", "reward_std", "groups_mixed", "reward_positive", "kl", "entropy", "clip_fraction",
-            "grad_norm", "response_length", "tokens_per_sec", "step_time"} <= rl[0].keys()
+            "grad_norm", "response_length", "tokens_per_sec", "padded_tokens", "step_time"} <= rl[0].keys()
     assert os.listdir(tmp_path / "straight" / "tb")
     assert (tmp_path / "straight" / "export" / "tokenizer.json").is_file()
     # Starting again without resume=True refuses to overwrite the run.
@@ -394,6 +394,7 @@ def test_trajectory_mode_runs_and_its_shared_prefix_batch_gives_the_flat_update(
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-7, err_msg=name)
     # The model ran each environment's first prompt once instead of once per episode.
     assert got["tokens_per_sec"] * got["step_time"] < want["tokens_per_sec"] * want["step_time"]
+    assert got["padded_tokens"] < want["padded_tokens"]
 
 
 def test_greedy_fails_filter_runs_and_logs_what_it_rejected(tmp_path, monkeypatch):
