@@ -7,14 +7,15 @@ layout (`rl.shared_prompt.trajectory_batch`, the main job's default) runs each f
 each episode (policy turns, tool responses) as its response: U x P + U x n x R tokens. Both give the same
 update (`tests/rl/test_shared_prompt.py`).
 
-The episodes here are synthetic, shaped like the tiny world's: a first prompt of `--prompt_len` tokens per
-environment, then `--turns` policy turns of `--turn_len` tokens, each followed by a tool response of
+The episodes here are synthetic, shaped like the tiny worlds' (the pool-8 world's first prompts average 316
+tokens, 242-470; an episode of the shipped policy averages 3.5 turns of about 33 policy tokens): a first prompt
+of `--prompt_len` tokens per environment, then `--turns` policy turns of `--turn_len` tokens, each followed by a tool response of
 `--tool_len` tokens; each episode's number of turns is drawn uniformly from 1 to `--turns`. Both layouts run in
 this process, one after the other, on the same rows: the old-log-prob pass (the reference pass costs the same)
 and the jitted update (GRPO's clipped loss with KL), each compiled first, then timed (median of `--steps`).
 
-    python -m benchmarks.bench_rl_batch [--groups=16] [--group_size=8] [--prompt_len=480] [--turns=6]
-        [--turn_len=40] [--tool_len=40] [--steps=2]
+    python -m benchmarks.bench_rl_batch [--groups=16] [--group_size=8] [--prompt_len=320] [--turns=6]
+        [--turn_len=32] [--tool_len=44] [--steps=2]
 """
 
 from __future__ import annotations
@@ -110,12 +111,12 @@ def define_flags(fv: flags.FlagValues) -> None:
                         "tiny default).", flag_values=fv)
     flags.DEFINE_integer("groups", 16, "Environments per step (rl.prompts_per_step).", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("group_size", 8, "Episodes per environment (rl.num_rollouts).", lower_bound=1, flag_values=fv)
-    flags.DEFINE_integer("prompt_len", 480, "Tokens of each environment's first prompt.", lower_bound=1,
+    flags.DEFINE_integer("prompt_len", 320, "Tokens of each environment's first prompt.", lower_bound=1,
                          flag_values=fv)
     flags.DEFINE_integer("turns", 6, "Most policy turns per episode (rollout.max_turns).", lower_bound=1,
                          flag_values=fv)
-    flags.DEFINE_integer("turn_len", 40, "Tokens per policy turn.", lower_bound=1, flag_values=fv)
-    flags.DEFINE_integer("tool_len", 40, "Tokens per tool response (and template text).", lower_bound=0,
+    flags.DEFINE_integer("turn_len", 32, "Tokens per policy turn.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("tool_len", 44, "Tokens per tool response (and template text).", lower_bound=0,
                          flag_values=fv)
     flags.DEFINE_integer("steps", 2, "Timed calls per pass (the median is reported).", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("chunk_size", 128, "Sequence chunk of the log-prob computation.", lower_bound=1,
