@@ -9,13 +9,15 @@ update (`tests/rl/test_shared_prompt.py`).
 
 The episodes here are synthetic, shaped like the tiny worlds' (the pool-8 world's first prompts average 316
 tokens, 242-470; an episode of the shipped policy averages 3.5 turns of about 33 policy tokens): a first prompt
-of `--prompt_len` tokens per environment, then `--turns` policy turns of `--turn_len` tokens, each followed by a tool response of
-`--tool_len` tokens; each episode's number of turns is drawn uniformly from 1 to `--turns`. Both layouts run in
-this process, one after the other, on the same rows: the old-log-prob pass (the reference pass costs the same)
-and the jitted update (GRPO's clipped loss with KL), each compiled first, then timed (median of `--steps`).
+of `--prompt_len` tokens per environment, then `--turns` policy turns of `--turn_len` tokens, each followed by a
+tool response of `--tool_len` tokens; each episode's number of turns is drawn uniformly from 1 to `--turns`.
+Both layouts run in this process on the same rows: the old-log-prob pass (the reference pass costs the same)
+and the jitted update (GRPO's clipped loss with KL, each call from the same starting state), each compiled
+first, then timed `--steps` times, the two layouts' calls interleaved in alternating order so that a change in
+machine load hits both; the medians are reported.
 
     python -m benchmarks.bench_rl_batch [--groups=16] [--group_size=8] [--prompt_len=320] [--turns=6]
-        [--turn_len=32] [--tool_len=44] [--steps=2]
+        [--turn_len=32] [--tool_len=44] [--steps=3]
 """
 
 from __future__ import annotations
@@ -55,52 +57,47 @@ def synthetic_trajectories(args: flags.FlagValues, vocab_size: int) -> list[tupl
     return rows
 
 
-def _timed(fn, steps: int) -> tuple[float, float, object]:
-    """(first call incl. compile, median of `steps` later calls, last result) in seconds."""
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return first, float(np.median(times)), out
-
-
-def bench_layout(layout: str, rows, config: models.ModelConfig, mesh, args: flags.FlagValues) -> dict:
+def prepare_layout(layout: str, rows, config: models.ModelConfig, mesh, args: flags.FlagValues) -> dict:
+    """Builds one layout's batch, compiles its old-log-prob pass and update (one call each, timed together as
+    `compile_s`), and returns them with the batch's sizes."""
     if layout == "flat":
         arrays = rl_batch.pad_rows(rows, pad_id=0)
         fn = make_logprob_fn(config, mesh, chunk_size=args.chunk_size)
         logprobs = lambda p, b: fn(p, b["tokens"], b["attention_mask"])  # noqa: E731
-        tokens = arrays["tokens"].size
+        tokens, policy_tokens = arrays["tokens"].size, int(arrays["loss_mask"].sum())
     else:
         arrays = trajectory_batch(rows, args.group_size, pad_id=0, prompt_multiple=256)
         fn = make_shared_prompt_logprob_fn(config, mesh, chunk_size=args.chunk_size)
         logprobs = lambda p, b: fn(p, *(b[k] for k in SHARED_PROMPT_KEYS))  # noqa: E731
         tokens = arrays["prompt_tokens"].size + arrays["response_tokens"].size
+        policy_tokens = int(arrays[RESPONSE_LOSS_MASK].sum())
     optimizer = make_optimizer(2e-4)
     params = jax.jit(models.init_params, static_argnums=0)(config, jax.random.PRNGKey(0))
     batch = {k: jnp.asarray(v) for k, v in arrays.items()}
-    compile_lp, lp_s, old = _timed(lambda: logprobs(params, batch), args.steps)
+    start = time.perf_counter()
+    old = jax.block_until_ready(logprobs(params, batch))
     mask = response_mask(batch)
-    rng = np.random.default_rng(1)
-    advantages = jnp.asarray(rng.normal(size=(len(rows), 1)), jnp.float32)
+    advantages = jnp.asarray(np.random.default_rng(1).normal(size=(len(rows), 1)), jnp.float32)
     per_token = jnp.broadcast_to(advantages, (len(rows), mask.size // len(rows))).reshape(mask.shape)
     batch.update(old_logprobs=old, ref_logprobs=old, advantages=per_token * mask)
     step = make_rl_step(config, optimizer, mesh, LossConfig(kl_coef=0.01), chunk_size=args.chunk_size, remat=False)
-    state = {"s": shard_state(create_train_state(params, optimizer), mesh)}
+    # Every update starts from a fresh copy of the same state (the step donates its input), so each timed call
+    # does the same work; the copy is made outside the timed call.
+    fresh = lambda: shard_state(create_train_state(jax.tree.map(jnp.copy, params), optimizer), mesh)  # noqa: E731
+    _, metrics = jax.block_until_ready(step(fresh(), batch))
+    return {"layout": layout, "tokens": tokens, "policy_tokens": policy_tokens,
+            "shape": {k: v.shape for k, v in arrays.items() if k in ("tokens", "prompt_tokens", "response_tokens")},
+            "compile_s": time.perf_counter() - start, "loss": float(metrics["loss"]),
+            "logprob": lambda: (lambda: logprobs(params, batch)),
+            "update": lambda: (lambda state=jax.block_until_ready(fresh()): step(state, batch))}
 
-    def update():
-        state["s"], metrics = step(state["s"], batch)
-        return metrics
 
-    compile_up, up_s, metrics = _timed(update, args.steps)
-    policy_tokens = int(batch[RESPONSE_LOSS_MASK].sum()) if layout == "shared" else int(arrays["loss_mask"].sum())
-    return {"layout": layout, "tokens": tokens, "policy_tokens": policy_tokens, "shape": {k: v.shape for k, v in
-            arrays.items() if k in ("tokens", "prompt_tokens", "response_tokens")},
-            "compile_s": compile_lp + compile_up - lp_s - up_s, "logprob_s": lp_s, "update_s": up_s,
-            "loss": float(metrics["loss"])}
+def _seconds(make) -> float:
+    """Seconds of one call of `make()`'s result (whatever `make` prepares is not timed)."""
+    fn = make()
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -118,7 +115,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("turn_len", 32, "Tokens per policy turn.", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("tool_len", 44, "Tokens per tool response (and template text).", lower_bound=0,
                          flag_values=fv)
-    flags.DEFINE_integer("steps", 2, "Timed calls per pass (the median is reported).", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("steps", 3, "Timed calls per pass and layout (the median is reported).", lower_bound=1,
+                         flag_values=fv)
     flags.DEFINE_integer("chunk_size", 128, "Sequence chunk of the log-prob computation.", lower_bound=1,
                          flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the synthetic episodes.", flag_values=fv)
@@ -135,18 +133,25 @@ def main(argv: Sequence[str]) -> int:
     lengths = [len(ids) for ids, _ in rows]
     print(f"{args.preset} ({config.num_params / 1e6:.2f}M parameters); {args.groups} environments x "
           f"{args.group_size} episodes; episode length {min(lengths)}-{max(lengths)} tokens (mean "
-          f"{np.mean(lengths):.0f}, first prompt {args.prompt_len}); median of {args.steps} calls after compiling\n")
-    print("| layout | arrays | tokens run (padded) | old log-prob pass (s) | update (s) | pass + update (s) "
-          "| speed-up | compile (s) | loss |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"{np.mean(lengths):.0f}, first prompt {args.prompt_len}); median of {args.steps} calls per layout after "
+          "compiling, interleaved\n")
+    print("| layout | arrays | tokens run (padded) | policy tokens | old log-prob pass (s) | update (s) "
+          "| pass + update (s) | speed-up | compile + first calls (s) | loss |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    mesh = parallel.make_mesh(data=1)
+    layouts = [prepare_layout(layout, rows, config, mesh, args) for layout in ("flat", "shared")]
+    times = {r["layout"]: {"logprob": [], "update": []} for r in layouts}
+    for call in range(args.steps):  # interleaved, the order alternating, so a change in load hits both layouts
+        for r in (layouts if call % 2 == 0 else layouts[::-1]):
+            for part in ("logprob", "update"):
+                times[r["layout"]][part].append(_seconds(r[part]))
     base = None
-    for layout in ("flat", "shared"):
-        r = bench_layout(layout, rows, config, parallel.make_mesh(data=1), args)
-        total = r["logprob_s"] + r["update_s"]
-        base = base or total
+    for r in layouts:
+        lp, up = (float(np.median(times[r["layout"]][part])) for part in ("logprob", "update"))
+        base = base or lp + up
         shapes = ", ".join(f"{k} {list(v)}" for k, v in r["shape"].items())
-        print(f"| {layout} | {shapes} | {r['tokens']:,} | {r['logprob_s']:.2f} | {r['update_s']:.2f} | {total:.2f} "
-              f"| {base / total:.2f}x | {r['compile_s']:.1f} | {r['loss']:.5f} |", flush=True)
+        print(f"| {r['layout']} | {shapes} | {r['tokens']:,} | {r['policy_tokens']:,} | {lp:.2f} | {up:.2f} "
+              f"| {lp + up:.2f} | {base / (lp + up):.2f}x | {r['compile_s']:.1f} | {r['loss']:.5f} |", flush=True)
     return 0
 
 

@@ -102,7 +102,7 @@ def _base() -> ml_collections.ConfigDict:
     c.rl.prompt_filter = "none"
     # The n turns of a step-mode prompt, or the n episodes of a trajectory-mode environment, share one copy of the
     # prompt (the episode's first prompt) in the log-prob passes and the update (the same update as n full rows,
-    # for a fraction of the tokens); prompts_per_step must then divide over the mesh.
+    # for a fraction of the tokens); prompts_per_step must then divide into mini-batches x micro-batches x mesh rows.
     c.rl.shared_prompt = True
     c.rl.reward_kind = "f1"        # f1 | precision | rate | pr | f1_no_format_penalty
     # ftrl: FTRL's reward exactly (ftrl_jax/envs/ftrl_reward.py); strict: its flaws fixed; lenient: this

@@ -186,7 +186,8 @@ def check_config(config) -> None:
             f"--config.mesh.data/fsdp/tensor so the product is {jax.device_count()}")
     rows_per_shard = config.mesh.data * config.mesh.fsdp
     if _shared_prompt(config):  # the batch's leading axis is one group (prompt) per row
-        rl_what, rl_rows = "rl.prompts_per_step (rl.shared_prompt groups)", config.rl.prompts_per_step
+        rl_what, rl_rows = ("rl.prompts_per_step (rl.shared_prompt groups; --config.rl.shared_prompt=False splits "
+                            "rl.prompts_per_step x rl.num_rollouts rows instead)", config.rl.prompts_per_step)
     else:
         rl_what, rl_rows = "rl.prompts_per_step x rl.num_rollouts", config.rl.prompts_per_step * config.rl.num_rollouts
     for what, rows, split in ((rl_what, rl_rows,

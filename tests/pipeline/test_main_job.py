@@ -375,13 +375,23 @@ def test_oracle_prompt_source_collects_the_states_along_each_oracle_plan(tmp_pat
         check_config(c)
 
 
-def test_trajectory_mode_runs_and_its_shared_prefix_batch_gives_the_flat_update(tmp_path):
+def test_trajectory_mode_runs_and_its_shared_prefix_batch_gives_the_flat_update(tmp_path, monkeypatch):
     """Whole-trajectory RL end to end; each environment's first prompt stored once (rl.shared_prompt, the
     default) gives the flat layout's losses for fewer tokens."""
+    real = main_job._sample_trajectory_groups
+
+    def contrasting(config, policy, envs, sandbox):
+        # Real episodes; rewards that differ within each group (a micro model solves nothing), so the policy
+        # gradient, not only the entropy and KL terms, is compared.
+        episodes, scores = real(config, policy, envs, sandbox)
+        return episodes, np.arange(len(scores), dtype=np.float32) % 3 / 2
+
+    monkeypatch.setattr(main_job, "_sample_trajectory_groups", contrasting)
     runs = {}
     for shared in (True, False):
         c = micro_config(tmp_path / str(shared), num_steps=1)
         c.rl.mode, c.rl.shared_prompt = "trajectory", shared
+        c.rl.entropy_coef = 0.0  # the gradient is then the policy gradient's alone (KL's is 0 at the first update)
         c.eval.num_samples = c.eval.num_train_envs = c.eval.curve_every = 0
         train_and_evaluate(c)
         with open(os.path.join(c.workdir, "metrics.jsonl")) as f:
@@ -389,7 +399,7 @@ def test_trajectory_mode_runs_and_its_shared_prefix_batch_gives_the_flat_update(
     (got,), (want,) = runs[True], runs[False]
     for name in ("reward_mean", "reward_std", "response_length", "response_tokens"):
         assert got[name] == want[name], name
-    assert got["response_tokens"] > 0
+    assert got["response_tokens"] > 0 and got["groups_mixed"] == 1.0 and got["grad_norm"] > 1e-3
     for name in ("loss", "pg_loss", "kl", "entropy", "grad_norm"):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-7, err_msg=name)
     # The model ran each environment's first prompt once instead of once per episode.
