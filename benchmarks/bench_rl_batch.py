@@ -104,8 +104,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     from ftrl_jax.models.config import PRESETS
 
     flags.DEFINE_enum("preset", "tiny", list(PRESETS), "Model preset.", flag_values=fv)
-    flags.DEFINE_string("overrides", "num_kv_heads=4", "ModelConfig fields replaced on the preset (the main job's "
-                        "tiny default).", flag_values=fv)
+    flags.DEFINE_string("overrides", "num_kv_heads=4", "Integer ModelConfig fields replaced on the preset (the main "
+                        "job's config.model.overrides for tiny).", flag_values=fv)
     flags.DEFINE_integer("groups", 16, "Environments per step (rl.prompts_per_step).", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("group_size", 8, "Episodes per environment (rl.num_rollouts).", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("prompt_len", 320, "Tokens of each environment's first prompt.", lower_bound=1,
@@ -127,8 +127,17 @@ def main(argv: Sequence[str]) -> int:
         args = cli.parse(argv, define_flags, __doc__)
     except cli.UsageError as exc:
         return cli.fail(exc)
-    overrides = dict(item.split("=") for item in args.overrides.split(",") if item)
-    config = models.preset(args.preset, **{k: int(v) for k, v in overrides.items()})
+    try:
+        overrides = {}
+        for item in filter(None, args.overrides.split(",")):
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"{item!r} is not NAME=VALUE")
+            overrides[name] = int(value)
+        config = models.preset(args.preset, **overrides)
+    except (ValueError, TypeError) as exc:
+        return cli.fail(cli.UsageError(f"--overrides={args.overrides}: {exc} (integer ModelConfig fields, e.g. "
+                                       "num_kv_heads=4,num_layers=2)"))
     rows = synthetic_trajectories(args, config.vocab_size)
     lengths = [len(ids) for ids, _ in rows]
     print(f"{args.preset} ({config.num_params / 1e6:.2f}M parameters); {args.groups} environments x "
