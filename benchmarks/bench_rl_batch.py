@@ -88,15 +88,15 @@ def prepare_layout(layout: str, rows, config: models.ModelConfig, mesh, args: fl
     return {"layout": layout, "tokens": tokens, "policy_tokens": policy_tokens,
             "shape": {k: v.shape for k, v in arrays.items() if k in ("tokens", "prompt_tokens", "response_tokens")},
             "compile_s": time.perf_counter() - start, "loss": float(metrics["loss"]),
-            "logprob": lambda: (lambda: logprobs(params, batch)),
-            "update": lambda: (lambda state=jax.block_until_ready(fresh()): step(state, batch))}
+            # (prepare, run) per timed part: `run(prepare())` is timed, `prepare()` is not.
+            "logprob": (lambda: params, lambda p: logprobs(p, batch)), "update": (fresh, lambda s: step(s, batch))}
 
 
-def _seconds(make) -> float:
-    """Seconds of one call of `make()`'s result (whatever `make` prepares is not timed)."""
-    fn = make()
+def _seconds(prepare, run) -> float:
+    """Seconds of one `run(prepare())`, the preparation not counted."""
+    arg = jax.block_until_ready(prepare())
     start = time.perf_counter()
-    jax.block_until_ready(fn())
+    jax.block_until_ready(run(arg))
     return time.perf_counter() - start
 
 
@@ -153,7 +153,7 @@ def main(argv: Sequence[str]) -> int:
     for call in range(args.steps):  # interleaved, the order alternating, so a change in load hits both layouts
         for r in (layouts if call % 2 == 0 else layouts[::-1]):
             for part in ("logprob", "update"):
-                times[r["layout"]][part].append(_seconds(r[part]))
+                times[r["layout"]][part].append(_seconds(*r[part]))
     base = None
     for r in layouts:
         lp, up = (float(np.median(times[r["layout"]][part])) for part in ("logprob", "update"))

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from ftrl_jax import models
+from ftrl_jax.rl.batch import pad_rows
 from ftrl_jax.rl.losses import LossConfig
 from ftrl_jax.rl.shared_prompt import RESPONSE_LOSS_MASK, response_logprobs, step_batch, trajectory_batch
 from ftrl_jax.rl.update import make_logprob_fn, make_rl_step, make_shared_prompt_logprob_fn
@@ -153,14 +154,6 @@ def _trajectories(seed=0):
     return rows
 
 
-def _flat_rows(rows):
-    length = max(len(ids) for ids, _ in rows)
-    out = {k: np.zeros((len(rows), length), np.int32) for k in ("tokens", "attention_mask", "loss_mask")}
-    for i, (ids, mask) in enumerate(rows):
-        out["tokens"][i, :len(ids)], out["attention_mask"][i, :len(ids)], out["loss_mask"][i, :len(ids)] = ids, 1, mask
-    return out
-
-
 def test_trajectory_batch_layout_and_errors():
     rows = _trajectories()
     batch = trajectory_batch(rows, N, pad_id=0, multiple=8)
@@ -188,7 +181,7 @@ def test_trajectory_batch_layout_and_errors():
 def test_rl_step_on_shared_prefix_trajectories_equals_the_flat_update(num_minibatches):
     rows = _trajectories(1)
     shared = trajectory_batch(rows, N, pad_id=0, multiple=8)
-    flat = _flat_rows(rows)
+    flat = pad_rows(rows, pad_id=0, multiple=1)  # the flat layout, unbucketed
     mesh = one_device_mesh()
     params0 = init_params(CONFIG)
     # Log-probs: the shared pass equals the flat one at every response position.
