@@ -57,7 +57,7 @@ from ftrl_jax.training.metrics import MetricsLogger
 from ftrl_jax.training.optim import (SCHEDULES, TRAINABLE_ALL, TRAINABLE_PRESETS, make_optimizer, make_schedule,
                                     num_trainable)
 from ftrl_jax.rl import batch as rl_batch
-from ftrl_jax.rl.advantages import (RFT_ESTIMATOR, compute_advantages, group_signal,
+from ftrl_jax.rl.advantages import (RFT_ESTIMATOR, compute_advantages, estimator_needs_groups, group_signal,
                                     registered_advantage_estimators)
 from ftrl_jax.rl.dynamic_sampling import GroupCollector, informative_groups
 from ftrl_jax.rl.losses import LossConfig, registered_aggregations
@@ -105,6 +105,14 @@ def check_config(config) -> None:
     if config.rl.algorithm not in registered_advantage_estimators():
         raise TrainingError(f"config.rl.algorithm={config.rl.algorithm!r}; registered: "
                             f"{', '.join(registered_advantage_estimators())}")
+    if config.rl.num_rollouts < 1 or config.rl.prompts_per_step < 1:
+        raise TrainingError(f"config.rl.num_rollouts={config.rl.num_rollouts} and config.rl.prompts_per_step="
+                            f"{config.rl.prompts_per_step} must both be at least 1")
+    if config.rl.num_rollouts == 1 and estimator_needs_groups(config.rl.algorithm):
+        raise TrainingError(f"config.rl.algorithm={config.rl.algorithm!r} takes its baseline from the other rollouts "
+                            "of a prompt, so with config.rl.num_rollouts=1 every advantage is 0 and RL learns "
+                            "nothing: set --config.rl.num_rollouts=N with N >= 2 (FTRL: 8), or use an estimator "
+                            "without groups (reinforce_pp, rft)")
     if config.rl.reward_kind not in rewards.REWARD_KINDS:
         raise TrainingError(f"config.rl.reward_kind={config.rl.reward_kind!r}; use one of {sorted(rewards.REWARD_KINDS)}")
     if config.rl.reward_semantics not in rewards.REWARD_SEMANTICS:

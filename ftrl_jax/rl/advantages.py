@@ -58,6 +58,16 @@ def registered_advantage_estimators() -> tuple[str, ...]:
     return tuple(sorted(_ESTIMATORS))
 
 
+def estimator_needs_groups(name: str) -> bool:
+    """Whether the registered estimator `name` forms its baseline from the other samples of a prompt's group
+    (GRPO, Dr.GRPO, RLOO): such an estimator gives every sequence of a group of one advantage 0, so it learns
+    nothing with one rollout per prompt. Raises KeyError for an unregistered name."""
+    if name not in _ESTIMATORS:
+        raise KeyError(f"advantage estimator {name!r} is not registered; registered: "
+                       f"{', '.join(registered_advantage_estimators())}")
+    return _ESTIMATORS[name].needs_groups
+
+
 def compute_advantages(
     name: str,
     rewards: jax.Array,

@@ -10,6 +10,7 @@ import pytest
 from ftrl_jax.rl import advantages as adv
 from ftrl_jax.rl.advantages import (
     discounted_returns,
+    estimator_needs_groups,
     group_signal,
     place_on_last_token,
     register_advantage_estimator,
@@ -313,3 +314,12 @@ def test_group_statistics_use_no_matmul(name):
     jaxpr = jax.make_jaxpr(lambda r, m: compute_advantages(name, r, m, group_size=4))(rewards, mask)
     assert "dot_general" not in str(jaxpr)
     np.testing.assert_array_equal(np.asarray(compute_advantages(name, rewards, mask, group_size=4)), 0.0)
+
+
+def test_estimator_needs_groups_names_the_group_baselines():
+    needs = {n: estimator_needs_groups(n) for n in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline",
+                                                    "reinforce_pp", "rft")}
+    assert needs == {"grpo": True, "dr_grpo": True, "rloo": True, "reinforce_pp_baseline": True,
+                     "reinforce_pp": False, "rft": False}
+    with pytest.raises(KeyError, match="'ppo2' is not registered; registered: .*grpo"):
+        estimator_needs_groups("ppo2")
