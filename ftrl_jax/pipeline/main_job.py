@@ -344,10 +344,12 @@ def build_split(split: str, num: int, seed: int, *, kinds: Sequence[str], comple
     want = 2 * num + 8 if balanced else num
     envs, report = env_build.build_environments(want, seed=seed, kinds=kinds, complexity=complexity, sandbox=sandbox,
                                                 world=world, keep=keep)
-    log.info("built %d %s environments (%s dropped: %s)", len(envs), split, sum(report.dropped.values()),
-             dict(report.dropped))
     samples = [e.to_sample(split) for e in envs]
-    return _balanced(samples, num) if balanced else samples
+    kept = _balanced(samples, num) if balanced else samples
+    balance = f", {len(kept)} of them kept, balanced over scenario types" if balanced else ""
+    log.info("%s environments: %d built from %d attempts%s (dropped while building: %s)", split, len(envs),
+             report.attempted, balance, dict(report.dropped) or "none")
+    return kept
 
 
 RECIPE_FILE = "recipe.json"
