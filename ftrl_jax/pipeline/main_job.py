@@ -109,10 +109,11 @@ def check_config(config) -> None:
         raise TrainingError(f"config.rl.num_rollouts={config.rl.num_rollouts} and config.rl.prompts_per_step="
                             f"{config.rl.prompts_per_step} must both be at least 1")
     if config.rl.num_rollouts == 1 and estimator_needs_groups(config.rl.algorithm):
+        groupless = [n for n in registered_advantage_estimators() if not estimator_needs_groups(n)]
         raise TrainingError(f"config.rl.algorithm={config.rl.algorithm!r} takes its baseline from the other rollouts "
                             "of a prompt, so with config.rl.num_rollouts=1 every advantage is 0 and RL learns "
                             "nothing: set --config.rl.num_rollouts=N with N >= 2 (FTRL: 8), or use an estimator "
-                            "without groups (reinforce_pp, rft)")
+                            f"without groups ({', '.join(groupless)})")
     if config.rl.reward_kind not in rewards.REWARD_KINDS:
         raise TrainingError(f"config.rl.reward_kind={config.rl.reward_kind!r}; use one of {sorted(rewards.REWARD_KINDS)}")
     if config.rl.reward_semantics not in rewards.REWARD_SEMANTICS:

@@ -39,7 +39,10 @@ _ESTIMATORS: dict[str, AdvantageEstimator] = {}
 
 
 def register_advantage_estimator(name: str, *, needs_groups: bool = False):
-    """Decorator adding `fn(rewards [B], mask [B, T], *, group_ids [B] | None, **kw) -> [B, T]`."""
+    """Decorator adding `fn(rewards [B], mask [B, T], *, group_ids [B] | None, **kw) -> [B, T]`.
+
+    `needs_groups=True` declares that the estimator's baseline comes from the other sequences of a prompt's group;
+    the main job then refuses it with one rollout per prompt (`estimator_needs_groups`)."""
 
     def decorate(fn: AdvantageFn) -> AdvantageFn:
         if name in _ESTIMATORS:
@@ -60,8 +63,8 @@ def registered_advantage_estimators() -> tuple[str, ...]:
 
 def estimator_needs_groups(name: str) -> bool:
     """Whether the registered estimator `name` forms its baseline from the other samples of a prompt's group
-    (GRPO, Dr.GRPO, RLOO): such an estimator gives every sequence of a group of one advantage 0, so it learns
-    nothing with one rollout per prompt. Raises KeyError for an unregistered name."""
+    (GRPO, Dr.GRPO, RLOO, Reinforce++ with a group baseline): such an estimator gives every sequence of a group of
+    one advantage 0, so it learns nothing with one rollout per prompt. Raises KeyError for an unregistered name."""
     if name not in _ESTIMATORS:
         raise KeyError(f"advantage estimator {name!r} is not registered; registered: "
                        f"{', '.join(registered_advantage_estimators())}")

@@ -175,15 +175,19 @@ def test_config_errors_are_clear_before_anything_heavy(tmp_path):
     with pytest.raises(TrainingError, match="grpo"):
         check_config(c)
     c = micro_config(tmp_path)
-    c.rl.num_rollouts = 1  # a group of one: GRPO, Dr.GRPO and RLOO give advantage 0 to every sequence
-    for algorithm in ("grpo", "dr_grpo", "rloo"):
+    c.rl.num_rollouts = 1  # a group of one: every group-baseline estimator gives advantage 0 to every sequence
+    for algorithm in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
         c.rl.algorithm = algorithm
-        with pytest.raises(TrainingError, match=f"algorithm='{algorithm}' takes its baseline.*num_rollouts=N"):
+        with pytest.raises(TrainingError, match=f"algorithm='{algorithm}' takes its baseline.*num_rollouts=N.*"
+                                                r"without groups \(.*reinforce_pp.*rft.*\)"):
             check_config(c)
     c.rl.algorithm = "reinforce_pp"
     check_config(c)
     c.rl.num_rollouts = 0
     with pytest.raises(TrainingError, match="num_rollouts=0 .* must both be at least 1"):
+        check_config(c)
+    c.rl.num_rollouts, c.rl.prompts_per_step = 8, 0
+    with pytest.raises(TrainingError, match="prompts_per_step=0 must both be at least 1"):
         check_config(c)
     c = micro_config(tmp_path)
     c.tokenizer.pretokenizer = "gpt2"
