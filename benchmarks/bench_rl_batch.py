@@ -33,6 +33,7 @@ from absl import flags
 from experiments import cli
 
 from ftrl_jax import models, parallel
+from ftrl_jax.pipeline.main_job import TrainingError, parse_overrides
 from ftrl_jax.rl import batch as rl_batch
 from ftrl_jax.rl.losses import LossConfig
 from ftrl_jax.rl.shared_prompt import RESPONSE_LOSS_MASK, SHARED_PROMPT_KEYS, trajectory_batch
@@ -128,14 +129,12 @@ def main(argv: Sequence[str]) -> int:
     except cli.UsageError as exc:
         return cli.fail(exc)
     try:
-        overrides = {}
-        for item in filter(None, args.overrides.split(",")):
-            name, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"{item!r} is not NAME=VALUE")
-            overrides[name] = int(value)
+        overrides = parse_overrides(args.overrides)
+        not_int = [k for k, v in overrides.items() if type(v) is not int]
+        if not_int:
+            raise ValueError(f"{', '.join(not_int)} not an integer")
         config = models.preset(args.preset, **overrides)
-    except (ValueError, TypeError) as exc:
+    except (TrainingError, ValueError, TypeError) as exc:
         return cli.fail(cli.UsageError(f"--overrides={args.overrides}: {exc} (integer ModelConfig fields, e.g. "
                                        "num_kv_heads=4,num_layers=2)"))
     rows = synthetic_trajectories(args, config.vocab_size)
