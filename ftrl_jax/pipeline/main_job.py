@@ -114,6 +114,11 @@ def check_config(config) -> None:
                             "of a prompt, so with config.rl.num_rollouts=1 every advantage is 0 and RL learns "
                             "nothing: set --config.rl.num_rollouts=N with N >= 2 (FTRL: 8), or use an estimator "
                             f"without groups ({', '.join(groupless)})")
+    if config.rl.algorithm == "reinforce_pp" and config.rl.num_rollouts * config.rl.prompts_per_step == 1:
+        # Whitening one sequence's returns (all its reward, gamma 1) over the batch leaves 0 everywhere.
+        raise TrainingError("config.rl.algorithm='reinforce_pp' whitens returns over the step's batch, so a batch of "
+                            "one sequence (config.rl.prompts_per_step=1, config.rl.num_rollouts=1) gets advantage 0 "
+                            "and RL learns nothing: raise either to 2 or more")
     if config.rl.reward_kind not in rewards.REWARD_KINDS:
         raise TrainingError(f"config.rl.reward_kind={config.rl.reward_kind!r}; use one of {sorted(rewards.REWARD_KINDS)}")
     if config.rl.reward_semantics not in rewards.REWARD_SEMANTICS:

@@ -134,15 +134,24 @@ def group_signal(rewards, group_size: int) -> dict[str, float]:
 
     `groups_mixed`: share of groups whose rewards are not all equal; a group whose n samples all score
     the same gets zero GRPO advantage, so this is the share of prompts the step learns from.
-    `reward_positive`: share of samples with a reward above zero. Host-side (numpy) logging statistics.
+    `reward_positive`: share of samples with a reward above zero.
+    `positive_advantage_on_failures`: of the positive part of every sample's reward minus its group's mean
+    (Dr. GRPO's advantage; RLOO's is n/(n-1) times it, GRPO's also divides each group by its std), the share that
+    lands on samples with a reward of at most zero: a failing turn pushed up only because a group-mate scored a
+    format penalty below it. 0 when no sample is above its group's mean. Host-side (numpy) logging statistics.
     """
     scores = np.asarray(rewards, np.float64)
     if group_size < 1 or scores.ndim != 1 or scores.size % group_size:
         raise ValueError(f"expected rewards [num_groups * {group_size}] in group-major order, got shape {scores.shape}")
     groups = scores.reshape(-1, group_size)
     mixed = groups.max(axis=1) > groups.min(axis=1)
+    above_mean = np.maximum(groups - groups.mean(axis=1, keepdims=True), 0.0)
+    above_mean[~mixed] = 0.0  # rounding in an all-equal group's mean is not signal
+    total = float(above_mean.sum())
+    on_failures = float(above_mean[groups <= 0].sum()) / total if total > 0 else 0.0
     return {"groups_mixed": float(mixed.mean()) if mixed.size else 0.0,
-            "reward_positive": float((scores > 0).mean()) if scores.size else 0.0}
+            "reward_positive": float((scores > 0).mean()) if scores.size else 0.0,
+            "positive_advantage_on_failures": on_failures}
 
 
 # ---------------------------------------------------------------- masked statistics

@@ -183,6 +183,11 @@ def test_config_errors_are_clear_before_anything_heavy(tmp_path):
             check_config(c)
     c.rl.algorithm = "reinforce_pp"
     check_config(c)
+    prompts_per_step = c.rl.prompts_per_step
+    c.rl.prompts_per_step = 1
+    with pytest.raises(TrainingError, match="reinforce_pp' whitens .* batch of one sequence.* raise either"):
+        check_config(c)
+    c.rl.prompts_per_step = prompts_per_step
     c.rl.num_rollouts = 0
     with pytest.raises(TrainingError, match="num_rollouts=0 .* must both be at least 1"):
         check_config(c)

@@ -260,6 +260,17 @@ def test_group_signal_counts_groups_that_carry_advantage():
         group_signal(rewards, 5)
 
 
+def test_group_signal_measures_positive_advantage_on_failing_samples():
+    # Group 1: a success among failures, all its positive advantage on the success. Group 2: two failures
+    # (0.0) above a format penalty (-0.3): positive advantage 0.1 each, on failures. Group 3: all equal.
+    rewards = [0.0, 1.0, 0.0, 0.0, 0.0, -0.3, 0.5, 0.5, 0.5]
+    stats = group_signal(rewards, 3)
+    assert stats["positive_advantage_on_failures"] == pytest.approx(0.2 / (2 / 3 + 0.2))
+    assert group_signal([0.0, 1.0, 0.5, 0.5], 2)["positive_advantage_on_failures"] == 0.0
+    assert group_signal([-0.5, -0.3, 0.0, 0.0], 2)["positive_advantage_on_failures"] == 1.0
+    assert group_signal([0.2] * 4, 2)["positive_advantage_on_failures"] == 0.0
+
+
 # ---------------------------------------------------------------- Dr. GRPO, RLOO, RFT weights
 
 
