@@ -97,8 +97,9 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
     assert curve[0]["solve_f1"] == _first_envs_f1(summary["eval_before"], 2)
     assert curve[2]["solve_f1"] == _first_envs_f1(summary["eval_after"], 2)
     assert [l["step"] for l in rl] == [1, 2, 3, 4]
-    assert {"reward_mean", "reward_std", "groups_mixed", "reward_positive", "kl", "entropy", "clip_fraction",
-            "grad_norm", "response_length", "tokens_per_sec", "padded_tokens", "step_time"} <= rl[0].keys()
+    assert {"reward_mean", "reward_std", "groups_mixed", "reward_positive", "positive_advantage_on_failures", "kl",
+            "entropy", "clip_fraction", "grad_norm", "response_length", "tokens_per_sec", "padded_tokens",
+            "step_time"} <= rl[0].keys()
     assert os.listdir(tmp_path / "straight" / "tb")
     assert (tmp_path / "straight" / "export" / "tokenizer.json").is_file()
     # Starting again without resume=True refuses to overwrite the run.
