@@ -27,6 +27,10 @@ failure). Per scenario type and over all states (fractions in [0, 1], rewards in
                              share of all successful samples that are on states where greedy fails: the part of
                              RL's positive signal that could change a greedy turn (None without successes)
     greedy_reward, sampled_reward   mean step reward of the greedy turns, of the samples
+    groups_mixed, positive_advantage_on_failures
+                             the k samples of a state taken as one RL group (`ftrl_jax.rl.group_signal`): share
+                             of states whose samples' rewards differ, and the share of the above-group-mean reward
+                             that lands on samples scoring at most zero (failures pushed up past a format penalty)
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import numpy as np
 from absl import flags
 
 from experiments import cli
+from ftrl_jax.rl.advantages import group_signal
 
 STATES = ("initial", "oracle")
 
@@ -69,6 +74,8 @@ def figures(greedy: np.ndarray, sampled: np.ndarray, threshold: float = 1.0) -> 
         "sampled_success_greedy_fails": _rate(hits[~wins]),
         "successes_where_greedy_fails": float(hits[~wins].sum() / total_hits) if total_hits else None,
         "greedy_reward": float(greedy.mean()), "sampled_reward": float(sampled.mean()),
+        **{key: value for key, value in group_signal(sampled.reshape(-1), sampled.shape[1]).items()
+           if key != "reward_positive"},
     }
 
 
@@ -193,12 +200,14 @@ def main(argv: Sequence[str]) -> int:
     if too_long.any():
         print(f"{int(too_long.sum())} states left out: prompt longer than --max_prompt_tokens={args.max_prompt_tokens}")
     print("| scenario type | states | greedy success | best of k | flippable | sampled success where greedy "
-          "succeeds / fails | successes where greedy fails | greedy / sampled reward |\n|---|---|---|---|---|---|---|---|")
+          "succeeds / fails | successes where greedy fails | greedy / sampled reward | groups mixed | positive "
+          "advantage on failures |\n|---|---|---|---|---|---|---|---|---|---|")
     for source, f in table.items():
         print(f"| {source} | {f['states']} | {f['greedy_success']:.3f} | {f['best_of_k']:.3f} | "
               f"{f['flippable']:.3f} | {_cell(f['sampled_success_greedy_succeeds'])} / "
               f"{_cell(f['sampled_success_greedy_fails'])} | {_cell(f['successes_where_greedy_fails'])} | "
-              f"{f['greedy_reward']:.3f} / {f['sampled_reward']:.3f} |")
+              f"{f['greedy_reward']:.3f} / {f['sampled_reward']:.3f} | {f['groups_mixed']:.3f} | "
+              f"{f['positive_advantage_on_failures']:.3f} |")
     if args.output:
         settings = {k: getattr(args, k) for k in ("model", "data", "states", "num", "temperature", "num_samples",
                                                   "seed", "template", "max_new_tokens", "max_prompt_tokens",
