@@ -28,9 +28,10 @@ failure). Per scenario type and over all states (fractions in [0, 1], rewards in
                              RL's positive signal that could change a greedy turn (None without successes)
     greedy_reward, sampled_reward   mean step reward of the greedy turns, of the samples
     groups_mixed, positive_advantage_on_failures
-                             the k samples of a state taken as one RL group (`ftrl_jax.rl.group_signal`): share
-                             of states whose samples' rewards differ, and the share of the above-group-mean reward
-                             that lands on samples scoring at most zero (failures pushed up past a format penalty)
+                             the k samples of a state taken as one GRPO group (`ftrl_jax.rl.group_signal` with
+                             `scale_by_std=True`): share of states whose samples' rewards differ, and the share of
+                             the positive advantages that lands on samples scoring at most zero (no call and no
+                             answer, or a format penalty), pushed up only because a group-mate scored below them
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def figures(greedy: np.ndarray, sampled: np.ndarray, threshold: float = 1.0) -> 
         "sampled_success_greedy_fails": _rate(hits[~wins]),
         "successes_where_greedy_fails": float(hits[~wins].sum() / total_hits) if total_hits else None,
         "greedy_reward": float(greedy.mean()), "sampled_reward": float(sampled.mean()),
-        **{key: value for key, value in group_signal(sampled.reshape(-1), sampled.shape[1]).items()
+        **{key: value for key, value in group_signal(sampled.reshape(-1), sampled.shape[1], scale_by_std=True).items()
            if key != "reward_positive"},
     }
 

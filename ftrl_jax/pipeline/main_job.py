@@ -118,7 +118,7 @@ def check_config(config) -> None:
         # Whitening one sequence's returns (all its reward, gamma 1) over the batch leaves 0 everywhere.
         raise TrainingError("config.rl.algorithm='reinforce_pp' whitens returns over the step's batch, so a batch of "
                             "one sequence (config.rl.prompts_per_step=1, config.rl.num_rollouts=1) gets advantage 0 "
-                            "and RL learns nothing: raise either to 2 or more")
+                            "up to float rounding and RL learns nothing: raise either to 2 or more")
     if config.rl.reward_kind not in rewards.REWARD_KINDS:
         raise TrainingError(f"config.rl.reward_kind={config.rl.reward_kind!r}; use one of {sorted(rewards.REWARD_KINDS)}")
     if config.rl.reward_semantics not in rewards.REWARD_SEMANTICS:
@@ -939,10 +939,13 @@ def _eligible_groups(config, greedy_policy, prompts, scores, sandbox) -> np.ndar
     return eligible
 
 
-def _reward_stats(scores: np.ndarray, group_size: int, lengths: np.ndarray) -> dict[str, float]:
-    """A batch's logged reward statistics: mean, spread, group signal and mean response length (tokens)."""
+def _reward_stats(scores: np.ndarray, group_size: int, lengths: np.ndarray, *,
+                  scale_by_std: bool = False) -> dict[str, float]:
+    """A batch's logged reward statistics: mean, spread, group signal (advantages divided by the group's std
+    with `scale_by_std`, as GRPO's are) and mean response length (tokens)."""
     return {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
-            **group_signal(scores, group_size), "response_length": float(np.mean(lengths))}
+            **group_signal(scores, group_size, scale_by_std=scale_by_std),
+            "response_length": float(np.mean(lengths))}
 
 
 def _step_arrays(config, turns, scores, tokenizer) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -956,7 +959,8 @@ def _step_arrays(config, turns, scores, tokenizer) -> tuple[dict[str, np.ndarray
     else:
         arrays = rl_batch.pad_rows(rl_batch.step_rows(turns), _pad_id(tokenizer))
         lengths = rl_batch.response_lengths(arrays)
-    stats = {**_reward_stats(scores, n, lengths), "truncated_fraction": float(np.mean([t.truncated for t in turns]))}
+    stats = {**_reward_stats(scores, n, lengths, scale_by_std=config.rl.algorithm == "grpo"),
+             "truncated_fraction": float(np.mean([t.truncated for t in turns]))}
     return arrays, stats
 
 
@@ -988,7 +992,7 @@ def _trajectory_arrays(config, episodes, scores, tokenizer) -> tuple[dict[str, n
     else:
         arrays = rl_batch.pad_rows(rows, _pad_id(tokenizer))
         lengths = rl_batch.response_lengths(arrays)
-    return arrays, _reward_stats(scores, config.rl.num_rollouts, lengths)
+    return arrays, _reward_stats(scores, config.rl.num_rollouts, lengths, scale_by_std=config.rl.algorithm == "grpo")
 
 
 def _sampling_rounds(config) -> int:

@@ -129,16 +129,18 @@ def _resolve_group_ids(batch: int, group_size: int | None, group_ids) -> jax.Arr
     return None
 
 
-def group_signal(rewards, group_size: int) -> dict[str, float]:
+def group_signal(rewards, group_size: int, *, scale_by_std: bool = False) -> dict[str, float]:
     """How much learning signal a group-major batch of outcome rewards `[num_groups * group_size]` holds.
 
     `groups_mixed`: share of groups whose rewards are not all equal; a group whose n samples all score
     the same gets zero GRPO advantage, so this is the share of prompts the step learns from.
     `reward_positive`: share of samples with a reward above zero.
-    `positive_advantage_on_failures`: of the positive part of every sample's reward minus its group's mean
-    (Dr. GRPO's advantage; RLOO's is n/(n-1) times it, GRPO's also divides each group by its std), the share that
-    lands on samples with a reward of at most zero: a failing turn pushed up only because a group-mate scored a
-    format penalty below it. 0 when no sample is above its group's mean. Host-side (numpy) logging statistics.
+    `positive_advantage_on_failures`: of the positive advantages, the share on samples with a reward of at most
+    zero (no call and no answer, or a format penalty): a turn that earned nothing, pushed up only because a
+    group-mate scored below it. The advantage is the reward minus its group's mean (Dr. GRPO's; RLOO's is n/(n-1)
+    times it), divided by the group's std with `scale_by_std=True` (GRPO's; a group with a small spread, such as
+    seven 0s and one -0.3, then weighs as much as one holding a success). 0 when no sample is above its group's
+    mean, and always 0 for rewards that are never negative. Host-side (numpy) logging statistics.
     """
     scores = np.asarray(rewards, np.float64)
     if group_size < 1 or scores.ndim != 1 or scores.size % group_size:
@@ -147,6 +149,9 @@ def group_signal(rewards, group_size: int) -> dict[str, float]:
     mixed = groups.max(axis=1) > groups.min(axis=1)
     above_mean = np.maximum(groups - groups.mean(axis=1, keepdims=True), 0.0)
     above_mean[~mixed] = 0.0  # rounding in an all-equal group's mean is not signal
+    if scale_by_std and mixed.any():
+        # Groups have one size, so the std's ddof and GRPO's eps change every group alike; the share is unaffected.
+        above_mean[mixed] /= groups[mixed].std(axis=1, keepdims=True)
     total = float(above_mean.sum())
     on_failures = float(above_mean[groups <= 0].sum()) / total if total > 0 else 0.0
     return {"groups_mixed": float(mixed.mean()) if mixed.size else 0.0,

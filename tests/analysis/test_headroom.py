@@ -34,10 +34,12 @@ def test_figures_by_hand():
     assert f["sampled_reward"] == pytest.approx(sampled.mean())
     # Every state's samples differ; all the above-mean reward is on samples scoring above zero.
     assert f["groups_mixed"] == 1.0 and f["positive_advantage_on_failures"] == 0.0
-    # Two failures (0.0) above a format penalty (-0.3) in state 1: 0.2 of the 0.2 + 0.25 + 0.25 above the means.
+    # State 0: three samples scoring 0.0 sit 0.075 above a group mean lowered by a format penalty (-0.3); state 1's
+    # two successes sit 0.5 above theirs. GRPO divides by each group's std (headroom: scale_by_std=True).
     g = headroom.figures(np.zeros(2), np.array([[0.0, 0.0, -0.3, 0.0], [1.0, 0.0, 0.0, 1.0]]))
     assert g["groups_mixed"] == 1.0
-    assert g["positive_advantage_on_failures"] == pytest.approx((3 * 0.075) / (3 * 0.075 + 1.0))
+    penalty_group, success_group = 3 * 0.075 / np.std([0, 0, -0.3, 0]), 1.0 / np.std([1, 0, 0, 1])
+    assert g["positive_advantage_on_failures"] == pytest.approx(penalty_group / (penalty_group + success_group))
     # A lower threshold counts the partial 0.5 turns as successes.
     assert headroom.figures(greedy, sampled, threshold=0.5)["greedy_success"] == pytest.approx(2 / 3)
 

@@ -188,7 +188,9 @@ def test_config_errors_are_clear_before_anything_heavy(tmp_path):
     c.rl.prompts_per_step = 1
     with pytest.raises(TrainingError, match="reinforce_pp' whitens .* batch of one sequence.* raise either"):
         check_config(c)
-    c.rl.prompts_per_step = prompts_per_step
+    c.rl.num_rollouts = 2  # one prompt, two sequences: whitening has a spread to work with
+    check_config(c)
+    c.rl.prompts_per_step, c.rl.num_rollouts = prompts_per_step, 1
     c.rl.num_rollouts = 0
     with pytest.raises(TrainingError, match="num_rollouts=0 .* must both be at least 1"):
         check_config(c)

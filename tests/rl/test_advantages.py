@@ -269,6 +269,16 @@ def test_group_signal_measures_positive_advantage_on_failing_samples():
     assert group_signal([0.0, 1.0, 0.5, 0.5], 2)["positive_advantage_on_failures"] == 0.0
     assert group_signal([-0.5, -0.3, 0.0, 0.0], 2)["positive_advantage_on_failures"] == 1.0
     assert group_signal([0.2] * 4, 2)["positive_advantage_on_failures"] == 0.0
+    # An all-equal group whose float mean rounds below its members holds no signal.
+    assert group_signal([-0.1] * 3, 3)["positive_advantage_on_failures"] == 0.0
+    # GRPO divides each group by its std: the small-spread penalty group (std 0.1414) outweighs the success
+    # group (std 0.4714), as the advantages GRPO trains on do.
+    scaled = group_signal(rewards, 3, scale_by_std=True)["positive_advantage_on_failures"]
+    penalty_group, success_group = 0.2 / np.std([0, 0, -0.3]), (2 / 3) / np.std([0, 1, 0])
+    assert scaled == pytest.approx(penalty_group / (penalty_group + success_group))
+    adv = np.asarray(compute_advantages("grpo", jnp.asarray(rewards), jnp.ones((9, 1)), group_size=3))[:, 0]
+    positive = np.maximum(adv, 0.0)
+    assert scaled == pytest.approx(positive[np.asarray(rewards) <= 0].sum() / positive.sum(), rel=1e-4)
 
 
 # ---------------------------------------------------------------- Dr. GRPO, RLOO, RFT weights
