@@ -939,12 +939,12 @@ def _eligible_groups(config, greedy_policy, prompts, scores, sandbox) -> np.ndar
     return eligible
 
 
-def _reward_stats(scores: np.ndarray, group_size: int, lengths: np.ndarray, *,
-                  scale_by_std: bool = False) -> dict[str, float]:
-    """A batch's logged reward statistics: mean, spread, group signal (advantages divided by the group's std
-    with `scale_by_std`, as GRPO's are) and mean response length (tokens)."""
+def _reward_stats(config, scores: np.ndarray, lengths: np.ndarray) -> dict[str, float]:
+    """A batch's logged reward statistics: mean, spread, group signal over groups of `rl.num_rollouts`
+    (advantages divided by the group's std when `rl.algorithm` is GRPO, as GRPO's are) and mean response
+    length (tokens)."""
     return {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
-            **group_signal(scores, group_size, scale_by_std=scale_by_std),
+            **group_signal(scores, config.rl.num_rollouts, scale_by_std=config.rl.algorithm == "grpo"),
             "response_length": float(np.mean(lengths))}
 
 
@@ -959,7 +959,7 @@ def _step_arrays(config, turns, scores, tokenizer) -> tuple[dict[str, np.ndarray
     else:
         arrays = rl_batch.pad_rows(rl_batch.step_rows(turns), _pad_id(tokenizer))
         lengths = rl_batch.response_lengths(arrays)
-    stats = {**_reward_stats(scores, n, lengths, scale_by_std=config.rl.algorithm == "grpo"),
+    stats = {**_reward_stats(config, scores, lengths),
              "truncated_fraction": float(np.mean([t.truncated for t in turns]))}
     return arrays, stats
 
@@ -992,7 +992,7 @@ def _trajectory_arrays(config, episodes, scores, tokenizer) -> tuple[dict[str, n
     else:
         arrays = rl_batch.pad_rows(rows, _pad_id(tokenizer))
         lengths = rl_batch.response_lengths(arrays)
-    return arrays, _reward_stats(scores, config.rl.num_rollouts, lengths, scale_by_std=config.rl.algorithm == "grpo")
+    return arrays, _reward_stats(config, scores, lengths)
 
 
 def _sampling_rounds(config) -> int:
