@@ -104,7 +104,7 @@ def _base() -> ml_collections.ConfigDict:
     # prompt (the episode's first prompt) in the log-prob passes and the update (the same update as n full rows,
     # for a fraction of the tokens); prompts_per_step must then divide into mini-batches x micro-batches x mesh rows.
     c.rl.shared_prompt = True
-    c.rl.reward_kind = "f1"        # f1 | precision | rate | pr | f1_no_format_penalty
+    c.rl.reward_kind = "f1"        # f1 | precision | rate | pr | f1_no_format_penalty | f1_half_format_penalty
     # ftrl: FTRL's reward exactly (ftrl_jax/envs/ftrl_reward.py); strict: its flaws fixed; lenient: this
     # project's earlier reward (the product parser)
     c.rl.reward_semantics = "ftrl"

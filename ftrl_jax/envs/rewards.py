@@ -25,8 +25,9 @@ this project's reward before FTRL's semantics were reproduced (the main job's me
 
 All three share the reward values: with calls, `REWARD_KINDS[kind](solved, calls)`; without, -0.3 for
 tool-call markup, -0.5 for empty content, 1/(1+k) for the final answer (k = expected answers still
-unsolved), 0.5 on an environment whose solve_rate is 1, else 0. The kind `f1_no_format_penalty` is `f1`
-with those two format penalties (FTRL's `compute_solve_*` rules S2 and S3) set to 0.
+unsolved), 0.5 on an environment whose solve_rate is 1, else 0. The kinds `f1_no_format_penalty` and
+`f1_half_format_penalty` are `f1` with those two format penalties (FTRL's `compute_solve_*` rules S2 and S3) set
+to 0 and halved (`FORMAT_PENALTY_SCALE`).
 
 Truncated turns, one rule for RL and evaluation: a turn cut at `max_new_tokens` (`truncated=True`) has its
 calls neither run nor counted. `step_rewards` scores it with the no-call rules (so a cut turn holding call
@@ -132,18 +133,20 @@ def _precision_times_rate(solved: int, calls: int) -> float:
 
 # kind -> reward of a turn with `calls` >= 1 tool calls of which `solved` solved an answer.
 # FTRL: compute_solve_f1 / compute_solve_precision / compute_solve_rate / compute_solve_pr.
-# f1_no_format_penalty: FTRL's f1 whose no-call format penalties (-0.3 tool-call markup without a call,
-# -0.5 empty content) are 0 instead: not FTRL's reward, an option that stops the penalties from dominating
-# the group-relative signal of a policy that still often breaks its markup.
+# f1_no_format_penalty / f1_half_format_penalty: FTRL's f1 whose no-call format penalties (-0.3 tool-call
+# markup without a call, -0.5 empty content) are 0 / halved (-0.15, -0.25): not FTRL's reward, options that
+# weaken the penalties' share of the group-relative signal of a policy that still often breaks its markup.
 REWARD_KINDS: dict[str, Callable[[int, int], float]] = {
     "f1": _f1,
     "precision": _precision,
     "rate": _rate,
     "pr": _precision_times_rate,
     "f1_no_format_penalty": _f1,
+    "f1_half_format_penalty": _f1,
 }
-# Kinds whose no-call format penalties (BROKEN_MARKUP_REWARD, EMPTY_TURN_REWARD) are replaced by 0.
-NO_FORMAT_PENALTY_KINDS = frozenset({"f1_no_format_penalty"})
+# Kinds whose no-call format penalties (BROKEN_MARKUP_REWARD, EMPTY_TURN_REWARD) are scaled by this factor
+# (every other kind: 1, FTRL's penalties).
+FORMAT_PENALTY_SCALE: dict[str, float] = {"f1_no_format_penalty": 0.0, "f1_half_format_penalty": 0.5}
 
 
 def _check_kind(kind: str) -> Callable[[int, int], float]:
@@ -202,15 +205,15 @@ class TurnView:
 def _score_view(view: TurnView, outputs: Sequence[Any], unsolved_set: Mapping[str, Sequence[str]],
                 answer: str | None, solve_rate: float, reward_of: Callable[[int, int], float],
                 output_matches: Callable[[Any, str], bool], answer_in: Callable[[str, str | None], bool],
-                format_penalties: bool = True) -> float:
+                format_penalty_scale: float = 1.0) -> float:
     if view.calls:
         solved, _ = match_outputs(zip((call.name for call in view.calls), outputs), unsolved_set, output_matches)
         return reward_of(solved, len(view.calls) + view.broken)
     # Markup before emptiness: a parser may leave unparsable blocks out of `content`.
     if view.markup:
-        return BROKEN_MARKUP_REWARD if format_penalties else 0.0
+        return BROKEN_MARKUP_REWARD * format_penalty_scale if format_penalty_scale else 0.0
     if not view.content:
-        return EMPTY_TURN_REWARD if format_penalties else 0.0
+        return EMPTY_TURN_REWARD * format_penalty_scale if format_penalty_scale else 0.0
     if answer_in(view.content, answer):
         return 1.0 / (1 + sum(len(answers) for answers in unsolved_set.values()))
     return SOLVED_BEFORE_REWARD if solve_rate == 1 else 0.0
@@ -248,7 +251,7 @@ def score_turn(
     """
     view = TurnView(list(turn.tool_calls), turn.content.strip(), turn.malformed)
     return _score_view(view, outputs, unsolved_set, answer, solve_rate, _check_kind(kind), answer_matches,
-                       _lenient_answer_in, kind not in NO_FORMAT_PENALTY_KINDS)
+                       _lenient_answer_in, FORMAT_PENALTY_SCALE.get(kind, 1.0))
 
 
 # ---- strict: FTRL's rules with its flaws fixed ------------------------------------------------
@@ -429,9 +432,9 @@ def step_rewards(
     batches = [(view.calls, codes) for view, (codes, _, _, _) in zip(views, fields)]
     outputs = rules.run(batches, sandbox or shared_sandbox(), timeout) if any(v.calls for v in views) else \
         [[] for _ in views]
-    penalties = kind not in NO_FORMAT_PENALTY_KINDS
+    penalty_scale = FORMAT_PENALTY_SCALE.get(kind, 1.0)
     return [_score_view(view, turn_outputs, unsolved, answer, solve_rate, reward_of, rules.output_matches,
-                        rules.answer_in, penalties)
+                        rules.answer_in, penalty_scale)
             for view, turn_outputs, (_, unsolved, answer, solve_rate) in zip(views, outputs, fields)]
 
 

@@ -2,6 +2,7 @@
 and the trajectory metrics."""
 
 import json
+import math
 
 import pytest
 
@@ -116,7 +117,7 @@ def test_step_reward_kinds(sandbox, kind, expected):
 
 def test_default_kind_is_f1(sandbox):
     assert step_reward(ONE_OF_TWO, make_sample(), sandbox=sandbox) == pytest.approx(2 / 3)
-    assert set(REWARD_KINDS) == {"f1", "precision", "rate", "pr", "f1_no_format_penalty"}
+    assert set(REWARD_KINDS) == {"f1", "precision", "rate", "pr", "f1_no_format_penalty", "f1_half_format_penalty"}
 
 
 def test_step_reward_counts_each_expected_answer_once(sandbox):
@@ -162,22 +163,24 @@ def test_turns_without_calls(sandbox, response, reward, semantics):
 
 
 @pytest.mark.parametrize("semantics", ["ftrl", "strict", "lenient"])
-def test_f1_no_format_penalty_zeroes_only_the_format_penalties(sandbox, semantics):
-    cases = [
-        ("", -0.5, 0.0),  # empty content
-        ('<tool_call>{"name": "lake_finder", "arguments": </tool_call><|im_end|>', -0.3, 0.0),  # broken markup
-        ("The answer is 3903.<|im_end|>", 1 / (1 + 4), 1 / (1 + 4)),  # the final-answer rule is unchanged
-        ("I do not know.", 0.0, 0.0),
-        (ONE_OF_TWO, 2 / 3, 2 / 3),  # turns with calls score as f1
+def test_format_penalty_kinds_scale_only_the_format_penalties(sandbox, semantics):
+    cases = [  # response, f1, f1_no_format_penalty, f1_half_format_penalty
+        ("", -0.5, 0.0, -0.25),  # empty content
+        ('<tool_call>{"name": "lake_finder", "arguments": </tool_call><|im_end|>', -0.3, 0.0, -0.15),  # broken markup
+        ("The answer is 3903.<|im_end|>", 1 / (1 + 4), 1 / (1 + 4), 1 / (1 + 4)),  # the final-answer rule is unchanged
+        ("I do not know.", 0.0, 0.0, 0.0),
+        (ONE_OF_TWO, 2 / 3, 2 / 3, 2 / 3),  # turns with calls score as f1
     ]
-    responses = [response for response, _, _ in cases]
+    responses = [case[0] for case in cases]
     samples = [make_sample()] * len(cases)
-    f1 = step_rewards(responses, samples, "f1", sandbox=sandbox, semantics=semantics)
-    no_penalty = step_rewards(responses, samples, "f1_no_format_penalty", sandbox=sandbox, semantics=semantics)
-    assert f1 == pytest.approx([want for _, want, _ in cases])
-    assert no_penalty == pytest.approx([want for _, _, want in cases])
-    assert step_reward("I do not know.", make_sample(solve_rate=1.0), "f1_no_format_penalty", sandbox=sandbox,
-                       semantics=semantics) == 0.5
+    for column, kind in enumerate(("f1", "f1_no_format_penalty", "f1_half_format_penalty"), start=1):
+        got = step_rewards(responses, samples, kind, sandbox=sandbox, semantics=semantics)
+        assert got == pytest.approx([case[column] for case in cases]), kind
+        assert step_reward("I do not know.", make_sample(solve_rate=1.0), kind, sandbox=sandbox,
+                           semantics=semantics) == 0.5
+    # A zeroed penalty is 0.0, not -0.0 (which would print as a negative reward).
+    assert math.copysign(1.0, step_reward("", make_sample(), "f1_no_format_penalty", sandbox=sandbox,
+                                          semantics=semantics)) == 1.0
 
 
 @pytest.mark.parametrize("semantics", ["ftrl", "strict", "lenient"])
@@ -186,7 +189,7 @@ def test_a_truncated_turn_with_a_solving_call_gets_the_no_call_reward(sandbox, s
     solving = calls(("lake_finder", {"shape": "crescent"}), end="")
     whole = step_rewards([solving], [make_sample()], sandbox=sandbox, semantics=semantics)
     assert whole == pytest.approx([1.0])
-    for kind, reward in (("f1", -0.3), ("f1_no_format_penalty", 0.0)):
+    for kind, reward in (("f1", -0.3), ("f1_no_format_penalty", 0.0), ("f1_half_format_penalty", -0.15)):
         got = step_rewards([solving], [make_sample()], kind, sandbox=sandbox, semantics=semantics, truncated=[True])
         assert got == pytest.approx([reward])
 
