@@ -31,7 +31,7 @@ to 0 and halved (`FORMAT_PENALTY_SCALE`).
 
 Truncated turns, one rule for RL and evaluation: a turn cut at `max_new_tokens` (`truncated=True`) has its
 calls neither run nor counted. `step_rewards` scores it with the no-call rules (so a cut turn holding call
-markup gets -0.3, in every semantics), and evaluation (`rollout.episodes.play_episodes`) does not run them
+markup gets -0.3, scaled as above, in every semantics), and evaluation (`rollout.episodes.play_episodes`) does not run them
 while `trajectory_metrics` counts only calls that got a tool response. (FTRL itself scores a cut response
 like any other.)
 """
@@ -244,7 +244,8 @@ def score_turn(
     """The `lenient` reward of one parsed turn, given the outputs of its tool calls (pure).
 
     With calls: REWARD_KINDS[kind](solved, calls). Without: -0.3 if the turn holds tool-call
-    markup that did not parse, -0.5 if its content is empty, 1/(1+k) if the content contains the
+    markup that did not parse, -0.5 if its content is empty (both times FORMAT_PENALTY_SCALE's factor for
+    the format-penalty kinds), 1/(1+k) if the content contains the
     final answer (`answer_matches`; k = expected answers still unsolved), else 0.5 if solve_rate is
     1, else 0. Content is the text outside any leading `<think>` block: an answer or a call only
     drafted while thinking earns nothing.
@@ -418,7 +419,7 @@ def step_rewards(
     current unsolved_set. `semantics` is a key of REWARD_SEMANTICS (default: FTRL's own). `timeout`
     overrides the per-call timeout (default: FTRL's 10 s under "ftrl", else the sandbox's).
     `truncated[i]` says that turn i hit the token limit: its calls are not run and the no-call rules
-    score it (-0.3 if it holds tool-call markup), as evaluation does not run them either.
+    score it (-0.3 if it holds tool-call markup, scaled by the kind's FORMAT_PENALTY_SCALE), as evaluation does not run them either.
     """
     if len(responses) != len(samples):
         raise ValueError(f"got {len(responses)} responses but {len(samples)} samples; pass one sample per response")

@@ -206,7 +206,8 @@ def play_episodes(generator: TurnGenerator, samples: Sequence[Sample | Mapping[s
     Truncated turns, the same rule as RL's step reward (`rewards.step_rewards(..., truncated=...)`): a
     turn that hits the generator's token limit before its end-of-turn token has its calls neither run
     nor counted, even complete ones: it adds no call to the episode's Solve-P/R/F1 (trajectory_metrics
-    counts only calls that got a response), and in RL it earns the no-call reward (-0.3 with call markup).
+    counts only calls that got a response), and in RL it earns the no-call reward (-0.3 with call markup
+    under FTRL's f1; `rewards.FORMAT_PENALTY_SCALE` scales it for the format-penalty kinds).
     """
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")

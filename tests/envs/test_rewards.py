@@ -9,14 +9,16 @@ import pytest
 from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.envs.samples import decode_sample, user_prompt
 from ftrl_jax.envs.rewards import (
+    FORMAT_PENALTY_SCALE,
     REWARD_KINDS,
     answer_matches,
     match_outputs,
+    score_turn,
     step_reward,
     step_rewards,
     trajectory_metrics,
 )
-from ftrl_jax.text.tool_calls import format_qwen_tool_call
+from ftrl_jax.text.tool_calls import format_qwen_tool_call, parse_assistant_turn
 
 CODES = {
     "lake_finder": "def lake_finder(shape):\n    return 'Lake Crescent' if shape == 'crescent' else {'error': 'no lake'}\n",
@@ -118,6 +120,17 @@ def test_step_reward_kinds(sandbox, kind, expected):
 def test_default_kind_is_f1(sandbox):
     assert step_reward(ONE_OF_TWO, make_sample(), sandbox=sandbox) == pytest.approx(2 / 3)
     assert set(REWARD_KINDS) == {"f1", "precision", "rate", "pr", "f1_no_format_penalty", "f1_half_format_penalty"}
+    assert set(FORMAT_PENALTY_SCALE) <= set(REWARD_KINDS)  # a misspelt key would silently keep the penalties
+
+
+@pytest.mark.parametrize("kind, scale", [("f1", 1.0), ("f1_no_format_penalty", 0.0), ("f1_half_format_penalty", 0.5)])
+def test_score_turn_scales_the_format_penalties(kind, scale):
+    empty = parse_assistant_turn("")
+    broken = parse_assistant_turn('<tool_call>{"name": "lake_finder", "arguments": </tool_call>')
+    assert broken.malformed and not broken.tool_calls
+    unsolved = {"lake_finder": ["Lake Ora"]}
+    assert score_turn(empty, [], unsolved, "3903", 0.0, kind) == pytest.approx(-0.5 * scale)
+    assert score_turn(broken, [], unsolved, "3903", 0.0, kind) == pytest.approx(-0.3 * scale)
 
 
 def test_step_reward_counts_each_expected_answer_once(sandbox):
