@@ -44,6 +44,7 @@ import numpy as np
 from absl import flags
 
 from experiments import cli
+from ftrl_jax.envs.rewards import REWARD_KINDS
 from ftrl_jax.rl.advantages import group_signal
 
 STATES = ("initial", "oracle")
@@ -140,8 +141,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("max_prompt_tokens", 1024, "Longest prompt generated from (the main job's "
                          "rollout.max_prompt_tokens); states with longer prompts are left out.", lower_bound=1,
                          flag_values=fv)
-    flags.DEFINE_string("reward_kind", "f1", "Step reward kind (f1 | precision | rate | pr | f1_no_format_penalty "
-                        "| f1_half_format_penalty).", flag_values=fv)
+    flags.DEFINE_string("reward_kind", "f1", f"Step reward kind ({' | '.join(REWARD_KINDS)}).", flag_values=fv)
     flags.DEFINE_float("success_threshold", 1.0, "A turn succeeds when its reward is at least this.", flag_values=fv)
     flags.DEFINE_string("output", "", "Also write the figures and per-state rewards to this JSON file.",
                         flag_values=fv)

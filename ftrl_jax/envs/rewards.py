@@ -31,9 +31,9 @@ to 0 and halved (`FORMAT_PENALTY_SCALE`).
 
 Truncated turns, one rule for RL and evaluation: a turn cut at `max_new_tokens` (`truncated=True`) has its
 calls neither run nor counted. `step_rewards` scores it with the no-call rules (so a cut turn holding call
-markup gets -0.3, scaled as above, in every semantics), and evaluation (`rollout.episodes.play_episodes`) does not run them
-while `trajectory_metrics` counts only calls that got a tool response. (FTRL itself scores a cut response
-like any other.)
+markup gets -0.3, scaled as above, in every semantics), and evaluation (`rollout.episodes.play_episodes`) does
+not run them while `trajectory_metrics` counts only calls that got a tool response. (FTRL itself scores a cut
+response like any other.)
 """
 
 from __future__ import annotations
@@ -149,6 +149,11 @@ REWARD_KINDS: dict[str, Callable[[int, int], float]] = {
 FORMAT_PENALTY_SCALE: dict[str, float] = {"f1_no_format_penalty": 0.0, "f1_half_format_penalty": 0.5}
 
 
+def _format_penalty(penalty: float, scale: float) -> float:
+    """`penalty` times `scale`, and 0.0 rather than -0.0 when the scale is 0."""
+    return penalty * scale if scale else 0.0
+
+
 def _check_kind(kind: str) -> Callable[[int, int], float]:
     try:
         return REWARD_KINDS[kind]
@@ -211,9 +216,9 @@ def _score_view(view: TurnView, outputs: Sequence[Any], unsolved_set: Mapping[st
         return reward_of(solved, len(view.calls) + view.broken)
     # Markup before emptiness: a parser may leave unparsable blocks out of `content`.
     if view.markup:
-        return BROKEN_MARKUP_REWARD * format_penalty_scale if format_penalty_scale else 0.0
+        return _format_penalty(BROKEN_MARKUP_REWARD, format_penalty_scale)
     if not view.content:
-        return EMPTY_TURN_REWARD * format_penalty_scale if format_penalty_scale else 0.0
+        return _format_penalty(EMPTY_TURN_REWARD, format_penalty_scale)
     if answer_in(view.content, answer):
         return 1.0 / (1 + sum(len(answers) for answers in unsolved_set.values()))
     return SOLVED_BEFORE_REWARD if solve_rate == 1 else 0.0
@@ -419,7 +424,8 @@ def step_rewards(
     current unsolved_set. `semantics` is a key of REWARD_SEMANTICS (default: FTRL's own). `timeout`
     overrides the per-call timeout (default: FTRL's 10 s under "ftrl", else the sandbox's).
     `truncated[i]` says that turn i hit the token limit: its calls are not run and the no-call rules
-    score it (-0.3 if it holds tool-call markup, scaled by the kind's FORMAT_PENALTY_SCALE), as evaluation does not run them either.
+    score it (-0.3 if it holds tool-call markup, scaled by the kind's FORMAT_PENALTY_SCALE), as evaluation
+    does not run them either.
     """
     if len(responses) != len(samples):
         raise ValueError(f"got {len(responses)} responses but {len(samples)} samples; pass one sample per response")
