@@ -806,7 +806,7 @@ def _pool_from_episodes(episodes) -> list[Sample]:
 
 
 # Where step-mode RL prompts come from (`rl.prompt_source`).
-PROMPT_SOURCES = ("policy", "oracle")
+PROMPT_SOURCES = ("policy", "oracle", "initial")
 # Which drawn step-mode prompts may train (`rl.prompt_filter`): all, or those whose greedy turn does not succeed.
 PROMPT_FILTERS = ("none", "greedy_fails")
 
@@ -823,18 +823,26 @@ def check_oracle_plans(envs: Sequence[Sample]) -> None:
 
 def collect_prompt_pool(config, model_config, params, tokenizer, mesh, train, cursor, sandbox, seed):
     """The next RL prompts from `prompts_per_step * refresh_every / 2` training environments, shuffled, with the
-    advanced cursor and the episodes played (none for the oracle source).
+    advanced cursor and the episodes played (none for the oracle and initial sources).
 
     `rl.prompt_source="policy"` is FTRL's data: the current policy plays the environments, and every state after
     a tool-calling turn (and each fresh question) becomes an RL prompt, so an episode that keeps failing gives
     a prompt per failed turn. `"oracle"`: the states along each environment's oracle plan instead (the fresh
     question, then each state after an oracle turn and its tool responses), where the next turn can still
-    succeed.
+    succeed. `"initial"`: only the fresh questions (each environment's first turn), one prompt per environment,
+    from `prompts_per_step * refresh_every * sampling rounds` environments, so the steps until the next
+    collection draw each prompt once.
     """
     rc = config.rl
-    num_envs = max(1, rc.prompts_per_step * rc.refresh_every // 2)
+    if rc.prompt_source == "initial":
+        num_envs = rc.prompts_per_step * rc.refresh_every * _sampling_rounds(config)
+    else:
+        num_envs = max(1, rc.prompts_per_step * rc.refresh_every // 2)
     envs = [train[(cursor + i) % len(train)] for i in range(num_envs)]
-    if rc.prompt_source == "oracle":
+    if rc.prompt_source == "initial":
+        pool = [decode_sample(env) for env in envs]
+        episodes = []
+    elif rc.prompt_source == "oracle":
         check_oracle_plans(envs)
         conversations = warmstart.oracle_conversations(envs, sandbox)
         pool = [state for env, conversation in zip(envs, conversations)

@@ -370,6 +370,33 @@ def test_non_finite_loss_stops_the_run_with_what_to_do():
         _finite_loss({"loss": np.float32("nan")}, "RL", 3, "/w/ck", "rl.learning_rate")
 
 
+def test_initial_prompt_source_collects_each_fresh_question_once(tmp_path):
+    c = micro_config(tmp_path)
+    c.rl.prompt_source = "initial"
+    c.rl.prompts_per_step, c.rl.refresh_every = 2, 2  # 4 environments per collection: each step's prompts once
+    with Sandbox(num_workers=1) as sandbox:
+        environments, _ = build.build_environments(5, seed=3, sandbox=sandbox, batch_size=5)
+        train = [env.to_sample() for env in environments]
+        # No model is needed: nothing is played.
+        pool, cursor, episodes = collect_prompt_pool(c, None, None, None, None, train, 3, sandbox, seed=0)
+    assert cursor == 2 and episodes == []
+    visited = [train[3], train[4], train[0], train[1]]
+    by_question = {env.messages[-1]["content"]: env for env in visited}
+    assert len(by_question) == 4 and sorted(p.messages[-1]["content"] for p in pool) == sorted(by_question)
+    for prompt in pool:  # the environment's own first state: its messages, unsolved set and solve rate
+        env = by_question[prompt.messages[-1]["content"]]
+        assert (prompt.messages, prompt.unsolved_set, prompt.solve_rate) == (env.messages, env.unsolved_set,
+                                                                              env.solve_rate)
+    # With dynamic sampling's rounds, a collection covers every round of its steps.
+    c.rl.dynamic_sampling, c.rl.max_sampling_rounds = True, 2
+    pool, cursor, _ = collect_prompt_pool(c, None, None, None, None, train, 0, None, seed=0)
+    assert len(pool) == 8 and cursor == 3
+    check_config(c)
+    c.rl.mode = "trajectory"
+    with pytest.raises(TrainingError, match="use --config.rl.prompt_source=policy"):
+        check_config(c)
+
+
 def test_oracle_prompt_source_collects_the_states_along_each_oracle_plan(tmp_path):
     c = micro_config(tmp_path)
     c.rl.prompt_source = "oracle"
