@@ -822,8 +822,8 @@ def check_oracle_plans(envs: Sequence[Sample]) -> None:
 
 
 def collect_prompt_pool(config, model_config, params, tokenizer, mesh, train, cursor, sandbox, seed):
-    """The next RL prompts from `prompts_per_step * refresh_every / 2` training environments, shuffled, with the
-    advanced cursor and the episodes played (none for the oracle and initial sources).
+    """The next RL prompts from `prompts_per_step * refresh_every / 2` training environments (policy, oracle),
+    shuffled, with the advanced cursor and the episodes played (none for the oracle and initial sources).
 
     `rl.prompt_source="policy"` is FTRL's data: the current policy plays the environments, and every state after
     a tool-calling turn (and each fresh question) becomes an RL prompt, so an episode that keeps failing gives
@@ -831,11 +831,16 @@ def collect_prompt_pool(config, model_config, params, tokenizer, mesh, train, cu
     question, then each state after an oracle turn and its tool responses), where the next turn can still
     succeed. `"initial"`: only the fresh questions (each environment's first turn), one prompt per environment,
     from `prompts_per_step * refresh_every * sampling rounds` environments, so the steps until the next
-    collection draw each prompt once.
+    collection draw each prompt at most once; TrainingError when there are fewer training environments.
     """
     rc = config.rl
     if rc.prompt_source == "initial":
         num_envs = rc.prompts_per_step * rc.refresh_every * _sampling_rounds(config)
+        if num_envs > len(train):
+            raise TrainingError(f"config.rl.prompt_source='initial' draws {num_envs} distinct fresh questions per "
+                                f"collection (prompts_per_step x refresh_every x sampling rounds) but there are "
+                                f"{len(train)} training environments: raise --config.envs.num_train or lower "
+                                "rl.prompts_per_step / rl.refresh_every / rl.max_sampling_rounds")
     else:
         num_envs = max(1, rc.prompts_per_step * rc.refresh_every // 2)
     envs = [train[(cursor + i) % len(train)] for i in range(num_envs)]

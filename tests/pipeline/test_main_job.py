@@ -387,10 +387,12 @@ def test_initial_prompt_source_collects_each_fresh_question_once(tmp_path):
         env = by_question[prompt.messages[-1]["content"]]
         assert (prompt.messages, prompt.unsolved_set, prompt.solve_rate) == (env.messages, env.unsolved_set,
                                                                               env.solve_rate)
-    # With dynamic sampling's rounds, a collection covers every round of its steps.
+    # With dynamic sampling's rounds, a collection covers every round of its steps, with distinct questions.
     c.rl.dynamic_sampling, c.rl.max_sampling_rounds = True, 2
-    pool, cursor, _ = collect_prompt_pool(c, None, None, None, None, train, 0, None, seed=0)
-    assert len(pool) == 8 and cursor == 3
+    with pytest.raises(TrainingError, match="draws 8 distinct fresh questions.*there are 5 training environments"):
+        collect_prompt_pool(c, None, None, None, None, train, 0, None, seed=0)
+    pool, cursor, _ = collect_prompt_pool(c, None, None, None, None, train + train[:3], 0, None, seed=0)
+    assert len(pool) == 8 and cursor == 0
     check_config(c)
     c.rl.mode = "trajectory"
     with pytest.raises(TrainingError, match="use --config.rl.prompt_source=policy"):
