@@ -94,7 +94,7 @@ def _base() -> ml_collections.ConfigDict:
     c.rl.refresh_every = 4         # collect fresh RL prompts every k steps
     # Step mode's prompts: policy (FTRL's: states of episodes the current policy plays) | oracle (states along
     # each environment's oracle plan, where the next turn can still succeed) | initial (each environment's fresh
-    # question only, every prompt drawn once per collection)
+    # question only, every prompt drawn at most once per collection)
     c.rl.prompt_source = "policy"
     # Step mode with dynamic sampling: none | greedy_fails (groups kept for their rewards are rejected when their
     # prompt's greedy turn already earns success_threshold; with dynamic_sampling_require_success the batch then
