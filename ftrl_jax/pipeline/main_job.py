@@ -834,17 +834,16 @@ def collect_prompt_pool(config, model_config, params, tokenizer, mesh, train, cu
     collection draw each prompt at most once; TrainingError when there are fewer training environments.
     """
     rc = config.rl
-    if rc.prompt_source == "initial":
-        num_envs = rc.prompts_per_step * rc.refresh_every * _sampling_rounds(config)
-        if num_envs > len(train):
-            raise TrainingError(f"config.rl.prompt_source='initial' draws {num_envs} distinct fresh questions per "
-                                f"collection (prompts_per_step x refresh_every x sampling rounds) but there are "
-                                f"{len(train)} training environments: raise --config.envs.num_train or lower "
-                                "rl.prompts_per_step / rl.refresh_every / rl.max_sampling_rounds")
-    else:
-        num_envs = max(1, rc.prompts_per_step * rc.refresh_every // 2)
+    initial = rc.prompt_source == "initial"
+    num_envs = (rc.prompts_per_step * rc.refresh_every * _sampling_rounds(config) if initial
+                else max(1, rc.prompts_per_step * rc.refresh_every // 2))
+    if initial and num_envs > len(train):
+        raise TrainingError(f"config.rl.prompt_source='initial' draws {num_envs} distinct fresh questions per "
+                            f"collection (prompts_per_step x refresh_every x sampling rounds) but there are "
+                            f"{len(train)} training environments: raise --config.envs.num_train or lower "
+                            "rl.prompts_per_step / rl.refresh_every / rl.max_sampling_rounds")
     envs = [train[(cursor + i) % len(train)] for i in range(num_envs)]
-    if rc.prompt_source == "initial":
+    if initial:
         pool = [decode_sample(env) for env in envs]
         episodes = []
     elif rc.prompt_source == "oracle":

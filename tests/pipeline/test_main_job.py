@@ -387,7 +387,8 @@ def test_initial_prompt_source_collects_each_fresh_question_once(tmp_path):
         env = by_question[prompt.messages[-1]["content"]]
         assert (prompt.messages, prompt.unsolved_set, prompt.solve_rate) == (env.messages, env.unsolved_set,
                                                                               env.solve_rate)
-    # With dynamic sampling's rounds, a collection covers every round of its steps, with distinct questions.
+    # With dynamic sampling's rounds, a collection covers every round of its steps: 8 questions, more than the 5
+    # environments hold (an error), then from a training list long enough (here the 5 and 3 of them again).
     c.rl.dynamic_sampling, c.rl.max_sampling_rounds = True, 2
     with pytest.raises(TrainingError, match="draws 8 distinct fresh questions.*there are 5 training environments"):
         collect_prompt_pool(c, None, None, None, None, train, 0, None, seed=0)
