@@ -32,11 +32,16 @@ failure). Per scenario type and over all states (fractions in [0, 1], rewards in
                              `scale_by_std=True`): share of states whose samples' rewards differ, and the share of
                              the positive advantages that lands on samples scoring at most zero (no call and no
                              answer, or a format penalty), pushed up only because a group-mate scored below them
+
+It also counts the string argument values of the greedy turns' calls that occur nowhere in their prompt (question,
+tool results and tool schemas) and names the most frequent ones: on first turns, a name the policy wrote from
+memory instead of copying it (`values_not_in_prompt`). The output file adds the greedy turns' texts.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -114,15 +119,39 @@ def states_of(samples: Sequence[Any], kind: str, sandbox: Any) -> tuple[list[Any
 
 
 def turn_rewards(policy: Any, states: Sequence[Any], repeats: int, sandbox: Any, *, reward_kind: str = "f1",
-                 semantics: str = "ftrl") -> tuple[np.ndarray, np.ndarray]:
+                 semantics: str = "ftrl") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """`[len(states), repeats]` float step rewards of `policy`'s turns from each state, scored as RL scores them
-    (`pipeline.main_job.scored_turns`), and `[len(states)]` bool:
-    the policy refused a state's prompt as too long (its turns are empty; leave such states out)."""
+    (`pipeline.main_job.scored_turns`), `[len(states)]` bool: the policy refused a state's prompt as too long
+    (its turns are empty; leave such states out), and the turns' texts, state-major."""
     from ftrl_jax.pipeline.main_job import scored_turns
 
     turns, scores = scored_turns(policy, states, repeats, sandbox, reward_kind=reward_kind, semantics=semantics)
     too_long = np.asarray([t.prompt_too_long for t in turns], bool).reshape(len(states), repeats)
-    return np.asarray(scores, np.float64).reshape(len(states), repeats), too_long.any(axis=1)
+    return (np.asarray(scores, np.float64).reshape(len(states), repeats), too_long.any(axis=1),
+            [t.text for t in turns])
+
+
+def _string_values(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _string_values(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _string_values(v)]
+    return []
+
+
+def values_not_in_prompt(text: str, messages: Sequence[dict[str, Any]], tools: Sequence[Any]) -> tuple[int, list[str]]:
+    """The number of string argument values (nested ones included) in the tool calls of a generated turn `text`
+    (Qwen format), and those of them that occur nowhere in the prompt: the messages' contents and the tool
+    schemas (JSON), compared as exact substrings. On a question's first turn every value a correct call needs
+    stands in the question or the schemas, so a value from elsewhere is one the policy wrote from memory (an
+    entity of another question, say) or invented."""
+    from ftrl_jax.text.tool_calls import parse_qwen_turn
+
+    prompt = "\n".join([str(m.get("content") or "") for m in messages] + [json.dumps(list(tools))])
+    values = [v for call in parse_qwen_turn(text).tool_calls for v in _string_values(call.arguments)]
+    return len(values), [v for v in values if v not in prompt]
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -185,12 +214,14 @@ def main(argv: Sequence[str]) -> int:
     with Sandbox() as sandbox:
         try:
             states, env_index = states_of(samples, args.states, sandbox)
-            greedy, too_long = turn_rewards(greedy_policy, states, 1, sandbox, reward_kind=args.reward_kind)
+            greedy, too_long, greedy_texts = turn_rewards(greedy_policy, states, 1, sandbox,
+                                                          reward_kind=args.reward_kind)
             kept = np.flatnonzero(~too_long)
             states, env_index, greedy = [states[i] for i in kept], [env_index[i] for i in kept], greedy[kept, 0]
+            greedy_texts = [greedy_texts[i] for i in kept]
             if not states:
                 return cli.fail(f"every prompt is longer than --max_prompt_tokens={args.max_prompt_tokens}")
-            sampled, _ = turn_rewards(sampler, states, args.num_samples, sandbox, reward_kind=args.reward_kind)
+            sampled, _, _ = turn_rewards(sampler, states, args.num_samples, sandbox, reward_kind=args.reward_kind)
         except ValueError as exc:
             return cli.fail(exc)
     sources = [s.data_source for s in states]
@@ -209,6 +240,13 @@ def main(argv: Sequence[str]) -> int:
               f"{_cell(f['sampled_success_greedy_fails'])} | {_cell(f['successes_where_greedy_fails'])} | "
               f"{f['greedy_reward']:.3f} / {f['sampled_reward']:.3f} | {f['groups_mixed']:.3f} | "
               f"{f['positive_advantage_on_failures']:.3f} |")
+    num_values, foreign = 0, []
+    for state, text in zip(states, greedy_texts):
+        count, elsewhere = values_not_in_prompt(text, state.messages, state.tools)
+        num_values, foreign = num_values + count, foreign + elsewhere
+    common = Counter(foreign).most_common(5)
+    print(f"greedy calls' string argument values not in the prompt: {len(foreign)} of {num_values}"
+          + (f"; most often: {', '.join(f'{v!r} x{n}' for v, n in common)}" if common else ""))
     if args.output:
         settings = {k: getattr(args, k) for k in ("model", "data", "states", "num", "temperature", "num_samples",
                                                   "seed", "template", "max_new_tokens", "max_prompt_tokens",
@@ -216,7 +254,9 @@ def main(argv: Sequence[str]) -> int:
         with open(args.output, "w") as f:
             json.dump({**settings, "num_envs": len(samples), "states_too_long": int(too_long.sum()),
                        "figures": table, "data_source": sources, "env_index": env_index,
-                       "greedy_rewards": greedy.tolist(), "sampled_rewards": sampled.tolist()}, f, indent=2)
+                       "greedy_rewards": greedy.tolist(), "sampled_rewards": sampled.tolist(),
+                       "greedy_texts": greedy_texts, "greedy_values": num_values,
+                       "greedy_values_not_in_prompt": foreign}, f, indent=2)
     return 0
 
 

@@ -59,6 +59,20 @@ def test_figures_reject_mismatched_shapes():
         headroom.figures_by_source(np.zeros(2), np.zeros((2, 1)), ["a"])
 
 
+def test_values_not_in_prompt_counts_every_string_value_and_returns_those_from_elsewhere():
+    messages = [{"role": "user", "content": "Question: which river flows through Pretei?"},
+                {"role": "tool", "content": None}]
+    tools = [{"type": "function", "function": {"name": "city_info", "parameters": {"properties": {
+        "field": {"type": "string", "enum": ["main_river", "mayor"]}}}}}]
+    text = ('<tool_call>\n{"name": "city_info", "arguments": {"city_name": "Pretei", "field": "main_river"}}\n'
+            '</tool_call>\n<tool_call>\n{"name": "city_info", "arguments": {"city_name": "Zeirkville", '
+            '"field": "main_river", "days": 3, "aliases": ["Pretei", "Old Pretei"]}}\n</tool_call>')
+    count, elsewhere = headroom.values_not_in_prompt(text, messages, tools)
+    assert count == 6  # numbers are not string values; strings in lists count
+    assert elsewhere == ["Zeirkville", "Old Pretei"]
+    assert headroom.values_not_in_prompt("The river is unknown.", messages, tools) == (0, [])
+
+
 def test_figures_by_source_groups_and_adds_all():
     table = headroom.figures_by_source(np.array([1.0, 0.0, 0.0]), np.array([[1.0], [1.0], [0.0]]), ["b", "a", "b"])
     assert list(table) == ["a", "b", "all"]
@@ -96,6 +110,9 @@ def test_command_at_temperature_zero_samples_the_greedy_turn(held_out_file, tmp_
     assert [result["data_source"][result["env_index"].index(i)] for i in range(len(envs))] == \
         [e.data_source for e in envs]
     assert result["reward_kind"] == "f1" and result["max_prompt_tokens"] == 1024
+    # The greedy turns come back with the count of their string argument values from outside the prompt.
+    assert len(result["greedy_texts"]) == len(greedy) and result["greedy_values"] > 0
+    assert len(result["greedy_values_not_in_prompt"]) <= result["greedy_values"]
 
 
 def test_command_reports_bad_input(held_out_file, tmp_path, capsys):
