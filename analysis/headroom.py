@@ -35,7 +35,8 @@ failure). Per scenario type and over all states (fractions in [0, 1], rewards in
 
 It also counts the string argument values of the greedy turns' calls that occur nowhere in their prompt (question,
 tool results and tool schemas) and names the most frequent ones: on first turns, a name the policy wrote from
-memory instead of copying it (`values_not_in_prompt`). The output file adds the greedy turns' texts.
+memory instead of copying it (`values_not_in_prompt`), and in how many failing and successful greedy turns such a
+value stands. The output file adds the greedy turns' texts.
 """
 
 from __future__ import annotations
@@ -240,12 +241,17 @@ def main(argv: Sequence[str]) -> int:
               f"{_cell(f['sampled_success_greedy_fails'])} | {_cell(f['successes_where_greedy_fails'])} | "
               f"{f['greedy_reward']:.3f} / {f['sampled_reward']:.3f} | {f['groups_mixed']:.3f} | "
               f"{f['positive_advantage_on_failures']:.3f} |")
-    num_values, foreign = 0, []
+    num_values, foreign, writes_foreign = 0, [], []
     for state, text in zip(states, greedy_texts):
         count, elsewhere = values_not_in_prompt(text, state.messages, state.tools)
         num_values, foreign = num_values + count, foreign + elsewhere
+        writes_foreign.append(bool(elsewhere))
+    writes_foreign = np.asarray(writes_foreign, bool)
+    wins = greedy >= args.success_threshold
     common = Counter(foreign).most_common(5)
-    print(f"greedy calls' string argument values not in the prompt: {len(foreign)} of {num_values}"
+    print(f"greedy calls' string argument values not in the prompt: {len(foreign)} of {num_values}, in "
+          f"{int(writes_foreign[~wins].sum())} of {int((~wins).sum())} failing and {int(writes_foreign[wins].sum())} "
+          f"of {int(wins.sum())} successful greedy turns"
           + (f"; most often: {', '.join(f'{v!r} x{n}' for v, n in common)}" if common else ""))
     if args.output:
         settings = {k: getattr(args, k) for k in ("model", "data", "states", "num", "temperature", "num_samples",
@@ -256,7 +262,8 @@ def main(argv: Sequence[str]) -> int:
                        "figures": table, "data_source": sources, "env_index": env_index,
                        "greedy_rewards": greedy.tolist(), "sampled_rewards": sampled.tolist(),
                        "greedy_texts": greedy_texts, "greedy_values": num_values,
-                       "greedy_values_not_in_prompt": foreign}, f, indent=2)
+                       "greedy_values_not_in_prompt": foreign,
+                       "greedy_writes_value_not_in_prompt": writes_foreign.tolist()}, f, indent=2)
     return 0
 
 

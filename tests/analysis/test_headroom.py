@@ -113,6 +113,8 @@ def test_command_at_temperature_zero_samples_the_greedy_turn(held_out_file, tmp_
     # The greedy turns come back with the count of their string argument values from outside the prompt.
     assert len(result["greedy_texts"]) == len(greedy) and result["greedy_values"] > 0
     assert len(result["greedy_values_not_in_prompt"]) <= result["greedy_values"]
+    writes = result["greedy_writes_value_not_in_prompt"]
+    assert len(writes) == len(greedy) and (sum(writes) > 0) == bool(result["greedy_values_not_in_prompt"])
 
 
 def test_command_reports_bad_input(held_out_file, tmp_path, capsys):
