@@ -142,17 +142,33 @@ def _string_values(value: Any) -> list[str]:
     return []
 
 
+def _prompt_strings(value: Any) -> list[str]:
+    # Every string of a message or schema, and the string leaves of those that are JSON text (tool results).
+    out = []
+    for text in _string_values(value):
+        out.append(text)
+        if text.lstrip().startswith(("{", "[")):
+            try:
+                out.extend(_string_values(json.loads(text)))
+            except ValueError:
+                pass
+    return out
+
+
 def values_not_in_prompt(text: str, messages: Sequence[dict[str, Any]], tools: Sequence[Any]) -> tuple[int, list[str]]:
     """The number of string argument values (nested ones included) in the tool calls of a generated turn `text`
-    (Qwen format), and those of them that occur nowhere in the prompt: the messages' contents and the tool
-    schemas (JSON), compared as exact substrings. On a question's first turn every value a correct call needs
-    stands in the question or the schemas, so a value from elsewhere is one the policy wrote from memory (an
-    entity of another question, say) or invented."""
+    (Qwen format, the one FTRL's reward reads), and those of them that occur nowhere in the prompt: in no string
+    of the messages (contents, earlier calls' arguments, and the decoded strings of JSON tool results) or of the
+    tool schemas, compared as exact substrings of the decoded text (no JSON escaping). On a question's first turn
+    every value a correct call needs stands in the question or the schemas, so a value from elsewhere is one the
+    policy wrote from memory (an entity of another question, say) or invented (a field value no schema offers).
+    Messages are dicts (`role`, `content`, optional `tool_calls`), tools JSON-like schemas."""
     from ftrl_jax.text.tool_calls import parse_qwen_turn
 
-    prompt = "\n".join([str(m.get("content") or "") for m in messages] + [json.dumps(list(tools))])
+    haystack = "\n".join(_prompt_strings([[m.get("content"), m.get("tool_calls")] for m in messages])
+                         + _prompt_strings(list(tools)))
     values = [v for call in parse_qwen_turn(text).tool_calls for v in _string_values(call.arguments)]
-    return len(values), [v for v in values if v not in prompt]
+    return len(values), [v for v in values if v not in haystack]
 
 
 def define_flags(fv: flags.FlagValues) -> None:

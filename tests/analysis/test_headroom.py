@@ -73,6 +73,21 @@ def test_values_not_in_prompt_counts_every_string_value_and_returns_those_from_e
     assert headroom.values_not_in_prompt("The river is unknown.", messages, tools) == (0, [])
 
 
+def test_values_not_in_prompt_reads_decoded_text_tool_results_and_earlier_calls():
+    # Schemas, tool results and earlier calls are searched as decoded strings: a value with quotes or accents
+    # that the prompt holds only in JSON-escaped form still counts as found.
+    messages = [{"role": "user", "content": "Who runs the museum?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "lookup", "arguments": {"city": "Köln"}}}]},
+                {"role": "tool", "content": json.dumps({"museum": 'Old "Royal" Hall'})}]
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"properties": {
+        "field": {"type": "string", "enum": ["Café Müller"]}}}}}]
+    call = {"name": "lookup", "arguments": {"museum": 'Old "Royal" Hall', "city": "Köln", "field": "Café Müller",
+                                            "mayor": "Zed"}}
+    text = f"<tool_call>\n{json.dumps(call, ensure_ascii=False)}\n</tool_call>"
+    assert headroom.values_not_in_prompt(text, messages, tools) == (4, ["Zed"])
+
+
 def test_figures_by_source_groups_and_adds_all():
     table = headroom.figures_by_source(np.array([1.0, 0.0, 0.0]), np.array([[1.0], [1.0], [0.0]]), ["b", "a", "b"])
     assert list(table) == ["a", "b", "all"]
@@ -89,7 +104,7 @@ def held_out_file(tmp_path_factory):
     return str(path), envs
 
 
-def test_command_at_temperature_zero_samples_the_greedy_turn(held_out_file, tmp_path):
+def test_command_at_temperature_zero_samples_the_greedy_turn(held_out_file, tmp_path, capsys):
     # Sampling at temperature 0 is greedy decoding: every sample is the greedy turn, so nothing is flippable
     # and the samples succeed exactly where greedy does.
     path, envs = held_out_file
@@ -115,6 +130,10 @@ def test_command_at_temperature_zero_samples_the_greedy_turn(held_out_file, tmp_
     assert len(result["greedy_values_not_in_prompt"]) <= result["greedy_values"]
     writes = result["greedy_writes_value_not_in_prompt"]
     assert len(writes) == len(greedy) and (sum(writes) > 0) == bool(result["greedy_values_not_in_prompt"])
+    fails = greedy < 1.0
+    split = (f"in {sum(w for w, f in zip(writes, fails) if f)} of {int(fails.sum())} failing and "
+             f"{sum(w for w, f in zip(writes, fails) if not f)} of {int((~fails).sum())} successful greedy turns")
+    assert split in capsys.readouterr().out
 
 
 def test_command_reports_bad_input(held_out_file, tmp_path, capsys):
