@@ -50,6 +50,7 @@ import numpy as np
 from absl import flags
 
 from experiments import cli
+from ftrl_jax.envs.build import string_values
 from ftrl_jax.envs.rewards import REWARD_KINDS
 from ftrl_jax.rl.advantages import group_signal
 
@@ -132,24 +133,14 @@ def turn_rewards(policy: Any, states: Sequence[Any], repeats: int, sandbox: Any,
             [t.text for t in turns])
 
 
-def _string_values(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _string_values(v)]
-    if isinstance(value, list):
-        return [s for v in value for s in _string_values(v)]
-    return []
-
-
 def _prompt_strings(value: Any) -> list[str]:
     # Every string of a message or schema, and the string leaves of those that are JSON text (tool results).
     out = []
-    for text in _string_values(value):
+    for text in string_values(value):
         out.append(text)
         if text.lstrip().startswith(("{", "[")):
             try:
-                out.extend(_string_values(json.loads(text)))
+                out.extend(string_values(json.loads(text)))
             except ValueError:
                 pass
     return out
@@ -167,7 +158,7 @@ def values_not_in_prompt(text: str, messages: Sequence[dict[str, Any]], tools: S
 
     haystack = "\n".join(_prompt_strings([[m.get("content"), m.get("tool_calls")] for m in messages])
                          + _prompt_strings(list(tools)))
-    values = [v for call in parse_qwen_turn(text).tool_calls for v in _string_values(call.arguments)]
+    values = [v for call in parse_qwen_turn(text).tool_calls for v in string_values(call.arguments)]
     return len(values), [v for v in values if v not in haystack]
 
 
@@ -257,12 +248,10 @@ def main(argv: Sequence[str]) -> int:
               f"{_cell(f['sampled_success_greedy_fails'])} | {_cell(f['successes_where_greedy_fails'])} | "
               f"{f['greedy_reward']:.3f} / {f['sampled_reward']:.3f} | {f['groups_mixed']:.3f} | "
               f"{f['positive_advantage_on_failures']:.3f} |")
-    num_values, foreign, writes_foreign = 0, [], []
-    for state, text in zip(states, greedy_texts):
-        count, elsewhere = values_not_in_prompt(text, state.messages, state.tools)
-        num_values, foreign = num_values + count, foreign + elsewhere
-        writes_foreign.append(bool(elsewhere))
-    writes_foreign = np.asarray(writes_foreign, bool)
+    counted = [values_not_in_prompt(text, state.messages, state.tools) for state, text in zip(states, greedy_texts)]
+    num_values = sum(count for count, _ in counted)
+    foreign = [value for _, elsewhere in counted for value in elsewhere]
+    writes_foreign = np.asarray([bool(elsewhere) for _, elsewhere in counted], bool)
     wins = greedy >= args.success_threshold
     common = Counter(foreign).most_common(5)
     print(f"greedy calls' string argument values not in the prompt: {len(foreign)} of {num_values}, in "

@@ -70,15 +70,17 @@ class BuiltEnvironment:
 
 # --- validation (pure) -------------------------------------------------------------------
 
-def _string_values(value: Any) -> Iterator[str]:
+def string_values(value: Any) -> Iterator[str]:
+    """Every string in a JSON-like value (a call's arguments, a schema), nested dicts, lists and tuples included,
+    in order; other leaves (numbers, booleans, None) are skipped."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
         for v in value.values():
-            yield from _string_values(v)
+            yield from string_values(v)
     elif isinstance(value, (list, tuple)):
         for v in value:
-            yield from _string_values(v)
+            yield from string_values(v)
 
 
 def validate(environment: Environment, outputs: Sequence[Sequence[str]]) -> str | None:
@@ -106,7 +108,7 @@ def validate(environment: Environment, outputs: Sequence[Sequence[str]]) -> str 
     documents = {t.name: json.dumps(t.schema(), ensure_ascii=False).lower() for t in environment.tools}
     for turn, turn_outputs in zip(plan, outputs):
         for name, case in turn:
-            for value in _string_values(dict(case.arguments)):
+            for value in string_values(dict(case.arguments)):
                 # A value may come from the task (question, earlier outputs) or the tool's own
                 # document (a selector's allowed values).
                 if value.lower() not in known and value.lower() not in documents[name]:
