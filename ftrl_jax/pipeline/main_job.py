@@ -431,13 +431,13 @@ def _sample_texts(sample: Sample, template: str) -> list[str]:
 def model_path(config) -> str:
     """The checkpoint directory the job starts from, "" for a randomly initialised `model.preset`.
 
-    `model.path` is a directory or a shipped policy's name (`ftrl_jax.policies`). On the tiny preset, the
-    default `tiny-instruct` with `warmup.num_steps > 0` means training from scratch: random initialisation, the
-    embedded tokenizer, then the warm start (to warm-start the shipped policy itself, pass its directory,
-    `ftrl_jax.policies.path("tiny-instruct")`).
+    `model.path` is a directory or a shipped policy's name (`ftrl_jax.policies`). On the tiny preset, a shipped
+    policy's name (the default `tiny-instruct`, or `tiny-pool8`) with `warmup.num_steps > 0` means training from
+    scratch: random initialisation, the embedded tokenizer, then the warm start (to warm-start a shipped policy
+    itself, pass its directory, `ftrl_jax.policies.path(name)`).
     """
     path = config.model.path
-    if config.preset == "tiny" and path == policies.TINY_DEFAULT and config.warmup.num_steps > 0:
+    if config.preset == "tiny" and path in policies.SHIPPED and config.warmup.num_steps > 0:
         return ""
     return policies.resolve(path)
 
@@ -863,14 +863,14 @@ def collect_prompt_pool(config, model_config, params, tokenizer, mesh, train, cu
 
 def _policy_dir(config, policy_dir: str | None) -> str:
     """The checkpoint to sample from: the given one (a directory or a shipped policy's name), else the config's
-    model when it names one explicitly, else this workdir's trained policy (export, then warmstart), else the
-    tiny preset's shipped starting policy."""
+    model when it names one explicitly (a shipped policy's name is the preset's start, not an explicit choice),
+    else this workdir's trained policy (export, then warmstart), else the config's shipped starting policy."""
     workdir = os.path.abspath(config.workdir)
     trained = [os.path.join(workdir, "export"), os.path.join(workdir, "warmstart")]
     start = model_path(config)
     if policy_dir:
         candidates = [policies.resolve(policy_dir)]
-    elif start and config.model.path != policies.TINY_DEFAULT:
+    elif start and config.model.path not in policies.SHIPPED:
         candidates = [start]
     else:
         candidates = trained + ([start] if start else [])

@@ -5,6 +5,11 @@
 safetensors, config, its own tokenizer with the Qwen2.5 chat template, `recipe.json` and a model card with the
 command, data, steps, wall time and held-out scores. It is the embedded default's starting policy
 (`configs/qwen.py`: `model.path="tiny-instruct"`), as FTRL starts RL from instruction-tuned models.
+
+`tiny-pool8` (`tiny_pool8/`): the `tiny` model warm-started by the main job for 600 steps on oracle conversations
+in a world of 8 names per type (`pool=8,relations=12,fixed_names=1`), float32 as it was trained, with its own
+tokenizer, `recipe.json` and a model card. The `tiny-pool8` config preset (`configs/qwen.py:tiny-pool8`) starts
+from it; shipping the policy keeps the start of that preset's runs the same on every machine and seed.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # name -> folder of this package
-SHIPPED = {"tiny-instruct": "tiny_instruct"}
+SHIPPED = {"tiny-instruct": "tiny_instruct", "tiny-pool8": "tiny_pool8"}
 # The tiny preset's default `model.path` (configs/qwen.py).
 TINY_DEFAULT = "tiny-instruct"
 
