@@ -1,7 +1,8 @@
 """FTRL's RL data to a file: `python -m experiments.sample --config=configs/qwen.py[:PRESET] --output=FILE`.
 
-The policy (`--model=DIR` or a shipped policy's name, else a `--config.model.path` given explicitly, else
-WORKDIR/export, else WORKDIR/warmstart, else the preset's shipped start, `tiny-instruct` or `tiny-pool8`) plays
+The policy (`--model=DIR` or a shipped policy's name, else a `--config.model.path` directory (a shipped name
+there is the preset's start, tried last), else WORKDIR/export, else WORKDIR/warmstart, else the preset's shipped
+start, `tiny-instruct` or `tiny-pool8`) plays
 the config's training environments multi-turn (built into WORKDIR/envs if not there yet). Every state right
 after a tool-calling turn becomes an RL prompt: the messages so far, the unsolved set reduced by the answers
 already found, and its solve rate; each fresh question is one too. They are written in the sample format

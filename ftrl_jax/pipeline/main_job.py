@@ -92,8 +92,9 @@ def check_config(config) -> None:
     path = model_path(config)
     if config.preset == "tiny" and not path and config.warmup.num_steps <= 0:
         raise TrainingError("config.model.path is empty and config.warmup.num_steps=0: RL would start from a random "
-                            f"model; leave model.path at {policies.TINY_DEFAULT!r} (the shipped policy), pass a "
-                            "checkpoint directory, or train from scratch with --config.warmup.num_steps=N")
+                            "model; leave model.path at the preset's shipped policy "
+                            f"({policies.TINY_DEFAULT!r} on the default), pass a checkpoint directory, or train from "
+                            "scratch with --config.warmup.num_steps=N")
     if path and not os.path.isfile(os.path.join(path, "config.json")):
         raise TrainingError(f"--config.model.path={config.model.path!r} has no config.json (a Hugging Face "
                             f"checkpoint directory, or a shipped policy: {', '.join(sorted(policies.SHIPPED))})")

@@ -4,6 +4,7 @@ held-out environments of its world as its model card says."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
@@ -57,13 +58,14 @@ def test_recipe_names_its_world_and_training_side_data(recipe):
     config = qwen.get_config(qwen.TINY_POOL8)
     assert recipe["world"] == qwen.POOL8_WORLD == config.envs.world
     assert f"--config.envs.world={qwen.POOL8_WORLD}" in recipe["command"]
-    # The recipe rebuilds the environments the warm start drew from (512, 498 distinct prompts in a world this
-    # small); the main job's validation set then leaves them out. None of them is a held-out question of the
-    # seeds the card scores.
+    # The recipe rebuilds the environments of the run that made it (512, 498 distinct prompts in a world this
+    # small; the hash is of that run's envs/train.jsonl prompts); the main job's validation set then leaves them
+    # out. None of them is a held-out question of the seeds the card scores.
     prompts = main_job.policy_training_prompts(config)
     assert recipe["config"]["envs"]["num"] == 512 and recipe["imitated_envs"] == 256 and len(prompts) == 498
+    assert hashlib.sha256("\n".join(sorted(prompts)).encode()).hexdigest()[:16] == "1c958931905f5a15"
     with Sandbox() as sandbox:
-        for build_seed in (2, 1002):
+        for build_seed in (2, 1002, 2002):
             held = main_job.build_split("eval", 64, build_seed, kinds=main_job._kinds(config), complexity="low",
                                         world=config.envs.world, sandbox=sandbox)
             questions = {s.messages[0]["content"] for s in held}
