@@ -16,10 +16,8 @@ from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.envs.world import TINY_WORLD
 from ftrl_jax.models.checkpoint_io import SafetensorsFile
 from ftrl_jax.pipeline import main_job
-from ftrl_jax.rollout.evaluation import evaluate
-from ftrl_jax.rollout.policy import LocalPolicy
-from ftrl_jax.text.chat import render_conversation
 from ftrl_jax.text.tokenizer import build_default_tokenizer, load_tokenizer
+from tests.policies.shipped_checks import assert_round_trips_chat_template, greedy_solve_f1
 
 PATH = policies.path("tiny-instruct")
 
@@ -78,14 +76,9 @@ def test_recipe_is_the_config_defaults_and_the_main_job_world(recipe):
 
 
 def test_tokenizer_round_trips_the_chat_template(held_out):
+    # The chat template it ships renders exactly what the native Qwen2.5 renderer does.
+    assert_round_trips_chat_template(PATH, held_out)
     tokenizer = load_tokenizer(PATH)
-    for sample in held_out:
-        text = render_conversation(sample.messages, sample.tools, template="qwen2.5")
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        assert tokenizer.decode(ids, skip_special_tokens=False) == text
-        # The chat template it ships renders exactly what the native Qwen2.5 renderer does.
-        assert tokenizer.apply_chat_template(sample.messages, tools=sample.tools, tokenize=False,
-                                             add_generation_prompt=True) == text
     for special in ("<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<|endoftext|>"):
         assert len(tokenizer.encode(special, add_special_tokens=False)) == 1, special
 
@@ -129,10 +122,5 @@ def test_main_job_default_starts_from_it_and_warmup_trains_from_scratch(tmp_path
 def test_it_plays_held_out_environments_greedily(held_out):
     # The card's held-out scores come from these environments (its 256 begin with these 8): the first ones of
     # each scenario type played greedily, as the main job's evaluation does, must score.
-    model_config, params = models.load_pretrained(PATH, dtype="float32")
-    policy = LocalPolicy(model_config, params, load_tokenizer(PATH), template="qwen2.5", max_new_tokens=96,
-                         temperature=0.0, seed=0)
-    with Sandbox() as sandbox:
-        report = evaluate(policy, held_out, max_turns=6, sandbox=sandbox)
-    f1 = [row["solve_f1"] for row in report.episodes]
+    f1 = greedy_solve_f1(PATH, held_out)
     assert len(f1) == 8 and np.mean(f1) >= 0.25, f1  # 0.46 when shipped
