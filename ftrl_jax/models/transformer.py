@@ -110,7 +110,18 @@ def _dot_accumulate_f32(lhs, rhs, dimension_numbers, precision=None, preferred_e
     XLA:CPU runs bf16 x bf16 -> f32 ~3x faster than bf16 -> bf16 or f32 x f32.
     """
     del preferred_element_type
-    out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
+    (lhs_contract, rhs_contract), batch_dims = dimension_numbers
+    if (lhs.ndim > 2 and rhs.ndim == 2 and batch_dims == ((), ()) and tuple(lhs_contract) == (lhs.ndim - 1,)
+            and tuple(rhs_contract) == (0,)):
+        # A projection of [..., D] rows: run it as one [N, D] x [D, F] matmul. The gradient of the kernel is
+        # then a plain 2-D matmul too; with the rows left as [B, T, D], XLA:CPU contracts over two axes through
+        # transposing copies that cost about as much as the whole backward pass besides.
+        out = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())),
+                                  precision=precision, preferred_element_type=jnp.float32)
+        out = out.reshape(*lhs.shape[:-1], rhs.shape[-1])
+    else:
+        out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                  preferred_element_type=jnp.float32)
     return out.astype(jnp.result_type(lhs, rhs))
 
 

@@ -1138,9 +1138,13 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
         stats.update(sampling)
         t_sample = time.perf_counter() - t0
         batch = {k: jnp.asarray(v) for k, v in arrays.items()}
-        batch["old_logprobs"] = logprob_fn(state.params, batch)
+        if rc.num_minibatches > 1:
+            # With one mini-batch the update is on-policy and takes its own log-probs as the old ones.
+            batch["old_logprobs"] = logprob_fn(state.params, batch)
         if loss_cfg.kl_coef:
             batch["ref_logprobs"] = logprob_fn(ref_params, batch)
+        jax.block_until_ready(batch)
+        t_logprob = time.perf_counter() - t0 - t_sample
         mask = response_mask(batch)
         advantages = compute_advantages(rc.algorithm, jnp.asarray(scores), mask.reshape(len(scores), -1),
                                         group_size=rc.num_rollouts, **estimator_kw)
@@ -1154,7 +1158,7 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
                                            if k in arrays))
         # The rate of this step's last update (state.step counts updates done).
         logger.log("rl", step + 1, {**metrics, **stats, "step_time": dt, "sample_time": t_sample,
-                                    "tokens_per_sec": tokens / dt, "learning_rate": float(lr_at(int(state.step) - 1))})
+                                    "logprob_time": t_logprob, "tokens_per_sec": tokens / dt, "learning_rate": float(lr_at(int(state.step) - 1))})
         bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{float(metrics.get('kl', 0.0)):.4f}")
         # Hooks first: a run killed inside one has no checkpoint of this step yet, so it replays the step.
         if on_step is not None:

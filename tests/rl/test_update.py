@@ -192,6 +192,27 @@ def test_zero_advantages_without_kl_or_entropy_leave_params_unchanged():
     assert int(state.step) == 1
 
 
+def test_one_minibatch_without_old_logprobs_is_the_on_policy_update():
+    """Left out with one mini-batch, the old log-probs are the update's own (verl's `on_policy`): the same
+    update as with the sampling policy's log-probs passed in, ratio 1, nothing clipped."""
+    on_policy = dict(_batch(), old_logprobs=_logprob_fn()(init_params(CONFIG), _batch()["tokens"],
+                                                           _batch()["attention_mask"]))
+    given, given_metrics = _step()(_fresh_state(), on_policy)
+    own, own_metrics = _step()(_fresh_state(), {k: v for k, v in on_policy.items() if k != "old_logprobs"})
+    assert _max_change(given.params, init_params(CONFIG)) > 1e-3
+    _assert_trees_close(own.params, given.params, atol=1e-6)
+    for name in ("loss", "pg_loss", "kl", "entropy", "grad_norm"):
+        np.testing.assert_allclose(float(own_metrics[name]), float(given_metrics[name]), rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+    assert float(own_metrics["clip_fraction"]) == 0.0 and float(own_metrics["approx_kl"]) == 0.0
+
+
+def test_minibatches_without_old_logprobs_are_a_clear_error():
+    batch = {k: v for k, v in _batch().items() if k != "old_logprobs"}
+    with pytest.raises(ValueError, match="num_minibatches=2 batch is missing \\['old_logprobs'\\]"):
+        _step(num_minibatches=2)(_fresh_state(), batch)
+
+
 def test_missing_reference_logprobs_with_kl_is_a_clear_error():
     batch = {k: v for k, v in _batch().items() if k != "ref_logprobs"}
     with pytest.raises(ValueError, match="kl_coef=0.05 batch is missing \\['ref_logprobs'\\]"):
