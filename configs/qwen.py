@@ -1,12 +1,14 @@
 """Training configs: `--config=configs/qwen.py[:PRESET]`.
 
-No preset means `tiny`, the embedded default that runs end to end on a CPU in minutes: procedural environments
-in the tiny world, and RL from the shipped tiny instruct policy (`ftrl_jax/policies/tiny_instruct`, made by
-`python -m experiments.pretrain --config=configs/tiny.py`) with its own tokenizer, as FTRL starts from
-instruction-tuned models. `--config.warmup.num_steps=N` trains the `tiny` model from scratch instead (random
-initialisation, the embedded tokenizer, N warm-start steps on oracle trajectories). `tiny-pool8` starts from the
-shipped `tiny-pool8` policy in its world of 8 names per type, with the RL settings that gained there (first turns,
-the greedy-fails filter, 64 steps; 28-34 minutes a seed on 2 CPU cores). The other presets carry the
+No preset means `tiny`, the embedded default that runs end to end on a CPU in about 15 minutes: procedural
+environments in the pool-8 world (8 recurring names per type), and RL from the shipped `tiny-pool8` policy
+(`ftrl_jax/policies/tiny_pool8`, the tiny model warm-started on oracle conversations of that world) with its own
+tokenizer, as FTRL starts from instruction-tuned models: 32 steps on each environment's first turn, trained on
+groups whose prompt's greedy turn fails while a sample succeeds. `--config.warmup.num_steps=N` trains the `tiny`
+model from scratch instead (random initialisation, the embedded tokenizer, N warm-start steps on oracle
+trajectories). `tiny-pool8` is the same recipe for 64 steps (28-34 minutes a seed on 2 CPU cores), the one the
+README's three-seed table ran. `tiny-instruct` is the earlier default: RL from the shipped `tiny-instruct` policy
+in the tiny world (256 names per type) on the policy's own episodes, all parameters. The other presets carry the
 FTRL paper's settings and need `--config.model.path=DIR` (a local Hugging Face checkpoint directory). Every
 field can be overridden on the command line, e.g. `--config.rl.num_steps=4 --config.mesh.data=2`.
 """
@@ -26,13 +28,17 @@ PAPER_PRESETS = {
     "qwen3-8b-thinking": ("qwen3-8b", "qwen3", True),
     "qwen3-14b": ("qwen3-14b", "qwen3", False),
 }
-# The tiny model in the pool-8 world, from the shipped `tiny-pool8` policy, with RL on first turns where greedy fails.
-TINY_POOL8 = "tiny-pool8"
+# The tiny model in the pool-8 world, from the shipped `tiny-pool8` policy, with RL on first turns where greedy fails:
+# the default (`tiny`, 32 steps) and the 64-step preset.
+TINY_POOL8 = policies.TINY_POOL8
 POOL8_WORLD = "pool=8,relations=12,fixed_names=1"
-PRESETS = ("tiny", TINY_POOL8) + tuple(PAPER_PRESETS)
+# The earlier default: RL from the shipped `tiny-instruct` policy in the tiny world.
+TINY_INSTRUCT = policies.TINY_INSTRUCT
+PRESETS = ("tiny", TINY_POOL8, TINY_INSTRUCT) + tuple(PAPER_PRESETS)
 
 
 def _base() -> ml_collections.ConfigDict:
+    """Every setting, with the values every preset starts from: as a whole, the `tiny-instruct` preset."""
     c = ml_collections.ConfigDict()
     c.preset = "tiny"
     c.workdir = "runs/tiny"
@@ -45,8 +51,8 @@ def _base() -> ml_collections.ConfigDict:
     # (4 kv heads) copies arguments from the question better than the preset's single kv head.
     c.model.overrides = "num_kv_heads=4"
     # A local Hugging Face checkpoint directory, or a shipped policy's name (ftrl_jax/policies). With
-    # warmup.num_steps > 0 the tiny preset ignores the shipped default and trains model.preset from scratch.
-    c.model.path = policies.TINY_DEFAULT
+    # warmup.num_steps > 0 the tiny presets ignore the shipped start and train model.preset from scratch.
+    c.model.path = policies.TINY_INSTRUCT
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"      # compute dtype; bfloat16 on accelerators
     c.model.template = "qwen2.5"   # chat template: qwen2.5 | qwen3
@@ -91,8 +97,8 @@ def _base() -> ml_collections.ConfigDict:
     # rft: rejection-sampling fine-tuning (cross-entropy on the successful samples; no ratio, clip, KL)
     c.rl.algorithm = "grpo"
     c.rl.mode = "step"             # step: FTRL's per-turn prompts; trajectory: whole multi-turn episodes
-    # 10 steps of 16 prompts x 8 rollouts: 13-46 s a step on 2 CPU cores (a prompt collection included), the whole
-    # job with its two 256-environment evaluations 7.7 minutes (15.5 on an earlier, slower 2-core machine).
+    # tiny-instruct: 10 steps of 16 prompts x 8 rollouts, 13-46 s a step on 2 CPU cores (a prompt collection
+    # included), the whole job with its two 256-environment evaluations 7.7 minutes (15.5 on a slower machine).
     c.rl.num_steps = 10
     c.rl.prompts_per_step = 16
     c.rl.num_rollouts = 8          # group size n
@@ -175,19 +181,17 @@ def _base() -> ml_collections.ConfigDict:
     return c
 
 
-def _tiny_pool8() -> ml_collections.ConfigDict:
-    """`tiny-pool8`: the shipped `tiny-pool8` policy (the tiny model warm-started for 600 steps in a world of 8
-    names per type; ftrl_jax/policies/tiny_pool8/README.md) in its world, and 64 RL steps on each environment's
-    first turn, training only on groups whose prompt's greedy turn fails and a sample succeeds (the greedy-fails
-    filter with dynamic sampling; filler groups when fewer are found), at temperature 0.7, lr 2e-4, the lower
-    third's MLPs only. One 256-environment held-out evaluation after step 32 draws the curve; the sampled and
-    training-set evaluations are off. The README's "RL on first turns where greedy fails" gives its three seeds."""
+def _tiny() -> ml_collections.ConfigDict:
+    """`tiny`, the embedded default: the shipped `tiny-pool8` policy in its world of 8 names per type
+    (ftrl_jax/policies/tiny_pool8/README.md), 32 RL steps on each environment's first turn, training only on
+    groups whose prompt's greedy turn fails and a sample succeeds (the greedy-fails filter with dynamic sampling;
+    filler groups when fewer are found), at temperature 0.7, lr 2e-4, the lower third's MLPs only. The README's
+    "Status of the main job" gives its three seeds."""
     c = _base()
-    c.workdir = f"runs/{TINY_POOL8}"
     c.model.path = TINY_POOL8
     c.envs.world = POOL8_WORLD
     c.rollout.temperature = 0.7
-    c.rl.num_steps = 64
+    c.rl.num_steps = 32
     c.rl.learning_rate = 2e-4
     c.rl.trainable = "lower_mlp"
     c.rl.prompt_source = "initial"
@@ -195,10 +199,35 @@ def _tiny_pool8() -> ml_collections.ConfigDict:
     c.rl.dynamic_sampling_require_success = True
     c.rl.prompt_filter = "greedy_fails"
     c.rl.max_sampling_rounds = 4
+    # Held-out greedy Solve-F1 on the first 32 held-out environments after step 16 (the curve's middle point),
+    # and the sampled evaluation on the first 16 (2 samples each): the job then fits 15 minutes on 2 CPU cores.
+    c.eval.curve_every = 16
+    c.eval.curve_envs = 32
+    c.eval.sampled_envs = 16
+    return c
+
+
+def _tiny_pool8() -> ml_collections.ConfigDict:
+    """`tiny-pool8`: the default's recipe for 64 steps, with one 256-environment held-out evaluation after step 32
+    for the curve, and the sampled and training-set evaluations off. The README's "RL on first turns where greedy
+    fails" gives its three seeds (28-34 minutes each on 2 CPU cores)."""
+    c = _tiny()
+    c.workdir = f"runs/{TINY_POOL8}"
+    c.rl.num_steps = 64
     c.eval.num_samples = 0
     c.eval.num_train_envs = 0
     c.eval.curve_every = 32
     c.eval.curve_envs = 256
+    c.eval.sampled_envs = 32
+    return c
+
+
+def _tiny_instruct() -> ml_collections.ConfigDict:
+    """`tiny-instruct`, the earlier default: the shipped `tiny-instruct` policy in the tiny world (256 names per
+    type), 10 GRPO steps of 16 prompts x 8 rollouts on states of the policy's own episodes, all parameters,
+    temperature 1, lr 5e-5 (held-out greedy Solve-F1 did not move; README, "Status of the main job")."""
+    c = _base()
+    c.workdir = f"runs/{TINY_INSTRUCT}"
     return c
 
 
@@ -243,12 +272,15 @@ def _paper(name: str) -> ml_collections.ConfigDict:
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-    """`tiny` (default), `tiny-pool8` or one of the paper presets; an unknown name is an error listing them."""
+    """`tiny` (default), `tiny-pool8`, `tiny-instruct` or one of the paper presets; an unknown name is an error
+    listing them."""
     name = (preset or "tiny").strip()
     if name == "tiny":
-        return _base()
+        return _tiny()
     if name == TINY_POOL8:
         return _tiny_pool8()
+    if name == TINY_INSTRUCT:
+        return _tiny_instruct()
     if name not in PAPER_PRESETS:
         raise ValueError(f"unknown config preset {name!r}; available: {', '.join(PRESETS)}")
     return _paper(name)

@@ -5,7 +5,8 @@ from random initialisation on their oracle trajectories (or, with `--config.init
 directory with its own tokenizer), evaluates it greedily on the main job's seed-0 held-out environments and writes
 a bfloat16 Hugging Face directory with recipe.json and a model card. See
 ftrl_jax/pipeline/pretrain.py for the stages and files. The main job starts RL from it with
-`--config.model.path=DIR`; its default start, the shipped `tiny-instruct`, was made with these defaults.
+`--config.model.path=DIR`; the shipped `tiny-instruct` (the `tiny-instruct` preset's start) was made with these
+defaults.
 """
 
 from __future__ import annotations

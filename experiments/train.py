@@ -1,8 +1,9 @@
 """The main job: `python -m experiments.train --config=configs/qwen.py[:PRESET] [--config.x=...] [--workdir=DIR]`.
 
-On the embedded default (no preset) it builds procedural environments, loads the shipped `tiny-instruct`
+On the embedded default (no preset) it builds procedural environments, loads the shipped `tiny-pool8`
 policy (`--config.warmup.num_steps=N`: trains the `tiny` model from scratch instead), evaluates on 256 held-out
-environments, runs GRPO with the verifiable reward, evaluates again and writes WORKDIR/summary.json. See ftrl_jax/pipeline/main_job.py for the stages and files.
+environments, runs 32 GRPO steps with the verifiable reward on first turns where greedy decoding fails, evaluates
+again and writes WORKDIR/summary.json. See ftrl_jax/pipeline/main_job.py for the stages and files.
 """
 
 from __future__ import annotations

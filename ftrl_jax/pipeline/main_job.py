@@ -1,7 +1,7 @@
 """The main job: environments -> tokenizer and model -> [warm start] -> eval -> RL -> eval -> export.
 
 `train_and_evaluate(config)` runs it. The model is `model.path` (a checkpoint directory, or a shipped policy's name:
-the tiny preset's default is `tiny-instruct`, `ftrl_jax/policies/`) with its tokenizer; with `warmup.num_steps > 0`
+the default's is `tiny-pool8`, the `tiny-instruct` preset's `tiny-instruct`, `ftrl_jax/policies/`) with its tokenizer; with `warmup.num_steps > 0`
 the tiny preset instead trains a random `model.preset` with the embedded tokenizer from scratch, warm-started on
 oracle trajectories (`model_path`). Training
 environments hold only training-side questions and held-out ones only held-out questions of the fixed partition

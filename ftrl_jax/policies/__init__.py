@@ -3,13 +3,14 @@
 `tiny-instruct` (`tiny_instruct/`): the `tiny` model trained by `python -m experiments.pretrain
 --config=configs/tiny.py` on oracle conversations of the tiny world (`envs.world.TINY_WORLD`): bfloat16
 safetensors, config, its own tokenizer with the Qwen2.5 chat template, `recipe.json` and a model card with the
-command, data, steps, wall time and held-out scores. It is the embedded default's starting policy
-(`configs/qwen.py`: `model.path="tiny-instruct"`), as FTRL starts RL from instruction-tuned models.
+command, data, steps, wall time and held-out scores. It is the `tiny-instruct` config preset's starting policy
+(`configs/qwen.py:tiny-instruct`, the earlier default).
 
 `tiny-pool8` (`tiny_pool8/`): the `tiny` model warm-started by the main job for 600 steps on oracle conversations
 in a world of 8 names per type (`pool=8,relations=12,fixed_names=1`), float32 as it was trained, with its own
-tokenizer, `recipe.json` and a model card. The `tiny-pool8` config preset (`configs/qwen.py:tiny-pool8`) starts
-from it; shipping the policy keeps the start of that preset's runs the same on every machine and seed.
+tokenizer, `recipe.json` and a model card. The embedded default (`configs/qwen.py`: `model.path="tiny-pool8"`)
+and the `tiny-pool8` preset start from it, as FTRL starts RL from instruction-tuned models; shipping the policy
+keeps the start of their runs the same on every machine and seed.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # name -> folder of this package
 SHIPPED = {"tiny-instruct": "tiny_instruct", "tiny-pool8": "tiny_pool8"}
+TINY_INSTRUCT = "tiny-instruct"
+TINY_POOL8 = "tiny-pool8"
 # The tiny preset's default `model.path` (configs/qwen.py).
-TINY_DEFAULT = "tiny-instruct"
+TINY_DEFAULT = TINY_POOL8
 
 
 def path(name: str) -> str:

@@ -24,7 +24,7 @@ from ftrl_jax.pipeline.selection import ValidationSelection
 
 
 def micro_config(workdir, **rl):
-    c = qwen.get_config()
+    c = qwen.get_config(qwen.TINY_INSTRUCT)
     c.workdir = str(workdir)
     c.model.overrides = "num_layers=1,hidden_size=64,intermediate_size=128,num_heads=2,head_dim=32,num_kv_heads=1"
     c.tokenizer.vocab_size = 600
@@ -337,7 +337,7 @@ def test_validation_never_asks_what_the_starting_policy_was_trained_on(tmp_path)
         expected = build_split("train", 5, 11, **common) + build_split("train", 5, 12, **common)
     assert prompts == {s.messages[0]["content"] for s in expected} and len(prompts) > 5
     c.warmup.num_steps = 3  # trains from scratch: nothing to rebuild (the default path is then unused)
-    c.model.path = qwen.get_config().model.path
+    c.model.path = qwen.get_config(qwen.TINY_INSTRUCT).model.path
     assert policy_training_prompts(c) == set()
     (tmp_path / "child" / "recipe.json").write_text(json.dumps({"world": TINY_WORLD, "config": {}}))
     c.model.path, c.warmup.num_steps = str(tmp_path / "child"), 0

@@ -31,7 +31,7 @@ def recipe():
 def held_out():
     # The main job's seed-0 held-out environments (build seed 2), the ones the model card scores.
     with Sandbox() as sandbox:
-        return main_job.build_split("eval", 8, 2, kinds=main_job._kinds(qwen.get_config()), complexity="low",
+        return main_job.build_split("eval", 8, 2, kinds=main_job._kinds(qwen.get_config(qwen.TINY_INSTRUCT)), complexity="low",
                                     world=TINY_WORLD, sandbox=sandbox)
 
 
@@ -69,7 +69,7 @@ def test_recipe_is_the_config_defaults_and_the_main_job_world(recipe):
             continue
         section, name = key.split(".")
         assert str(config[section][name]) == value, flag
-    assert recipe["world"] == TINY_WORLD == qwen.get_config().envs.world
+    assert recipe["world"] == TINY_WORLD == qwen.get_config(qwen.TINY_INSTRUCT).envs.world
     card = open(os.path.join(PATH, "README.md")).read()
     assert f"{100 * recipe['held_out']['solve_f1']:.2f}" in card and recipe["command"] in card
     assert 0.20 <= recipe["held_out"]["solve_f1"] <= 0.50  # a starting point with room for RL
@@ -83,8 +83,8 @@ def test_tokenizer_round_trips_the_chat_template(held_out):
         assert len(tokenizer.encode(special, add_special_tokens=False)) == 1, special
 
 
-def test_main_job_default_starts_from_it_and_warmup_trains_from_scratch(tmp_path, recipe):
-    config = qwen.get_config()
+def test_tiny_instruct_preset_starts_from_it_and_warmup_trains_from_scratch(tmp_path, recipe):
+    config = qwen.get_config(qwen.TINY_INSTRUCT)
     assert config.model.path == "tiny-instruct" and config.warmup.num_steps == 0
     assert main_job.model_path(config) == PATH
     main_job.check_config(config)

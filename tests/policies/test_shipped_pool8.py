@@ -5,6 +5,7 @@ held-out environments of its world as its model card says."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import jax
@@ -101,7 +102,7 @@ def test_preset_starts_from_it_and_warmup_trains_from_scratch(tmp_path):
     export.mkdir(parents=True)
     (export / "config.json").write_text("{}")
     assert main_job._policy_dir(config, None) == str(export)
-    # As with the default's tiny-instruct: a shipped name with a warm start means from scratch, its directory
+    # As with tiny-instruct: a shipped name with a warm start means from scratch, its directory
     # means warm-starting the shipped weights.
     config.warmup.num_steps = 600
     assert main_job.model_path(config) == ""
@@ -109,6 +110,22 @@ def test_preset_starts_from_it_and_warmup_trains_from_scratch(tmp_path):
     assert main_job.model_path(config) == PATH
     with pytest.raises(ValueError, match="unknown config preset 'tiny-pool9'"):
         qwen.get_config("tiny-pool9")
+
+
+def test_default_is_the_recipe_for_32_steps_with_every_evaluation():
+    """The embedded default differs from the preset in its length and evaluations only (the README's status
+    table ran it as `python -m experiments.train --config=configs/qwen.py --config.seed=S`)."""
+    default = json.loads(qwen.get_config().to_json_best_effort())
+    preset = json.loads(qwen.get_config(qwen.TINY_POOL8).to_json_best_effort())
+    differ = {(section, name): (value, preset[section][name])
+              for section, fields in default.items() if isinstance(fields, dict)
+              for name, value in fields.items() if value != preset[section][name]}
+    assert differ == {("rl", "num_steps"): (32, 64), ("eval", "num_samples"): (2, 0),
+                      ("eval", "sampled_envs"): (16, 32), ("eval", "num_train_envs"): (4, 0),
+                      ("eval", "curve_every"): (16, 32), ("eval", "curve_envs"): (32, 256)}
+    assert default["workdir"] == "runs/tiny" and default["preset"] == preset["preset"] == "tiny"
+    assert default["model"]["path"] == qwen.TINY_POOL8
+    main_job.check_config(qwen.get_config())
 
 
 def test_it_plays_held_out_environments_greedily(held_out):

@@ -34,7 +34,7 @@ def sandbox():
 
 
 def _config(**rl):
-    config = qwen.get_config()
+    config = qwen.get_config(qwen.TINY_INSTRUCT)
     config.rl.num_rollouts = 2
     config.rl.prompts_per_step = 2
     config.rollout.max_turns = 1
@@ -121,11 +121,13 @@ def test_check_config_rejects_bad_new_options():
             main_job.check_config(config)
 
 
-def test_new_options_default_to_the_previous_behaviour():
-    rc = qwen.get_config().rl
+@pytest.mark.parametrize("preset", [qwen.TINY_INSTRUCT, "qwen2.5-7b"])
+def test_new_options_default_to_the_previous_behaviour(preset):
+    # The options are off wherever a preset does not choose them: the earlier default and FTRL's settings.
+    rc = qwen.get_config(preset).rl
     assert (rc.algorithm, rc.reward_kind, rc.aggregation, rc.trainable) == ("grpo", "f1", "seq-mean-token-mean", "all")
     assert rc.dynamic_sampling is False and rc.dynamic_sampling_require_success is False
-    assert rc.prompt_filter == "none"
+    assert rc.prompt_filter == "none" and rc.prompt_source == "policy"
 
 
 def test_greedy_solved_marks_prompts_whose_greedy_turn_succeeds(sandbox):
