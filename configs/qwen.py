@@ -188,7 +188,7 @@ def _tiny() -> ml_collections.ConfigDict:
     filler groups when fewer are found), at temperature 0.7, lr 2e-4, the lower third's MLPs only. The README's
     "Status of the main job" gives its three seeds."""
     c = _base()
-    c.model.path = TINY_POOL8
+    c.model.path = policies.TINY_DEFAULT
     c.envs.world = POOL8_WORLD
     c.rollout.temperature = 0.7
     c.rl.num_steps = 32

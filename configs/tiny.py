@@ -1,11 +1,12 @@
 """Recipe of a tiny instruct policy: `python -m experiments.pretrain --config=configs/tiny.py`.
 
 Supervised training from random initialisation (or, with `--config.init=DIR`, from a policy directory) on oracle
-trajectories of procedural environments in the tiny world (the main job's world), on training-side questions only
-(`ftrl_jax/envs/splits.py`), then a greedy held-out evaluation on the main job's seed-0 held-out environments, and
-a bfloat16 Hugging Face directory with a model card. The shipped `tiny-instruct` policy
-(ftrl_jax/policies/tiny_instruct), which the main job starts RL from by default, was made with these defaults;
-`python -m experiments.train --config=configs/qwen.py --config.model.path=DIR` runs RL from another one.
+trajectories of procedural environments in the tiny world (the `tiny-instruct` preset's world), on training-side
+questions only (`ftrl_jax/envs/splits.py`), then a greedy held-out evaluation on that preset's seed-0 held-out
+environments, and a bfloat16 Hugging Face directory with a model card. The shipped `tiny-instruct` policy
+(ftrl_jax/policies/tiny_instruct), which the `tiny-instruct` preset starts RL from, was made with these defaults;
+`python -m experiments.train --config=configs/qwen.py:tiny-instruct --config.model.path=DIR` runs RL from another
+one.
 """
 
 from __future__ import annotations

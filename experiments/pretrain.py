@@ -4,9 +4,9 @@ Builds training-side procedural environments, learns the embedded tokenizer on t
 from random initialisation on their oracle trajectories (or, with `--config.init=DIR`, continues that policy
 directory with its own tokenizer), evaluates it greedily on the main job's seed-0 held-out environments and writes
 a bfloat16 Hugging Face directory with recipe.json and a model card. See
-ftrl_jax/pipeline/pretrain.py for the stages and files. The main job starts RL from it with
-`--config.model.path=DIR`; the shipped `tiny-instruct` (the `tiny-instruct` preset's start) was made with these
-defaults.
+ftrl_jax/pipeline/pretrain.py for the stages and files. The main job starts RL from it, in its world, with
+`--config=configs/qwen.py:tiny-instruct --config.model.path=DIR`; the shipped `tiny-instruct` (that preset's start)
+was made with these defaults.
 """
 
 from __future__ import annotations

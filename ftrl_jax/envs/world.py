@@ -21,7 +21,7 @@ import random
 import types
 from typing import Any, Callable, Iterable, Mapping
 
-# The world of the embedded default and of the shipped tiny instruct policy (configs/qwen.py, configs/tiny.py):
+# The world of the `tiny-instruct` preset and of its shipped policy (configs/qwen.py, configs/tiny.py):
 # 256 recurring names per entity type (too many to memorize, so a small model learns to copy them), 12 relations,
 # one tool name per relation.
 TINY_WORLD = "pool=256,relations=12,fixed_names=1"

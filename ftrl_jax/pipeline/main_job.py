@@ -1,9 +1,9 @@
 """The main job: environments -> tokenizer and model -> [warm start] -> eval -> RL -> eval -> export.
 
 `train_and_evaluate(config)` runs it. The model is `model.path` (a checkpoint directory, or a shipped policy's name:
-the default's is `tiny-pool8`, the `tiny-instruct` preset's `tiny-instruct`, `ftrl_jax/policies/`) with its tokenizer; with `warmup.num_steps > 0`
-the tiny preset instead trains a random `model.preset` with the embedded tokenizer from scratch, warm-started on
-oracle trajectories (`model_path`). Training
+the default's is `tiny-pool8`, the `tiny-instruct` preset's `tiny-instruct`, `ftrl_jax/policies/`) with its
+tokenizer; with `warmup.num_steps > 0` the tiny presets instead train a random `model.preset` with the embedded
+tokenizer from scratch, warm-started on oracle trajectories (`model_path`). Training
 environments hold only training-side questions and held-out ones only held-out questions of the fixed partition
 (`envs/splits.py`), so a policy made by `experiments.pretrain` (same partition) never saw a held-out question.
 Every stage leaves its result in the workdir so a killed run resumes where it stopped (`config.resume=True`):
@@ -433,7 +433,7 @@ def model_path(config) -> str:
     """The checkpoint directory the job starts from, "" for a randomly initialised `model.preset`.
 
     `model.path` is a directory or a shipped policy's name (`ftrl_jax.policies`). On the tiny preset, a shipped
-    policy's name (the default `tiny-instruct`, or `tiny-pool8`) with `warmup.num_steps > 0` means training from
+    policy's name (`tiny-pool8`, the default's, or `tiny-instruct`) with `warmup.num_steps > 0` means training from
     scratch: random initialisation, the embedded tokenizer, then the warm start (to warm-start a shipped policy
     itself, pass its directory, `ftrl_jax.policies.path(name)`).
     """
@@ -1140,13 +1140,14 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
         stats.update(sampling)
         t_sample = time.perf_counter() - t0
         batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+        t_passes = time.perf_counter()
         if rc.num_minibatches > 1:
             # With one mini-batch the update is on-policy and takes its own log-probs as the old ones.
             batch["old_logprobs"] = logprob_fn(state.params, batch)
         if loss_cfg.kl_coef:
             batch["ref_logprobs"] = logprob_fn(ref_params, batch)
         jax.block_until_ready(batch)
-        t_logprob = time.perf_counter() - t0 - t_sample
+        t_logprob = time.perf_counter() - t_passes  # the log-prob passes: the reference, and old ones off-policy
         mask = response_mask(batch)
         advantages = compute_advantages(rc.algorithm, jnp.asarray(scores), mask.reshape(len(scores), -1),
                                         group_size=rc.num_rollouts, **estimator_kw)
@@ -1160,7 +1161,8 @@ def rl_train(config, workdir, model_config, params, tokenizer, mesh, train, sand
                                            if k in arrays))
         # The rate of this step's last update (state.step counts updates done).
         logger.log("rl", step + 1, {**metrics, **stats, "step_time": dt, "sample_time": t_sample,
-                                    "logprob_time": t_logprob, "tokens_per_sec": tokens / dt, "learning_rate": float(lr_at(int(state.step) - 1))})
+                                    "logprob_time": t_logprob, "tokens_per_sec": tokens / dt,
+                                    "learning_rate": float(lr_at(int(state.step) - 1))})
         bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{float(metrics.get('kl', 0.0)):.4f}")
         # Hooks first: a run killed inside one has no checkpoint of this step yet, so it replays the step.
         if on_step is not None:

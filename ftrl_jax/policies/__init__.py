@@ -23,7 +23,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED = {"tiny-instruct": "tiny_instruct", "tiny-pool8": "tiny_pool8"}
 TINY_INSTRUCT = "tiny-instruct"
 TINY_POOL8 = "tiny-pool8"
-# The tiny preset's default `model.path` (configs/qwen.py).
+# The embedded default's `model.path` (configs/qwen.py).
 TINY_DEFAULT = TINY_POOL8
 
 

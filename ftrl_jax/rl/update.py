@@ -151,7 +151,8 @@ def make_rl_step(
     multiple of num_minibatches x num_microbatches (and the batch axis of data x fsdp). `state.step`
     advances by `num_minibatches`. Metrics, each the mean over mini-batches of the mini-batch's
     token-weighted value: `loss`, `pg_loss`, `entropy`, `clip_fraction`, `dual_clip_fraction`,
-    `approx_kl`, `grad_norm` (before clipping), `kl` (only when the batch has `ref_logprobs`);
+    `approx_kl`, `grad_norm` (before clipping), `kl` (only when the batch has `ref_logprobs`; with one mini-batch
+    and no `old_logprobs` the ratio is 1, so `clip_fraction`, `dual_clip_fraction` and `approx_kl` are 0);
     and `response_tokens`, the total over the batch. `compiler_options` go to `jax.jit`.
     """
     for name, value in (("num_minibatches", num_minibatches), ("num_microbatches", num_microbatches)):
