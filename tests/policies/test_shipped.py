@@ -31,8 +31,8 @@ def recipe():
 def held_out():
     # The main job's seed-0 held-out environments (build seed 2), the ones the model card scores.
     with Sandbox() as sandbox:
-        return main_job.build_split("eval", 8, 2, kinds=main_job._kinds(qwen.get_config(qwen.TINY_INSTRUCT)), complexity="low",
-                                    world=TINY_WORLD, sandbox=sandbox)
+        kinds = main_job._kinds(qwen.get_config(qwen.TINY_INSTRUCT))
+        return main_job.build_split("eval", 8, 2, kinds=kinds, complexity="low", world=TINY_WORLD, sandbox=sandbox)
 
 
 def test_files_size_and_dtype(recipe):

@@ -86,7 +86,8 @@ def test_preset_starts_from_it_and_warmup_trains_from_scratch(tmp_path):
     assert main_job.model_path(config) == PATH
     tokenizer = main_job.prepare_tokenizer(config, str(tmp_path / "run"), [])
     assert tokenizer.get_vocab() == load_tokenizer(PATH).get_vocab()
-    # The settings the README's three seeds ran with (given there as flags over the tiny default).
+    # The settings the README's three seeds ran with (given there as flags over the then default, today's
+    # tiny-instruct preset).
     ran_with = {"envs.world": "pool=8,relations=12,fixed_names=1", "rollout.temperature": 0.7,
                 "rl.learning_rate": 2e-4, "rl.trainable": "lower_mlp", "rl.prompt_source": "initial",
                 "rl.dynamic_sampling": True, "rl.dynamic_sampling_require_success": True,

@@ -137,6 +137,37 @@ def test_rl_step_on_a_shared_prompt_batch_equals_the_flat_update(num_minibatches
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0)
 
 
+def test_shared_prompt_step_without_old_logprobs_is_the_on_policy_update():
+    """One mini-batch without old log-probs (the main job's default): the same update as with the current
+    policy's own log-probs passed in, through the shared-prompt branch."""
+    shared = {k: jnp.asarray(v) for k, v in step_batch(_turns(3), N, pad_id=0, multiple=8).items()}
+    shape, mask = shared["response_tokens"].shape, np.asarray(shared["response_mask"], np.float32)
+    rng = np.random.default_rng(4)
+    shared["advantages"] = jnp.asarray(np.repeat(rng.normal(size=(shape[0] * N, 1)), shape[2], axis=1)
+                                       .reshape(shape) * mask, jnp.float32)
+    own = make_shared_prompt_logprob_fn(CONFIG, one_device_mesh(), chunk_size=4, compiler_options=FAST_COMPILE)(
+        init_params(CONFIG), *(shared[k] for k in ("prompt_tokens", "prompt_mask", "response_tokens",
+                                                    "response_mask")))
+    shared["ref_logprobs"] = own + jnp.asarray(rng.normal(0, 0.1, size=shape) * mask, jnp.float32)
+    optimizer = optax.sgd(0.5)
+    step = make_rl_step(CONFIG, optimizer, one_device_mesh(), LOSS, chunk_size=4, compiler_options=FAST_COMPILE)
+
+    def run(batch):
+        state = shard_state(create_train_state(jax.tree.map(jnp.copy, init_params(CONFIG)), optimizer),
+                            one_device_mesh())
+        return step(state, batch)
+
+    given_state, given = run(dict(shared, old_logprobs=own))
+    got_state, got = run(shared)
+    for name in ("loss", "pg_loss", "kl", "entropy"):
+        np.testing.assert_allclose(float(got[name]), float(given[name]), rtol=1e-5, atol=1e-7, err_msg=name)
+    assert float(got["clip_fraction"]) == 0.0
+    for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(given_state.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+               zip(jax.tree.leaves(got_state.params), jax.tree.leaves(init_params(CONFIG)))) > 1e-3
+
+
 def _trajectories(seed=0):
     """Two environments, N episodes each (group-major): a shared first prompt, then policy turns (loss 1)
     alternating with tool responses (loss 0), of different lengths and numbers of turns."""
