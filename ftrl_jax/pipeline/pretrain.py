@@ -35,6 +35,7 @@ import jax
 
 from ftrl_jax import models, parallel, policies
 from ftrl_jax.envs.samples import read_samples, write_samples
+from ftrl_jax.envs.world import TINY_WORLD
 from ftrl_jax.envs.stages import SCENARIO_KINDS
 from ftrl_jax.envs.sandbox import Sandbox
 from ftrl_jax.pipeline import main_job
@@ -223,6 +224,10 @@ def _card(config, recipe: dict[str, Any]) -> str:
     tokenizer = (f"the starting policy's ({recipe['model']['vocab_size']} tokens)" if config.init else
                  f"byte-level BPE, {recipe['model']['vocab_size']} tokens, learned on the same environments' text "
                  f"(pre-tokenizer `{config.tokenizer.pretokenizer}`)")
+    # RL from this policy: the `tiny-instruct` preset (its world is the recipe's default), in the recipe's world.
+    world_flag = "" if config.envs.world == TINY_WORLD else f" --config.envs.world={config.envs.world}"
+    rl_command = ("python -m experiments.train --config=configs/qwen.py:tiny-instruct"
+                  f"{world_flag} --config.model.path=DIR")
     rows = "\n".join(f"| {kind.split('/')[-1]} | {100 * m['solve_precision']:.2f} | {100 * m['solve_rate']:.2f} | "
                      f"{100 * m['solve_f1']:.2f} |" for kind, m in sorted(ev["by_scenario"].items()))
     return f"""---
@@ -236,7 +241,7 @@ A {recipe['model_params'] / 1e6:.2f}M-parameter {recipe['model']['model_type']} 
 {recipe['model']['hidden_size']}, layers: {recipe['model']['num_layers']}, heads: {recipe['model']['num_heads']}, kv heads:
 {recipe['model']['num_kv_heads']}, vocabulary {recipe['model']['vocab_size']}) trained to call tools in the {config.model.template}
 format (`<tool_call>` JSON) in the procedural world `{config.envs.world}` of ftrl_jax: a starting point for RL, as instruction-tuned models are
-FTRL's (`python -m experiments.train --config=configs/qwen.py --config.model.path=DIR`). It knows no facts: it is
+FTRL's (`{rl_command}`). It knows no facts: it is
 trained to pick a tool, copy names from the question and from tool results into arguments, chain hops and state
 the answer; the held-out scores below say how far it got.
 
@@ -255,7 +260,7 @@ the answer; the held-out scores below say how far it got.
 
 ## Held-out scores (greedy, this bfloat16 export)
 {ev['num_episodes']} held-out environments built as the main job builds its held-out set (build seed
-{config.eval.seed}; the main job's seed 0 uses build seed 2 and, by default, these 256 environments),
+{config.eval.seed}; the `tiny-instruct` preset's seed 0 uses build seed 2 and these 256 environments),
 balanced over scenario types, questions never in the training data; at most {config.eval.max_turns} turns of
 {config.eval.max_new_tokens} new tokens; Solve-P/R/F1 in % (FTRL's metrics, averaged over scenario types). An
 episode without any tool call scores Solve-P 100 and Solve-R 0. How the episodes ended: {ends}.
