@@ -201,7 +201,10 @@ def policy_loss(
 
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    ppo_loss = jnp.maximum(unclipped, clipped)
+    # max(unclipped, clipped), taking the unclipped branch on a tie: jnp.maximum would split the gradient there,
+    # so at ratio 1 with a clip bound of 0 (a bound on which the clip's own gradient is split too) the on-policy
+    # gradient would be 0.75 A instead of A.
+    ppo_loss = jnp.where(clipped > unclipped, clipped, unclipped)
     if dual_clip is None:
         loss = ppo_loss
         dual_clipped = jnp.zeros_like(ppo_loss, dtype=bool)

@@ -333,3 +333,18 @@ def test_loss_config_defaults():
     assert cfg.aggregation == "seq-mean-token-mean"
     assert (cfg.policy_loss, cfg.norm_length) == ("ppo_clip", None)
     assert LossConfig(dual_clip=None).dual_clip is None
+
+
+@pytest.mark.parametrize("clip_low,clip_high", [(0.0, 0.2), (0.2, 0.0), (0.2, 0.2)])
+def test_on_policy_gradient_is_minus_the_advantage_even_with_a_zero_clip_bound(clip_low, clip_high):
+    """At ratio 1 the PPO loss's gradient with respect to the log-prob is -A per token, whatever the clip bounds."""
+    advantages = jnp.asarray([[1.5, -0.5, 2.0]], jnp.float32)
+    old = jnp.asarray([[-1.0, -2.0, -0.5]], jnp.float32)
+    mask = jnp.ones_like(old)
+
+    def total(logprobs):
+        per_token, _ = losses.policy_loss(logprobs, old, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                                          dual_clip=None)
+        return jnp.sum(per_token)
+
+    np.testing.assert_allclose(np.asarray(jax.grad(total)(old)), -np.asarray(advantages), rtol=1e-6)
