@@ -154,6 +154,10 @@ def make_rl_step(
     `approx_kl`, `grad_norm` (before clipping), `kl` (only when the batch has `ref_logprobs`; with one mini-batch
     and no `old_logprobs` the ratio is 1, so `clip_fraction`, `dual_clip_fraction` and `approx_kl` are 0);
     and `response_tokens`, the total over the batch. `compiler_options` go to `jax.jit`.
+
+    Without `old_logprobs` (allowed only with one mini-batch) the update takes its own log-probs, without
+    gradient, as the old ones: right only for a batch sampled from `state.params` and used for one update. To
+    update twice on one batch (PPO epochs), pass the sampling policy's log-probs.
     """
     for name, value in (("num_minibatches", num_minibatches), ("num_microbatches", num_microbatches)):
         if value < 1:
@@ -195,7 +199,11 @@ def make_rl_step(
             require_keys(batch, ("ref_logprobs",), f"rl_step with kl_coef={loss_cfg.kl_coef}")
         if num_minibatches > 1:
             # Later mini-batches are updated off-policy: their ratio needs the sampling policy's log-probs.
-            require_keys(batch, (OLD_LOGPROBS,), f"rl_step with num_minibatches={num_minibatches}")
+            if OLD_LOGPROBS not in batch:
+                raise ValueError(
+                    f"rl_step with num_minibatches={num_minibatches} batch is missing ['{OLD_LOGPROBS}']: pass the "
+                    f"sampling policy's log-probs as '{OLD_LOGPROBS}' (make_logprob_fn, or "
+                    "make_shared_prompt_logprob_fn for shared-prompt batches), or use num_minibatches=1")
         batch = {k: batch[k] for k in keys + OPTIONAL_BATCH_KEYS if k in batch}
         state, metrics = jax.lax.scan(minibatch_update, state, split_batch(batch, num_minibatches, mesh))
         tokens = jnp.sum(metrics.pop("response_tokens"))

@@ -209,7 +209,8 @@ def test_one_minibatch_without_old_logprobs_is_the_on_policy_update():
 
 def test_minibatches_without_old_logprobs_are_a_clear_error():
     batch = {k: v for k, v in _batch().items() if k != "old_logprobs"}
-    with pytest.raises(ValueError, match="num_minibatches=2 batch is missing \\['old_logprobs'\\]"):
+    with pytest.raises(ValueError, match="num_minibatches=2 batch is missing \\['old_logprobs'\\]: pass the "
+                                         "sampling policy's log-probs"):
         _step(num_minibatches=2)(_fresh_state(), batch)
 
 
