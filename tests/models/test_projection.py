@@ -42,3 +42,31 @@ def test_other_dimension_numbers_go_to_dot_general_unchanged():
     w = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
     np.testing.assert_allclose(np.asarray(_dot_accumulate_f32(x, w, CONTRACT_LAST)),
                                np.asarray(_reference(x, w, CONTRACT_LAST)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("numbers", [(((1,), (0,)), ((), ())), (((2,), (1,)), ((), ())), (((1,), (1,)), ((), ()))],
+                         ids=["rows-contract-middle-axis", "kernel-contract-its-last-axis", "both"])
+def test_contractions_other_than_last_axis_by_first_are_not_flattened(numbers):
+    """Square operands, so a wrongly flattened contraction gives wrong values, not a shape error."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(8, 8)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(_dot_accumulate_f32(x, w, numbers)),
+                                  np.asarray(_reference(x, w, numbers)))
+
+
+def _dot_general_operand_ranks(fn, *args) -> list[tuple[int, int]]:
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    return [(len(e.invars[0].aval.shape), len(e.invars[1].aval.shape)) for e in jaxpr.eqns
+            if e.primitive.name == "dot_general"]
+
+
+def test_a_projection_of_3d_rows_and_its_kernel_gradient_are_2d_matmuls():
+    x = jnp.ones((2, 3, 8), jnp.float32)
+    w = jnp.ones((8, 5), jnp.float32)
+    assert _dot_general_operand_ranks(lambda x, w: _dot_accumulate_f32(x, w, CONTRACT_LAST), x, w) == [(2, 2)]
+    grads = jax.grad(lambda x, w: jnp.sum(_dot_accumulate_f32(x, w, CONTRACT_LAST) ** 2), argnums=(0, 1))
+    ranks = _dot_general_operand_ranks(grads, x, w)
+    assert ranks and all(r == (2, 2) for r in ranks), ranks
+    # The baseline form keeps [B, T, D] rows: the check can tell them apart.
+    assert (3, 2) in _dot_general_operand_ranks(lambda x, w: _reference(x, w, CONTRACT_LAST), x, w)
