@@ -5,8 +5,9 @@ rows into one [N, D] x [D, F] matmul. Left as [B, T, D], the kernel's gradient c
 XLA:CPU runs through transposing copies of the [B, T, F] gradient. This times both forms side by side in one
 process on the shapes of the default RL step (the `tiny` model's MLP and attention widths; 16 prompts of 512
 tokens, or 16 x 8 responses of 64 or 96), each the loss `sum(y ** 2)` through one projection, its value and gradient
-with respect to rows and kernel, in each compute dtype (bfloat16: inputs and kernel in bf16, float32
-accumulation), and checks that they agree. The two forms' calls alternate, so a change in load hits both.
+with respect to rows and kernel, in each compute dtype of `--dtypes` (float32 by default; bfloat16: inputs and
+kernel in bf16, float32 accumulation), and checks that they agree. The two forms' calls alternate, so a change
+in load hits both.
 
     python -m benchmarks.bench_projection_grad [--repeats=7] [--dtypes=float32,bfloat16]
         [--shapes=16x512x256x640,128x96x256x640,...]

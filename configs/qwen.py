@@ -38,7 +38,8 @@ PRESETS = ("tiny", TINY_POOL8, TINY_INSTRUCT) + tuple(PAPER_PRESETS)
 
 
 def _base() -> ml_collections.ConfigDict:
-    """Every setting, with the values every preset starts from: as a whole, the `tiny-instruct` preset."""
+    """Every setting, with the values every preset starts from: as a whole, the `tiny-instruct` preset (whose
+    workdir is `runs/tiny-instruct`)."""
     c = ml_collections.ConfigDict()
     c.preset = "tiny"
     c.workdir = "runs/tiny"
@@ -218,7 +219,7 @@ def _tiny_pool8() -> ml_collections.ConfigDict:
     c.eval.num_train_envs = 0
     c.eval.curve_every = 32
     c.eval.curve_envs = 256
-    c.eval.sampled_envs = 32
+    c.eval.sampled_envs = 32     # unused with num_samples=0; the value of the runs the README reports
     return c
 
 

@@ -965,10 +965,10 @@ def _step_arrays(config, turns, scores, tokenizer) -> tuple[dict[str, np.ndarray
     """The update's arrays for group-major sampled turns, and the batch's reward statistics."""
     n = config.rl.num_rollouts
     if _shared_prompt(config):
-        # Prompts in steps of 256 tokens: a step's prompts (350-700 tokens in the tiny world) then take one or two
-        # shapes, and each new shape's compile costs more than the padding. Responses in steps of 32: their n
-        # rows per prompt make them most of the update's tokens (a step whose longest turn has 65-96 tokens
-        # runs 96, not 128).
+        # Prompts in steps of 256 tokens: a step's prompts (350-700 tokens in the tiny world, fewer in the
+        # default's pool-8 world) then take one or two shapes, and each new shape's compile costs more than the
+        # padding. Responses in steps of 32: their n rows per prompt make them most of the update's tokens (a step
+        # whose longest turn has 65-96 tokens runs 96, not 128).
         arrays = shared_prompt.step_batch(turns, n, _pad_id(tokenizer), multiple=32, prompt_multiple=256)
         lengths = arrays["response_mask"].sum(axis=-1)
     else:

@@ -29,7 +29,7 @@ def recipe():
 
 @pytest.fixture(scope="module")
 def held_out():
-    # The main job's seed-0 held-out environments (build seed 2), the ones the model card scores.
+    # The `tiny-instruct` preset's seed-0 held-out environments (build seed 2), the ones the model card scores.
     with Sandbox() as sandbox:
         kinds = main_job._kinds(qwen.get_config(qwen.TINY_INSTRUCT))
         return main_job.build_split("eval", 8, 2, kinds=kinds, complexity="low", world=TINY_WORLD, sandbox=sandbox)
@@ -52,9 +52,9 @@ def test_files_size_and_dtype(recipe):
     assert all(np.isfinite(x).all() for x in leaves)
 
 
-def test_recipe_is_the_config_defaults_and_the_main_job_world(recipe):
+def test_recipe_is_the_config_defaults_and_the_tiny_instruct_preset_world(recipe):
     # `python -m experiments.pretrain --config=configs/tiny.py` reproduces it: the recorded settings are today's
-    # defaults (the run directory, output and resume flag aside), and its world is the main job's.
+    # defaults (the run directory, output and resume flag aside), and its world is the `tiny-instruct` preset's.
     defaults = json.loads(tiny.get_config().to_json_best_effort())
     recorded = dict(recipe["config"])
     for key in ("workdir", "output", "resume"):

@@ -1,6 +1,6 @@
-"""The shipped `tiny-pool8` policy and the config preset that starts from it: files, loading, the recipe's
-training data (training side only, as the main job built it), its tokenizer and chat template, and that it plays
-held-out environments of its world as its model card says."""
+"""The shipped `tiny-pool8` policy and the config presets that start from it (the default and `tiny-pool8`): files,
+loading, the recipe's training data (training side only, as the main job built it), its tokenizer and chat template,
+and that it plays held-out environments of its world as its model card says."""
 
 from __future__ import annotations
 
