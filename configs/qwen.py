@@ -226,7 +226,8 @@ def _tiny_pool8() -> ml_collections.ConfigDict:
 def _tiny_instruct() -> ml_collections.ConfigDict:
     """`tiny-instruct`, the earlier default: the shipped `tiny-instruct` policy in the tiny world (256 names per
     type), 10 GRPO steps of 16 prompts x 8 rollouts on states of the policy's own episodes, all parameters,
-    temperature 1, lr 5e-5 (held-out greedy Solve-F1 did not move; README, "Status of the main job")."""
+    temperature 1, lr 5e-5 (held-out greedy Solve-F1 did not move; README, "The earlier default
+    (`tiny-instruct`), by seed")."""
     c = _base()
     c.workdir = f"runs/{TINY_INSTRUCT}"
     return c
