@@ -199,11 +199,9 @@ def make_rl_step(
             require_keys(batch, ("ref_logprobs",), f"rl_step with kl_coef={loss_cfg.kl_coef}")
         if num_minibatches > 1:
             # Later mini-batches are updated off-policy: their ratio needs the sampling policy's log-probs.
-            if OLD_LOGPROBS not in batch:
-                raise ValueError(
-                    f"rl_step with num_minibatches={num_minibatches} batch is missing ['{OLD_LOGPROBS}']: pass the "
-                    f"sampling policy's log-probs as '{OLD_LOGPROBS}' (make_logprob_fn, or "
-                    "make_shared_prompt_logprob_fn for shared-prompt batches), or use num_minibatches=1")
+            require_keys(batch, (OLD_LOGPROBS,), f"rl_step with num_minibatches={num_minibatches}",
+                         hint=f"pass the sampling policy's log-probs as '{OLD_LOGPROBS}' (make_logprob_fn, or "
+                              "make_shared_prompt_logprob_fn for shared-prompt batches), or use num_minibatches=1")
         batch = {k: batch[k] for k in keys + OPTIONAL_BATCH_KEYS if k in batch}
         state, metrics = jax.lax.scan(minibatch_update, state, split_batch(batch, num_minibatches, mesh))
         tokens = jnp.sum(metrics.pop("response_tokens"))

@@ -23,11 +23,12 @@ from ftrl_jax.training.train_state import (Batch, TrainState, abstract_state, ac
 SFT_BATCH_KEYS = ("tokens", "attention_mask", "loss_mask")
 
 
-def require_keys(batch: Batch, keys: tuple[str, ...], step_name: str) -> None:
-    """Raises a ValueError naming the missing batch keys."""
+def require_keys(batch: Batch, keys: tuple[str, ...], step_name: str, hint: str = "") -> None:
+    """Raises a ValueError naming the missing batch keys, and `hint` (how to supply them) when given."""
     missing = [k for k in keys if k not in batch]
     if missing:
-        raise ValueError(f"{step_name} batch is missing {missing}; it has {sorted(batch)} and needs {list(keys)}")
+        fix = f": {hint}" if hint else ""
+        raise ValueError(f"{step_name} batch is missing {missing}{fix}; it has {sorted(batch)} and needs {list(keys)}")
 
 
 def shifted_token_logprobs(
